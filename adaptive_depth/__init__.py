@@ -1,0 +1,12 @@
+"""adaptive_depth: language models whose depth adapts per token, in JAX/Flax.
+
+    import adaptive_depth as ad
+    config = ad.load_config('configs/quickstart.py')
+    ad.train_and_evaluate(config, '/tmp/quickstart')
+"""
+from adaptive_depth.config_lib import ConfigError, base_config, validate
+from adaptive_depth.config_loading import load_config
+from adaptive_depth.model import ModelConfig, forward_train, init_params
+from adaptive_depth.train import train_and_evaluate
+
+__version__ = '0.1.0'

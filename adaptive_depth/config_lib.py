@@ -1,0 +1,210 @@
+"""The config schema (`base_config`) and `validate`, which runs before anything compiles.
+
+Experiment files in `configs/` start from `base_config()` and change values; `validate`
+rejects keys the schema does not know and values that cannot work, with one line per
+problem naming the key and what is allowed.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+from adaptive_depth import model as model_lib
+from adaptive_depth.data import tokenizers
+
+EXIT_LOSS_WEIGHTS = ('uniform', 'linear', 'last')
+
+
+class ConfigError(ValueError):
+  """A config value that cannot work; the message names the key."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every key the library reads, with defaults (a small byte-level model)."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  c.model = ml_collections.ConfigDict()
+  c.model.vocab_size = 258
+  c.model.width = 256
+  c.model.num_layers = 4          # depth-loop steps
+  c.model.num_blocks = 0          # distinct stacked blocks; 0 = num_layers (no sharing)
+  c.model.schedule = 'unshared'   # one of model.SCHEDULES
+  c.model.num_heads = 4
+  c.model.num_kv_heads = 0        # 0 = num_heads
+  c.model.head_dim = 0            # 0 = width // num_heads
+  c.model.mlp_dim = 688
+  c.model.exit_layers = 'all'     # 'all' | 'last' | 'every:K' | '2,4'
+  c.model.min_exit_layer = 1
+  c.model.rope_base = 10000.0
+  c.model.norm_eps = 1e-6
+  c.model.tie_embeddings = True
+  c.model.dtype = 'float32'       # compute dtype; parameters stay float32
+  c.model.remat = False
+  c.model.init_std = 0.02
+
+  c.data = ml_collections.ConfigDict()
+  c.data.dataset = 'bundled_tiny_shakespeare'
+  c.data.text_feature = 'text'
+  c.data.train_split = 'train'
+  c.data.eval_split = 'validation'
+  c.data.tfds_data_dir = ''       # '' = $TFDS_DATA_DIR or ~/tensorflow_datasets
+  c.data.tokenizer = 'byte'
+  c.data.seq_len = 128
+
+  c.train = ml_collections.ConfigDict()
+  c.train.batch_size = 32
+  c.train.num_steps = 1000
+  c.train.learning_rate = 3e-3
+  c.train.warmup_steps = 50
+  c.train.final_lr_fraction = 0.1  # cosine decays to learning_rate * this
+  c.train.weight_decay = 0.1
+  c.train.b1 = 0.9
+  c.train.b2 = 0.95
+  c.train.grad_clip_norm = 1.0
+  c.train.exit_loss_weights = 'uniform'  # one of EXIT_LOSS_WEIGHTS
+  c.train.log_every = 25
+  c.train.progress_bar = True
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.every_steps = 0          # 0 = only at the end
+  c.eval.batch_size = 32
+  c.eval.num_batches = 0          # 0 = the whole eval split
+
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every_steps = 100
+  c.checkpoint.keep = 3
+  c.checkpoint.async_save = True
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1
+  c.mesh.fsdp = 1
+  c.mesh.tensor = 1
+
+  c.sharding = ml_collections.ConfigDict()
+  c.sharding.rules = (
+      ('batch', ('data', 'fsdp')),
+      ('embed', 'fsdp'),
+      ('vocab', 'tensor'),
+      ('heads', 'tensor'),
+      ('kv_heads', 'tensor'),
+      ('mlp', 'tensor'),
+      ('layers', None),
+      ('head_dim', None),
+      ('norm', None),
+      ('length', None),
+  )
+  return c
+
+
+def _unknown_keys(config, schema, prefix='config'):
+  problems = []
+  for key in config.keys():
+    path = f'{prefix}.{key}'
+    if key not in schema:
+      problems.append(f'{path}: unknown key; allowed keys of {prefix}: {sorted(schema.keys())}')
+    elif isinstance(schema[key], ml_collections.ConfigDict):
+      if not isinstance(config[key], ml_collections.ConfigDict):
+        problems.append(f'{path}: must be a group of keys {sorted(schema[key].keys())}')
+      else:
+        problems.extend(_unknown_keys(config[key], schema[key], path))
+  return problems
+
+
+def _value_problems(c) -> list[str]:
+  p = []
+  m, t = c.model, c.train
+
+  def positive(group, name, value):
+    if not value > 0:
+      p.append(f'config.{group}.{name}={value!r}: must be > 0')
+
+  for name in ('vocab_size', 'width', 'num_layers', 'num_heads', 'mlp_dim'):
+    positive('model', name, m[name])
+  for name in ('batch_size', 'num_steps', 'learning_rate'):
+    positive('train', name, t[name])
+  positive('data', 'seq_len', c.data.seq_len)
+  positive('eval', 'batch_size', c.eval.batch_size)
+  positive('checkpoint', 'every_steps', c.checkpoint.every_steps)
+  positive('checkpoint', 'keep', c.checkpoint.keep)
+  if p:
+    return p  # later checks divide by these
+
+  if m.schedule not in model_lib.SCHEDULES:
+    p.append(f'config.model.schedule={m.schedule!r}; allowed: {", ".join(model_lib.SCHEDULES)}')
+  if m.dtype not in model_lib.DTYPES:
+    p.append(f'config.model.dtype={m.dtype!r}; allowed: {", ".join(model_lib.DTYPES)}')
+  if not m.head_dim and m.width % m.num_heads:
+    p.append(f'config.model.num_heads={m.num_heads} does not divide '
+             f'config.model.width={m.width} (or set config.model.head_dim)')
+  kv = m.num_kv_heads or m.num_heads
+  if kv <= 0 or m.num_heads % kv:
+    p.append(f'config.model.num_kv_heads={m.num_kv_heads} must divide '
+             f'config.model.num_heads={m.num_heads}')
+  if not 1 <= m.min_exit_layer <= m.num_layers:
+    p.append(f'config.model.min_exit_layer={m.min_exit_layer}: allowed 1..{m.num_layers} '
+             '(config.model.num_layers)')
+  else:
+    try:
+      model_lib.parse_exit_layers(m.exit_layers, m.num_layers, m.min_exit_layer)
+    except ValueError as e:
+      p.append(str(e))
+  p.extend(_schedule_problems(m))
+
+  try:
+    tokenizer = tokenizers.get_tokenizer(c.data.tokenizer)
+    if m.vocab_size < tokenizer.vocab_size:
+      p.append(f'config.model.vocab_size={m.vocab_size} is smaller than the '
+               f'{c.data.tokenizer!r} tokenizer vocabulary ({tokenizer.vocab_size})')
+  except ValueError as e:
+    p.append(str(e))
+
+  if t.exit_loss_weights not in EXIT_LOSS_WEIGHTS:
+    p.append(f'config.train.exit_loss_weights={t.exit_loss_weights!r}; '
+             f'allowed: {", ".join(EXIT_LOSS_WEIGHTS)}')
+  if t.warmup_steps < 0 or t.warmup_steps >= t.num_steps:
+    p.append(f'config.train.warmup_steps={t.warmup_steps}: allowed 0..num_steps-1 '
+             f'(config.train.num_steps={t.num_steps})')
+  if not 0 <= t.final_lr_fraction <= 1:
+    p.append(f'config.train.final_lr_fraction={t.final_lr_fraction}: allowed 0..1')
+  if t.weight_decay < 0:
+    p.append(f'config.train.weight_decay={t.weight_decay}: must be >= 0')
+  if t.grad_clip_norm < 0:
+    p.append(f'config.train.grad_clip_norm={t.grad_clip_norm}: must be >= 0 (0 = no clipping)')
+  for name in ('b1', 'b2'):
+    if not 0 <= t[name] < 1:
+      p.append(f'config.train.{name}={t[name]}: allowed 0 <= value < 1')
+  if c.eval.every_steps < 0 or c.eval.num_batches < 0:
+    p.append('config.eval.every_steps and config.eval.num_batches must be >= 0 (0 = default)')
+  for axis in ('data', 'fsdp', 'tensor'):
+    size = c.mesh[axis]
+    if size == 0 or size < -1:
+      p.append(f'config.mesh.{axis}={size}; allowed: a positive size or -1 (the rest)')
+  return p
+
+
+def _schedule_problems(m) -> list[str]:
+  steps, blocks = m.num_layers, m.num_blocks or m.num_layers
+  where = (f'config.model.num_blocks={m.num_blocks} with config.model.schedule={m.schedule!r} '
+           f'and config.model.num_layers={steps}')
+  if blocks < 0 or blocks > steps:
+    return [f'{where}: num_blocks must be in 1..num_layers (0 = num_layers)']
+  if m.schedule == 'unshared' and blocks != steps:
+    return [f'{where}: unshared needs num_blocks == num_layers (or 0)']
+  if m.schedule == 'sequence' and steps % blocks:
+    return [f'{where}: sequence needs num_blocks to divide num_layers']
+  if m.schedule.startswith('middle_'):
+    if blocks < 3:
+      return [f'{where}: middle schedules need num_blocks >= 3 (first, middle, last)']
+    if m.schedule == 'middle_sequence' and (steps - 2) % (blocks - 2):
+      return [f'{where}: middle_sequence needs num_blocks - 2 to divide num_layers - 2']
+  return []
+
+
+def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Raises ConfigError listing every problem (one line each, naming the key)."""
+  problems = _unknown_keys(config, base_config())
+  if not problems:
+    problems = _value_problems(config)
+  if problems:
+    raise ConfigError('\n'.join(problems))
+  return config

@@ -1,0 +1,272 @@
+"""The model anatomy: embed -> depth loop over stacked blocks -> exit heads -> logits.
+
+Parameters are one explicit pytree:
+
+    {'embed': {'embedding': [V, D]},
+     'blocks': <one Block's parameters, every leaf with a leading [num_blocks] axis>,
+     'final_norm': {'scale': [D]},
+     'lm_head': {'kernel': [D, V]}}          # only when embeddings are untied
+
+A depth schedule maps loop step s (0 <= s < num_layers) to the block it runs, so a plain
+L-layer model (num_blocks = L, schedule 'unshared') and a recursive one (fewer blocks than
+steps) are the same code. Sharing is by construction: a step reads its block by index.
+
+"Depth" d in 1..num_layers counts loop steps done; an exit at depth d reads the hidden
+state after step d - 1.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from adaptive_depth import layers
+
+SCHEDULES = ('unshared', 'cycle', 'sequence', 'middle_cycle', 'middle_sequence')
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+  """Static description of a model; `from_config(config.model)` builds it."""
+  vocab_size: int
+  width: int
+  num_layers: int
+  num_blocks: int
+  schedule: str
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  mlp_dim: int
+  exit_depths: tuple[int, ...]
+  rope_base: float = 10000.0
+  norm_eps: float = 1e-6
+  tie_embeddings: bool = True
+  dtype: str = 'float32'
+  remat: bool = False
+  init_std: float = 0.02
+
+  @classmethod
+  def from_config(cls, model_config) -> 'ModelConfig':
+    """Builds from a validated `config.model` ConfigDict (see config_lib.validate)."""
+    m = model_config
+    num_blocks = m.num_blocks or m.num_layers
+    return cls(
+        vocab_size=m.vocab_size, width=m.width, num_layers=m.num_layers,
+        num_blocks=num_blocks, schedule=m.schedule, num_heads=m.num_heads,
+        num_kv_heads=m.num_kv_heads or m.num_heads,
+        head_dim=m.head_dim or m.width // m.num_heads, mlp_dim=m.mlp_dim,
+        exit_depths=parse_exit_layers(m.exit_layers, m.num_layers, m.min_exit_layer),
+        rope_base=m.rope_base, norm_eps=m.norm_eps, tie_embeddings=m.tie_embeddings,
+        dtype=m.dtype, remat=m.remat, init_std=m.init_std)
+
+  @property
+  def compute_dtype(self):
+    return DTYPES[self.dtype]
+
+  @property
+  def block_config(self) -> layers.BlockConfig:
+    return layers.BlockConfig(
+        width=self.width, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
+        head_dim=self.head_dim, mlp_dim=self.mlp_dim, rope_base=self.rope_base,
+        norm_eps=self.norm_eps, dtype=self.compute_dtype, init_std=self.init_std,
+        residual_init_scale=1.0 / np.sqrt(2.0 * self.num_layers))
+
+  @property
+  def block(self) -> layers.Block:
+    return layers.Block(self.block_config)
+
+  @property
+  def final_norm(self) -> layers.RMSNorm:
+    return layers.RMSNorm(eps=self.norm_eps, dtype=self.compute_dtype)
+
+
+def parse_exit_layers(spec: str, num_layers: int, min_exit_layer: int = 1) -> tuple[int, ...]:
+  """Exit depths from a config string; the last layer is always an exit.
+
+  'all' -> every depth from min_exit_layer; 'last' -> (num_layers,); 'every:K' -> K, 2K, ...;
+  '2,4,6' -> those depths. Raises ValueError naming config.model.exit_layers.
+  """
+  spec = str(spec).strip()
+  try:
+    if spec == 'all':
+      depths = range(min_exit_layer, num_layers + 1)
+    elif spec == 'last':
+      depths = [num_layers]
+    elif spec.startswith('every:'):
+      every = int(spec.split(':', 1)[1])
+      if every < 1:
+        raise ValueError
+      depths = [d for d in range(every, num_layers + 1, every) if d >= min_exit_layer]
+    else:
+      depths = [int(x) for x in spec.split(',') if x.strip()]
+  except ValueError:
+    raise ValueError(
+        f"config.model.exit_layers={spec!r} is not understood; allowed: 'all', 'last', "
+        "'every:K' with K >= 1, or a comma-separated list of depths such as '2,4'") from None
+  bad = [d for d in depths if not 1 <= d <= num_layers]
+  if bad:
+    raise ValueError(f'config.model.exit_layers={spec!r} names depth(s) {bad} outside '
+                     f'1..{num_layers} (config.model.num_layers)')
+  return tuple(sorted(set(depths) | {num_layers}))
+
+
+def block_index(schedule: str, step, num_steps: int, num_blocks: int):
+  """Which block loop step `step` runs. Works on Python ints, numpy and traced jax arrays.
+
+  unshared: s; cycle: s mod B; sequence: s // (S / B); middle_cycle / middle_sequence keep
+  block 0 for the first step and block B-1 for the last and cycle / sequence the B-2 middle
+  blocks over the S-2 middle steps.
+  """
+  if schedule == 'unshared':
+    return step
+  if schedule == 'cycle':
+    return step % num_blocks
+  if schedule == 'sequence':
+    return step // (num_steps // num_blocks)
+  middle_steps, middle_blocks = num_steps - 2, num_blocks - 2
+  inner = step - 1
+  if schedule == 'middle_cycle':
+    middle = 1 + inner % middle_blocks
+  elif schedule == 'middle_sequence':
+    middle = 1 + inner // (middle_steps // middle_blocks)
+  else:
+    raise ValueError(f'config.model.schedule={schedule!r}; allowed: {SCHEDULES}')
+  xp = jnp if isinstance(step, jax.Array) else np
+  return xp.where(step == 0, 0, xp.where(step == num_steps - 1, num_blocks - 1, middle))
+
+
+def block_table(cfg: ModelConfig) -> np.ndarray:
+  """[num_layers] int: the block each loop step runs."""
+  return np.asarray(block_index(cfg.schedule, np.arange(cfg.num_layers), cfg.num_layers,
+                                cfg.num_blocks), dtype=np.int32)
+
+
+def _init_boxed(cfg: ModelConfig, rng):
+  """Parameters still wrapped in their logical-axis metadata."""
+  k_embed, k_blocks, k_head = jax.random.split(rng, 3)
+  embedding = nn.with_logical_partitioning(
+      nn.initializers.normal(stddev=cfg.init_std), ('vocab', 'embed'))(
+          k_embed, (cfg.vocab_size, cfg.width), jnp.float32)
+  h = jnp.zeros((1, 1, cfg.width), cfg.compute_dtype)
+  pos = jnp.zeros((1, 1), jnp.int32)
+  mask = jnp.ones((1, 1, 1), bool)
+  init_block = lambda k: cfg.block.init(k, h, pos, mask)['params']
+  blocks = jax.vmap(init_block)(jax.random.split(k_blocks, cfg.num_blocks))
+  # vmap stacked the values; the leading axis needs its own logical name.
+  blocks = jax.tree.map(lambda box: box.replace(names=('layers',) + tuple(box.names)),
+                        blocks, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+  params = {
+      'embed': {'embedding': embedding},
+      'blocks': blocks,
+      'final_norm': cfg.final_norm.init(k_head, h)['params'],
+  }
+  if not cfg.tie_embeddings:
+    params['lm_head'] = {'kernel': nn.with_logical_partitioning(
+        nn.initializers.normal(stddev=cfg.init_std), ('embed', 'vocab'))(
+            k_head, (cfg.width, cfg.vocab_size), jnp.float32)}
+  return params
+
+
+def init_params(cfg: ModelConfig, rng) -> dict:
+  """A fresh float32 parameter pytree (layout in the module docstring)."""
+  return nn.unbox(_init_boxed(cfg, rng))
+
+
+def param_logical_axes(cfg: ModelConfig) -> dict:
+  """The parameter pytree's structure with a tuple of logical axis names per leaf."""
+  boxed = jax.eval_shape(lambda: _init_boxed(cfg, jax.random.key(0)))
+  return jax.tree.map(lambda box: tuple(box.names), boxed,
+                      is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+
+
+def count_params(params) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
+
+
+def embed(cfg: ModelConfig, params, tokens):
+  """tokens: [B, T] int -> h: [B, T, D] in the compute dtype."""
+  return jnp.take(params['embed']['embedding'], tokens, axis=0).astype(cfg.compute_dtype)
+
+
+def head_logits(cfg: ModelConfig, params, h):
+  """Exit head: final norm then output projection (tied to the embedding by default).
+
+  h: [..., D] -> logits [..., V] in float32.
+  """
+  x = cfg.final_norm.apply({'params': params['final_norm']}, h)
+  if cfg.tie_embeddings:
+    w = params['embed']['embedding'].astype(cfg.compute_dtype)
+    return jnp.einsum('...d,vd->...v', x, w, preferred_element_type=jnp.float32)
+  w = params['lm_head']['kernel'].astype(cfg.compute_dtype)
+  return jnp.einsum('...d,dv->...v', x, w, preferred_element_type=jnp.float32)
+
+
+def select_block(block_params, index):
+  """The parameters of block `index` (traced or static) out of the stacked pytree."""
+  return jax.tree.map(lambda p: jax.lax.dynamic_index_in_dim(p, index, keepdims=False),
+                      block_params)
+
+
+def apply_block(cfg: ModelConfig, one_block, h, positions, mask, merge_kv=None):
+  """One loop step. h: [B, T, D] -> (h [B, T, D], (k, v) [B, T, KV, Dh])."""
+  return cfg.block.apply({'params': one_block}, h, positions, mask, merge_kv)
+
+
+def default_positions(tokens):
+  """[B, T] -> positions 0..T-1 for every row."""
+  return jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+
+
+def run_all_steps(cfg: ModelConfig, params, h, positions, constrain=lambda x: x):
+  """Train mode depth loop: `lax.scan` over every step (reverse-differentiable).
+
+  h: [B, T, D]. Returns hidden states after each step, [num_layers, B, T, D].
+  """
+  mask = layers.causal_mask(positions, positions)
+  # Per-step parameters by a static gather: the transpose of the gather sums the gradients
+  # of the steps that share a block, which is exactly weight sharing.
+  per_step = jax.tree.map(lambda p: p[block_table(cfg)], params['blocks'])
+
+  def step(h, one_block):
+    h, _ = apply_block(cfg, one_block, h, positions, mask)
+    h = constrain(h)
+    return h, h
+
+  if cfg.remat:
+    step = jax.checkpoint(step, prevent_cse=False)
+  _, hiddens = jax.lax.scan(step, h, per_step)
+  return hiddens
+
+
+def forward_train(cfg: ModelConfig, params, tokens, constrain=lambda x: x):
+  """Every exit's logits. tokens: [B, T] -> [num_exits, B, T, V] float32.
+
+  `constrain` is applied to [B, T, D] activations (sharding.Activations supplies one that
+  pins them to the mesh); the default does nothing.
+  """
+  positions = default_positions(tokens)
+  h = constrain(embed(cfg, params, tokens))
+  hiddens = run_all_steps(cfg, params, h, positions, constrain)
+  exit_hidden = hiddens[np.asarray(cfg.exit_depths) - 1]
+  return head_logits(cfg, params, exit_hidden)
+
+
+def reference_forward(cfg: ModelConfig, params, tokens) -> list:
+  """Exit logits by a plain Python loop over steps (no scan, no gather); for tests."""
+  positions = default_positions(tokens)
+  mask = layers.causal_mask(positions, positions)
+  h = embed(cfg, params, tokens)
+  table = block_table(cfg)
+  outputs = []
+  for step in range(cfg.num_layers):
+    one_block = jax.tree.map(lambda p: p[int(table[step])], params['blocks'])
+    h, _ = apply_block(cfg, one_block, h, positions, mask)
+    if step + 1 in cfg.exit_depths:
+      outputs.append(head_logits(cfg, params, h))
+  return outputs
+

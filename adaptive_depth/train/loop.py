@@ -1,0 +1,223 @@
+"""`train_and_evaluate(config, workdir)`: the whole training job, resumable.
+
+Resume order, checked once at start:
+  1. the latest complete checkpoint in WORKDIR/checkpoints (state and data position);
+  2. otherwise a fresh state from config.seed.
+A SIGTERM (preemption) finishes the current step, saves a checkpoint and returns; running
+the same command again continues from there and ends with the same parameters as a run that
+was never interrupted.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from adaptive_depth import checkpoint as checkpoint_lib
+from adaptive_depth import config_lib
+from adaptive_depth import metrics as metrics_lib
+from adaptive_depth import model as model_lib
+from adaptive_depth import sharding
+from adaptive_depth.data import pipeline
+from adaptive_depth.train import losses
+from adaptive_depth.train import state as state_lib
+
+
+def make_train_step(cfg: model_lib.ModelConfig, tx, weights, constrain):
+  """(state, batch [B, T+1]) -> (state, metrics); pure, for jax.jit."""
+  def train_step(state, batch):
+    inputs, targets = batch[:, :-1], batch[:, 1:]
+
+    def loss_fn(params):
+      logits = model_lib.forward_train(cfg, params, inputs, constrain)
+      loss, exit_loss, exit_acc = losses.multi_exit_loss(logits, targets, weights)
+      return loss, (exit_loss, exit_acc)
+
+    (loss, (exit_loss, exit_acc)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    return new_state, {'loss': loss, 'exit_loss': exit_loss, 'exit_accuracy': exit_acc,
+                       'grad_norm': optax.global_norm(grads)}
+  return train_step
+
+
+def make_eval_step(cfg: model_lib.ModelConfig, constrain):
+  """(params, batch) -> per-exit sums of token NLL and correct argmax, and the token count."""
+  def eval_step(params, batch):
+    inputs, targets = batch[:, :-1], batch[:, 1:]
+    logits = model_lib.forward_train(cfg, params, inputs, constrain)
+    nll, correct = losses.per_exit_token_losses(logits, targets)
+    return nll.sum(axis=(1, 2)), correct.sum(axis=(1, 2)), jnp.float32(targets.size)
+  return eval_step
+
+
+class _Preemption:
+  """Turns SIGTERM into a flag the loop polls between steps."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread (e.g. some notebook kernels): no handler
+      self._previous = None
+    return self
+
+  def _handle(self, signum, frame):
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def evaluate(eval_step, params, eval_batches, put_batch, num_batches: int):
+  """Mean per-exit loss and accuracy over the eval split (or its first num_batches)."""
+  totals = None
+  for i, batch in enumerate(eval_batches):
+    if num_batches and i >= num_batches:
+      break
+    out = eval_step(params, put_batch(batch))
+    totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+  if totals is None:
+    raise ValueError('the eval split yields no full batch; lower config.eval.batch_size or '
+                     'config.data.seq_len')
+  nll, correct, count = jax.device_get(totals)
+  return nll / count, correct / count
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains (or resumes) per `config` in `workdir`; returns the summary it writes.
+
+  Writes WORKDIR/config.json, WORKDIR/checkpoints/, TensorBoard events in WORKDIR and, at the
+  end, WORKDIR/summary.json.
+  """
+  config_lib.validate(config)
+  cfg = model_lib.ModelConfig.from_config(config.model)
+  mesh = sharding.make_mesh(config.mesh)
+  batch_split = mesh.shape['data'] * mesh.shape['fsdp']
+  for key in ('train', 'eval'):
+    if config[key].batch_size % batch_split:
+      raise config_lib.ConfigError(
+          f'config.{key}.batch_size={config[key].batch_size} must be divisible by the mesh '
+          f'data x fsdp size ({batch_split})')
+  os.makedirs(workdir, exist_ok=True)
+  metrics_lib.write_json(os.path.join(workdir, 'config.json'), config.to_dict())
+
+  train_data, make_eval_data, _ = pipeline.make_train_and_eval_data(
+      config.data, batch_size=config.train.batch_size, eval_batch_size=config.eval.batch_size,
+      seed=config.seed, shard_index=jax.process_index(), num_shards=jax.process_count())
+
+  tx = state_lib.make_optimizer(config.train)
+  rules = tuple(tuple(r) for r in config.sharding.rules)
+  abstract_state, shardings = state_lib.state_shardings(cfg, tx, mesh, rules)
+  batch_sharding = sharding.batch_sharding(mesh)
+  put_batch = lambda b: jax.make_array_from_process_local_data(batch_sharding, b)
+  constrain = sharding.ActivationConstraint(mesh, rules)
+  weights = losses.exit_loss_weights(config.train.exit_loss_weights, cfg.exit_depths)
+
+  train_step = jax.jit(make_train_step(cfg, tx, weights, constrain),
+                       in_shardings=(shardings, batch_sharding),
+                       out_shardings=(shardings, sharding.replicated(mesh)),
+                       donate_argnums=0)
+  eval_step = jax.jit(make_eval_step(cfg, constrain),
+                      in_shardings=(shardings.params, batch_sharding))
+
+  checkpoints = checkpoint_lib.Checkpoints(os.path.join(workdir, 'checkpoints'),
+                                           keep=config.checkpoint.keep,
+                                           async_save=config.checkpoint.async_save)
+  latest = checkpoints.latest_step()
+  if latest is not None:
+    state, data_state = checkpoints.restore(
+        latest, checkpoint_lib.abstract_with_shardings(abstract_state, shardings))
+    train_data.set_state(data_state)
+    print(f'Resuming from step {latest} in {checkpoints.directory}', flush=True)
+  else:
+    state = state_lib.create_state(cfg, tx, jax.random.key(config.seed), shardings)
+  start_step = int(jax.device_get(state.step))
+  num_params = model_lib.count_params(state.params)
+  num_steps = config.train.num_steps
+  tokens_per_step = config.train.batch_size * config.data.seq_len
+  print(f'Model: {num_params:,} parameters, {cfg.num_layers} steps over {cfg.num_blocks} '
+        f'blocks ({cfg.schedule}), exits at depths {list(cfg.exit_depths)}; '
+        f'mesh {dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} device(s)',
+        flush=True)
+
+  writer = metrics_lib.EventWriter(workdir)
+  progress = metrics_lib.Progress(total=num_steps, initial=start_step,
+                                  tokens_per_step=tokens_per_step,
+                                  enabled=config.train.progress_bar)
+  run_eval = lambda: evaluate(eval_step, state.params, make_eval_data(), put_batch,
+                              config.eval.num_batches)
+  timed_steps, timed_seconds, timer_start = 0, 0.0, None
+  wall_start = time.perf_counter()
+  preempted = False
+  step = start_step
+  with _Preemption() as preemption:
+    while step < num_steps:
+      state, step_metrics = train_step(state, put_batch(next(train_data)))
+      step += 1
+      if timer_start is None:  # the first step includes compilation: time from its end
+        jax.block_until_ready(step_metrics)
+        timer_start, timed_from = time.perf_counter(), step
+      if step % config.train.log_every == 0 or step == num_steps:
+        m = jax.device_get(step_metrics)
+        scalars = {'train/loss': m['loss'], 'train/grad_norm': m['grad_norm']}
+        scalars.update({f'train/loss_exit_{d}': l for d, l in zip(cfg.exit_depths,
+                                                                   m['exit_loss'])})
+        writer.scalars(step, scalars)
+        progress.update(step, loss=float(m['loss']), last_exit=float(m['exit_loss'][-1]))
+      if config.eval.every_steps and step % config.eval.every_steps == 0 and step < num_steps:
+        eval_loss, eval_acc = run_eval()
+        writer.scalars(step, {f'eval/loss_exit_{d}': l for d, l in zip(cfg.exit_depths,
+                                                                       eval_loss)})
+        progress.write(f'step {step}: eval loss per exit ' +
+                       ' '.join(f'{d}:{l:.3f}' for d, l in zip(cfg.exit_depths, eval_loss)))
+      if step % config.checkpoint.every_steps == 0 or step == num_steps:
+        checkpoints.save(step, state, train_data.get_state())
+      if preemption.requested and step < num_steps:
+        checkpoints.save(step, state, train_data.get_state(), force=True)
+        preempted = True
+        break
+    jax.block_until_ready(state)
+    if timer_start is not None:
+      timed_steps = step - timed_from
+      timed_seconds = time.perf_counter() - timer_start
+  progress.close()
+  checkpoints.wait()
+
+  if preempted:
+    checkpoints.close()
+    writer.close()
+    print(f'SIGTERM: saved step {step} in {checkpoints.directory}; run the same command to '
+          'resume.', flush=True)
+    return {'step': step, 'preempted': True}
+
+  eval_loss, eval_acc = run_eval()
+  writer.scalars(step, {f'eval/loss_exit_{d}': l for d, l in zip(cfg.exit_depths, eval_loss)})
+  writer.close()
+  checkpoints.close()
+  summary = {
+      'step': step,
+      'wall_seconds': round(time.perf_counter() - wall_start, 2),
+      'tokens_per_second': (round(timed_steps * tokens_per_step / timed_seconds, 1)
+                            if timed_seconds else None),
+      'params': num_params,
+      'eval': metrics_lib.per_exit_records(cfg.exit_depths, eval_loss, eval_acc),
+  }
+  metrics_lib.write_json(os.path.join(workdir, 'summary.json'), summary)
+  print('Validation per exit: ' + ', '.join(
+      f"depth {r['depth']}: loss {r['loss']:.3f} acc {r['accuracy']:.3f}"
+      for r in summary['eval']), flush=True)
+  print(f'Wrote {os.path.join(workdir, "summary.json")}', flush=True)
+  return summary

@@ -1,0 +1,50 @@
+"""Multi-exit language-modelling loss."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def exit_loss_weights(kind: str, exit_depths: Sequence[int]) -> np.ndarray:
+  """Per-exit weights summing to 1.
+
+  uniform: equal; linear: CALM's w_i = d_i / sum_j d_j (deeper exits weigh more);
+  last: only the deepest exit (a plain LM loss; the other exits are only monitored).
+  """
+  depths = np.asarray(exit_depths, dtype=np.float64)
+  if kind == 'uniform':
+    w = np.ones_like(depths)
+  elif kind == 'linear':
+    w = depths
+  elif kind == 'last':
+    w = np.zeros_like(depths)
+    w[-1] = 1.0
+  else:
+    raise ValueError(f"config.train.exit_loss_weights={kind!r}; allowed: uniform, linear, last")
+  return (w / w.sum()).astype(np.float32)
+
+
+def per_exit_token_losses(logits, targets):
+  """Cross entropy and argmax correctness per exit and token.
+
+  logits: [E, B, T, V] float32; targets: [B, T] int.
+  Returns (nll [E, B, T], correct [E, B, T] float32).
+  """
+  log_probs = jax.nn.log_softmax(logits, axis=-1)
+  nll = -jnp.take_along_axis(log_probs, targets[None, ..., None], axis=-1)[..., 0]
+  correct = (jnp.argmax(logits, axis=-1) == targets[None]).astype(jnp.float32)
+  return nll, correct
+
+
+def multi_exit_loss(logits, targets, weights):
+  """Weighted sum over exits of the mean token cross entropy.
+
+  logits: [E, B, T, V]; targets: [B, T]; weights: [E].
+  Returns (scalar loss, per-exit mean loss [E], per-exit accuracy [E]).
+  """
+  nll, correct = per_exit_token_losses(logits, targets)
+  per_exit = nll.mean(axis=(1, 2))
+  return jnp.dot(jnp.asarray(weights), per_exit), per_exit, correct.mean(axis=(1, 2))

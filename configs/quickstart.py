@@ -1,0 +1,28 @@
+r"""Quickstart: a 4-layer byte-level early-exit model on the bundled tiny Shakespeare.
+
+  python launch/train.py --config=configs/quickstart.py --workdir=/tmp/quickstart
+
+Exits after every layer, uniform multi-exit loss. Variants: `:tiny` (seconds, for tests and
+notebooks), e.g. --config=configs/quickstart.py:tiny.
+"""
+from adaptive_depth import config_lib
+
+
+def get_config(variant: str = ''):
+  config = config_lib.base_config()
+  if variant == 'tiny':
+    config.model.width = 64
+    config.model.num_heads = 4
+    config.model.num_kv_heads = 2
+    config.model.mlp_dim = 128
+    config.data.seq_len = 32
+    config.train.batch_size = 8
+    config.train.num_steps = 20
+    config.train.warmup_steps = 2
+    config.train.log_every = 5
+    config.eval.batch_size = 8
+    config.eval.num_batches = 4
+    config.checkpoint.every_steps = 10
+  elif variant:
+    raise ValueError(f"configs/quickstart.py: unknown variant {variant!r}; allowed: '', 'tiny'")
+  return config
