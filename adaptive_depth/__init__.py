@@ -6,7 +6,11 @@
 """
 from adaptive_depth.config_lib import ConfigError, base_config, validate
 from adaptive_depth.config_loading import load_config
+from adaptive_depth.depth import AdaptiveOutput, forward_adaptive
+from adaptive_depth.evaluation import evaluate_run
+from adaptive_depth.exits import ExitPolicy
 from adaptive_depth.model import ModelConfig, forward_train, init_params
+from adaptive_depth.saved_model import LoadedModel, load
 from adaptive_depth.train import train_and_evaluate
 
 __version__ = '0.1.0'

@@ -12,6 +12,7 @@ from adaptive_depth import model as model_lib
 from adaptive_depth.data import tokenizers
 
 EXIT_LOSS_WEIGHTS = ('uniform', 'linear', 'last')
+STAGES = ('model', 'exit_classifier')
 
 
 class ConfigError(ValueError):
@@ -22,6 +23,7 @@ def base_config() -> ml_collections.ConfigDict:
   """Every key the library reads, with defaults (a small byte-level model)."""
   c = ml_collections.ConfigDict()
   c.seed = 0
+  c.stage = 'model'               # 'model' | 'exit_classifier' (second stage, frozen model)
 
   c.model = ml_collections.ConfigDict()
   c.model.vocab_size = 258
@@ -41,6 +43,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.dtype = 'float32'       # compute dtype; parameters stay float32
   c.model.remat = False
   c.model.init_std = 0.02
+  c.model.lora_rank = 0           # per-step LoRA on shared blocks (relaxed recursion)
 
   c.data = ml_collections.ConfigDict()
   c.data.dataset = 'bundled_tiny_shakespeare'
@@ -74,6 +77,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint.every_steps = 100
   c.checkpoint.keep = 3
   c.checkpoint.async_save = True
+
+  c.classifier = ml_collections.ConfigDict()  # the exit classifier stage
+  c.classifier.hidden = 64
+  c.classifier.num_steps = 200
+  c.classifier.learning_rate = 3e-3
+  c.classifier.batch_size = 16
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1
@@ -129,6 +138,8 @@ def _value_problems(c) -> list[str]:
   if p:
     return p  # later checks divide by these
 
+  if c.stage not in STAGES:
+    p.append(f'config.stage={c.stage!r}; allowed: {", ".join(STAGES)}')
   if m.schedule not in model_lib.SCHEDULES:
     p.append(f'config.model.schedule={m.schedule!r}; allowed: {", ".join(model_lib.SCHEDULES)}')
   if m.dtype not in model_lib.DTYPES:
@@ -149,6 +160,8 @@ def _value_problems(c) -> list[str]:
     except ValueError as e:
       p.append(str(e))
   p.extend(_schedule_problems(m))
+  if m.lora_rank < 0:
+    p.append(f'config.model.lora_rank={m.lora_rank}: must be >= 0 (0 = no LoRA)')
 
   try:
     tokenizer = tokenizers.get_tokenizer(c.data.tokenizer)

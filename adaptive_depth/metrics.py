@@ -62,6 +62,22 @@ class EventWriter:
     self._writer.close()
 
 
+class JsonLines:
+  """Appends one JSON object per line (train and eval history, easy to plot)."""
+
+  def __init__(self, path: str):
+    self.path = path
+
+  def append(self, record: dict):
+    with open(self.path, 'a') as f:
+      f.write(json.dumps(record) + '\n')
+
+
+def read_json_lines(path: str) -> list[dict]:
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
 def per_exit_records(exit_depths, losses, accuracies) -> list[dict]:
   """[{'depth', 'loss', 'perplexity', 'accuracy'}] per exit, as plain floats."""
   return [{'depth': int(d), 'loss': float(l), 'perplexity': float(np.exp(l)),

@@ -5,7 +5,12 @@ Parameters are one explicit pytree:
     {'embed': {'embedding': [V, D]},
      'blocks': <one Block's parameters, every leaf with a leading [num_blocks] axis>,
      'final_norm': {'scale': [D]},
-     'lm_head': {'kernel': [D, V]}}          # only when embeddings are untied
+     'lm_head': {'kernel': [D, V]},          # only when embeddings are untied
+     'lora': {'attn': {'q': {'a': [S, D, r], 'b': [S, r, H*Dh]}, ...}, 'mlp': {...}}}
+                                             # only with lora_rank > 0: per-step deltas
+
+Relaxed recursion adds, per loop step s, a low-rank delta A_s B_s to each projection of the
+block that step runs (B_s starts at zero, so a relaxed model starts as its shared one).
 
 A depth schedule maps loop step s (0 <= s < num_layers) to the block it runs, so a plain
 L-layer model (num_blocks = L, schedule 'unshared') and a recursive one (fewer blocks than
@@ -49,6 +54,7 @@ class ModelConfig:
   dtype: str = 'float32'
   remat: bool = False
   init_std: float = 0.02
+  lora_rank: int = 0
 
   @classmethod
   def from_config(cls, model_config) -> 'ModelConfig':
@@ -62,7 +68,7 @@ class ModelConfig:
         head_dim=m.head_dim or m.width // m.num_heads, mlp_dim=m.mlp_dim,
         exit_depths=parse_exit_layers(m.exit_layers, m.num_layers, m.min_exit_layer),
         rope_base=m.rope_base, norm_eps=m.norm_eps, tie_embeddings=m.tie_embeddings,
-        dtype=m.dtype, remat=m.remat, init_std=m.init_std)
+        dtype=m.dtype, remat=m.remat, init_std=m.init_std, lora_rank=m.lora_rank)
 
   @property
   def compute_dtype(self):
@@ -140,6 +146,11 @@ def block_index(schedule: str, step, num_steps: int, num_blocks: int):
   return xp.where(step == 0, 0, xp.where(step == num_steps - 1, num_blocks - 1, middle))
 
 
+# Projections that relaxed recursion adapts, with how many leading axes are their input.
+LORA_TARGETS = {('attn', 'q'): 1, ('attn', 'k'): 1, ('attn', 'v'): 1, ('attn', 'o'): 2,
+                ('mlp', 'gate'): 1, ('mlp', 'up'): 1, ('mlp', 'down'): 1}
+
+
 def block_table(cfg: ModelConfig) -> np.ndarray:
   """[num_layers] int: the block each loop step runs."""
   return np.asarray(block_index(cfg.schedule, np.arange(cfg.num_layers), cfg.num_layers,
@@ -165,11 +176,28 @@ def _init_boxed(cfg: ModelConfig, rng):
       'blocks': blocks,
       'final_norm': cfg.final_norm.init(k_head, h)['params'],
   }
+  if cfg.lora_rank:
+    params['lora'] = _init_lora(cfg, blocks, jax.random.fold_in(k_blocks, 1))
   if not cfg.tie_embeddings:
     params['lm_head'] = {'kernel': nn.with_logical_partitioning(
         nn.initializers.normal(stddev=cfg.init_std), ('embed', 'vocab'))(
             k_head, (cfg.width, cfg.vocab_size), jnp.float32)}
   return params
+
+
+def _init_lora(cfg: ModelConfig, boxed_blocks, rng) -> dict:
+  """Per-step low-rank factors: a ~ N(0, 1/fan_in), b = 0, stacked over loop steps."""
+  lora = {}
+  for i, ((group, name), in_dims) in enumerate(sorted(LORA_TARGETS.items())):
+    shape = boxed_blocks[group][name].value.shape[1:]
+    fan_in, fan_out = int(np.prod(shape[:in_dims])), int(np.prod(shape[in_dims:]))
+    a = jax.random.normal(jax.random.fold_in(rng, i),
+                          (cfg.num_layers, fan_in, cfg.lora_rank)) / np.sqrt(fan_in)
+    b = jnp.zeros((cfg.num_layers, cfg.lora_rank, fan_out))
+    lora.setdefault(group, {})[name] = {
+        'a': nn.LogicallyPartitioned(a, ('layers', 'lora_in', 'lora_rank')),
+        'b': nn.LogicallyPartitioned(b, ('layers', 'lora_rank', 'lora_out'))}
+  return lora
 
 
 def init_params(cfg: ModelConfig, rng) -> dict:
@@ -212,6 +240,34 @@ def select_block(block_params, index):
                       block_params)
 
 
+def _add_lora(block, lora, einsum_prefix=''):
+  """block + a @ b reshaped onto each adapted kernel; leading axes (if any) broadcast."""
+  block = jax.tree.map(lambda x: x, block)  # a copy we may write into
+  for (group, name) in LORA_TARGETS:
+    w, f = block[group][name], lora[group][name]
+    delta = jnp.einsum(f'{einsum_prefix}ir,{einsum_prefix}ro->{einsum_prefix}io', f['a'], f['b'])
+    block[group][name] = w + delta.reshape(w.shape)
+  return block
+
+
+def step_block(cfg: ModelConfig, params, step):
+  """The block parameters loop step `step` (traced) runs, with its LoRA delta if any."""
+  block = select_block(params['blocks'], block_index(cfg.schedule, step, cfg.num_layers,
+                                                     cfg.num_blocks))
+  if 'lora' not in params:
+    return block
+  return _add_lora(block, select_block(params['lora'], step))
+
+
+def all_step_blocks(cfg: ModelConfig, params):
+  """Every step's block parameters stacked [num_layers, ...], by a static gather (whose
+  gradient sums over the steps sharing a block: weight sharing) plus LoRA deltas."""
+  per_step = jax.tree.map(lambda p: p[block_table(cfg)], params['blocks'])
+  if 'lora' not in params:
+    return per_step
+  return _add_lora(per_step, params['lora'], einsum_prefix='s')
+
+
 def apply_block(cfg: ModelConfig, one_block, h, positions, mask, merge_kv=None):
   """One loop step. h: [B, T, D] -> (h [B, T, D], (k, v) [B, T, KV, Dh])."""
   return cfg.block.apply({'params': one_block}, h, positions, mask, merge_kv)
@@ -228,9 +284,7 @@ def run_all_steps(cfg: ModelConfig, params, h, positions, constrain=lambda x: x)
   h: [B, T, D]. Returns hidden states after each step, [num_layers, B, T, D].
   """
   mask = layers.causal_mask(positions, positions)
-  # Per-step parameters by a static gather: the transpose of the gather sums the gradients
-  # of the steps that share a block, which is exactly weight sharing.
-  per_step = jax.tree.map(lambda p: p[block_table(cfg)], params['blocks'])
+  per_step = all_step_blocks(cfg, params)
 
   def step(h, one_block):
     h, _ = apply_block(cfg, one_block, h, positions, mask)
@@ -261,10 +315,9 @@ def reference_forward(cfg: ModelConfig, params, tokens) -> list:
   positions = default_positions(tokens)
   mask = layers.causal_mask(positions, positions)
   h = embed(cfg, params, tokens)
-  table = block_table(cfg)
   outputs = []
   for step in range(cfg.num_layers):
-    one_block = jax.tree.map(lambda p: p[int(table[step])], params['blocks'])
+    one_block = step_block(cfg, params, step)
     h, _ = apply_block(cfg, one_block, h, positions, mask)
     if step + 1 in cfg.exit_depths:
       outputs.append(head_logits(cfg, params, h))

@@ -4,6 +4,7 @@ Override any key: --config.train.num_steps=200. Running the same command again r
 from the latest checkpoint in DIR.
 """
 from absl import app
+from absl import logging
 from absl import flags
 from ml_collections import config_flags
 
@@ -18,6 +19,8 @@ flags.mark_flags_as_required(['config', 'workdir'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  if not flags.FLAGS['verbosity'].present:  # Orbax logs every save at INFO
+    logging.set_verbosity(logging.WARNING)
   ad.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 

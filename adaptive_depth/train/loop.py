@@ -25,6 +25,7 @@ from adaptive_depth import metrics as metrics_lib
 from adaptive_depth import model as model_lib
 from adaptive_depth import sharding
 from adaptive_depth.data import pipeline
+from adaptive_depth.train import classifier as classifier_lib
 from adaptive_depth.train import losses
 from adaptive_depth.train import state as state_lib
 
@@ -103,6 +104,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   end, WORKDIR/summary.json.
   """
   config_lib.validate(config)
+  if config.stage == 'exit_classifier':
+    return classifier_lib.train_exit_classifier(config, workdir)
   cfg = model_lib.ModelConfig.from_config(config.model)
   mesh = sharding.make_mesh(config.mesh)
   batch_split = mesh.shape['data'] * mesh.shape['fsdp']
@@ -154,11 +157,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         flush=True)
 
   writer = metrics_lib.EventWriter(workdir)
+  history = metrics_lib.JsonLines(os.path.join(workdir, 'metrics.jsonl'))
   progress = metrics_lib.Progress(total=num_steps, initial=start_step,
                                   tokens_per_step=tokens_per_step,
                                   enabled=config.train.progress_bar)
   run_eval = lambda: evaluate(eval_step, state.params, make_eval_data(), put_batch,
                               config.eval.num_batches)
+
+  def log_eval(step, eval_loss, eval_acc):
+    writer.scalars(step, {f'eval/loss_exit_{d}': l for d, l in zip(cfg.exit_depths, eval_loss)})
+    history.append({'step': step, 'eval': metrics_lib.per_exit_records(
+        cfg.exit_depths, eval_loss, eval_acc)})
+
   timed_steps, timed_seconds, timer_start = 0, 0.0, None
   wall_start = time.perf_counter()
   preempted = False
@@ -176,17 +186,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         scalars.update({f'train/loss_exit_{d}': l for d, l in zip(cfg.exit_depths,
                                                                    m['exit_loss'])})
         writer.scalars(step, scalars)
+        history.append({'step': step, 'train_loss': float(m['loss']),
+                        'train_exit_loss': [float(x) for x in m['exit_loss']]})
         progress.update(step, loss=float(m['loss']), last_exit=float(m['exit_loss'][-1]))
       if config.eval.every_steps and step % config.eval.every_steps == 0 and step < num_steps:
         eval_loss, eval_acc = run_eval()
-        writer.scalars(step, {f'eval/loss_exit_{d}': l for d, l in zip(cfg.exit_depths,
-                                                                       eval_loss)})
+        log_eval(step, eval_loss, eval_acc)
         progress.write(f'step {step}: eval loss per exit ' +
                        ' '.join(f'{d}:{l:.3f}' for d, l in zip(cfg.exit_depths, eval_loss)))
-      if step % config.checkpoint.every_steps == 0 or step == num_steps:
+      periodic = step % config.checkpoint.every_steps == 0 or step == num_steps
+      if periodic:
         checkpoints.save(step, state, train_data.get_state())
       if preemption.requested and step < num_steps:
-        checkpoints.save(step, state, train_data.get_state(), force=True)
+        if not periodic:
+          checkpoints.save(step, state, train_data.get_state(), force=True)
         preempted = True
         break
     jax.block_until_ready(state)
@@ -204,7 +217,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     return {'step': step, 'preempted': True}
 
   eval_loss, eval_acc = run_eval()
-  writer.scalars(step, {f'eval/loss_exit_{d}': l for d, l in zip(cfg.exit_depths, eval_loss)})
+  log_eval(step, eval_loss, eval_acc)
   writer.close()
   checkpoints.close()
   summary = {

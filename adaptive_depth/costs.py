@@ -1,0 +1,83 @@
+"""FLOPs per token, for reporting compute spent against full depth.
+
+Counts multiply-adds as 2 FLOPs, matrix products only (norms, RoPE and softmax
+exponentials are small next to them), at a given attention context length. Confidence is
+not free: a softmax measure computes the exit head (a D x V product), which for a small
+model with a large vocabulary costs as much as several layers.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from adaptive_depth import model as model_lib
+
+
+def block_flops(cfg: model_lib.ModelConfig, context: float) -> float:
+  """One block for one token attending to `context` positions."""
+  d, h, kv, dh, f = cfg.width, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.mlp_dim
+  projections = 2 * d * (h * dh + 2 * kv * dh) + 2 * h * dh * d
+  mlp = 2 * 3 * d * f
+  attention = 2 * 2 * h * dh * context  # scores and weighted values
+  return float(projections + mlp + attention)
+
+
+def kv_projection_flops(cfg: model_lib.ModelConfig) -> float:
+  """K and V projections only: what state propagation costs per skipped layer."""
+  return float(2 * 2 * cfg.width * cfg.num_kv_heads * cfg.head_dim)
+
+
+def head_flops(cfg: model_lib.ModelConfig) -> float:
+  """The exit head's output projection."""
+  return float(2 * cfg.width * cfg.vocab_size)
+
+
+def confidence_flops(cfg: model_lib.ModelConfig, measure: str, classifier_hidden: int = 64) -> float:
+  """Cost of one confidence check at one exit (including its exit head when needed)."""
+  if measure == 'saturation':
+    return float(3 * cfg.width)
+  if measure == 'never':
+    return 0.0
+  cost = head_flops(cfg) + 5.0 * cfg.vocab_size  # head + softmax statistics
+  if measure == 'classifier':
+    cost += 2.0 * (cfg.width + 3 + len(cfg.exit_depths)) * classifier_hidden
+  return cost
+
+
+def checks_before(cfg: model_lib.ModelConfig, exit_depth: np.ndarray, min_depth: int = 1) -> np.ndarray:
+  """How many confidence checks a token exiting at `exit_depth` paid for. The last depth is
+  never checked (everything left exits there)."""
+  checked = np.asarray([d for d in cfg.exit_depths if d < cfg.num_layers and d >= min_depth])
+  exit_depth = np.asarray(exit_depth)
+  return (checked[None, :] <= exit_depth.reshape(-1, 1)).sum(-1).reshape(exit_depth.shape)
+
+
+def token_flops(cfg: model_lib.ModelConfig, exit_depth, measure: str, context: float,
+                min_depth: int = 1, propagate_kv: bool = False) -> np.ndarray:
+  """FLOPs each token spent, given its exit depth ([...] int) -> [...] float.
+
+  Tokens that exit early reuse the exit logits they computed for their last check; tokens
+  that reach the last layer pay for the final head. propagate_kv adds the K/V projections
+  of the skipped layers (decode with CALM's state propagation).
+  """
+  exit_depth = np.asarray(exit_depth)
+  cost = exit_depth * block_flops(cfg, context)
+  cost = cost + checks_before(cfg, exit_depth, min_depth) * confidence_flops(cfg, measure)
+  if measure == 'saturation':
+    cost = cost + head_flops(cfg)  # the output logits still need one head
+  else:
+    cost = cost + np.where(exit_depth == cfg.num_layers, head_flops(cfg), 0.0)
+  if propagate_kv:
+    cost = cost + (cfg.num_layers - exit_depth) * kv_projection_flops(cfg)
+  return cost
+
+
+def full_depth_flops(cfg: model_lib.ModelConfig, context: float) -> float:
+  """A token through every layer and the final head, with no checks."""
+  return cfg.num_layers * block_flops(cfg, context) + head_flops(cfg)
+
+
+def relative_flops(cfg: model_lib.ModelConfig, exit_depth, measure: str, context: float,
+                   min_depth: int = 1, propagate_kv: bool = False) -> float:
+  """Mean FLOPs spent over full-depth FLOPs (1.0 = no saving; can exceed 1)."""
+  spent = token_flops(cfg, exit_depth, measure, context, min_depth, propagate_kv)
+  return float(np.mean(spent) / full_depth_flops(cfg, context))

@@ -1,0 +1,143 @@
+"""Adaptive depth: the masked `lax.while_loop` in which each token stops at its own depth.
+
+The loop carries the residual stream h [B, T, D], a per-token `active` mask, exit depths and
+confidences. Every step runs the scheduled block on all positions and keeps
+h = where(active, h_new, h): a token that exited keeps its state frozen, and deeper layers
+that still attend to it read K/V computed from that frozen state (CALM's state propagation).
+Shapes never depend on the data, so one compiled program serves every exit pattern and
+threshold; the loop stops as soon as no token is active.
+
+Rows never interact: a row's exits and logits depend only on that row (attention is within a
+row; the early stop only skips steps in which no row had an active token).
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from adaptive_depth import exits
+from adaptive_depth import layers
+from adaptive_depth import model as model_lib
+
+
+@flax.struct.dataclass
+class AdaptiveOutput:
+  """logits: [B, T, V] at each token's exit; exit_depth: [B, T] int32 in 1..num_layers;
+  confidence: [B, T] the score that made the token exit (the last score seen if it never
+  exited); steps_run: scalar int32, loop steps executed for the whole batch."""
+  logits: jax.Array
+  exit_depth: jax.Array
+  confidence: jax.Array
+  steps_run: jax.Array
+
+
+def _exit_lookup(cfg: model_lib.ModelConfig):
+  """([num_layers + 1] bool 'depth d is an exit', [num_layers + 1] int exit number)."""
+  is_exit = np.zeros(cfg.num_layers + 1, bool)
+  number = np.zeros(cfg.num_layers + 1, np.int32)
+  for i, d in enumerate(cfg.exit_depths):
+    is_exit[d], number[d] = True, i
+  return jnp.asarray(is_exit), jnp.asarray(number)
+
+
+def exit_confidence(cfg, params, policy: exits.ExitPolicy, h, h_previous, exit_number,
+                    classifier=None, oracle_tokens=None):
+  """Confidence [B, T] at one exit, and the exit's logits [B, T, V] (or None when the
+  measure does not need them: saturation reads only hidden states)."""
+  measure = policy.measure
+  if measure == 'saturation':
+    return exits.saturation(h, h_previous), None
+  logits = model_lib.head_logits(cfg, params, h)
+  if measure in ('softmax_diff', 'softmax_diff_approx'):
+    score = exits.softmax_diff(logits, approx=measure == 'softmax_diff_approx')
+  elif measure == 'max_prob':
+    score = exits.max_prob(logits)
+  elif measure == 'neg_entropy':
+    score = exits.neg_entropy(logits)
+  elif measure == 'classifier':
+    if classifier is None:
+      raise ValueError("ExitPolicy.measure='classifier' needs classifier parameters "
+                       '(train them with configs/exit_classifier.py)')
+    normed = cfg.final_norm.apply({'params': params['final_norm']}, h)
+    features = exits.classifier_features(logits, normed, exit_number, len(cfg.exit_depths))
+    score = exits.classifier_confidence(classifier, features)
+  elif measure == 'oracle':
+    if oracle_tokens is None:
+      raise ValueError("ExitPolicy.measure='oracle' needs oracle_tokens (the full model's "
+                       'argmax per position)')
+    score = (jnp.argmax(logits, axis=-1) == oracle_tokens).astype(jnp.float32)
+  elif measure == 'never':
+    score = jnp.zeros(h.shape[:-1], jnp.float32)
+  else:
+    raise ValueError(f'ExitPolicy.measure={measure!r}; allowed: {", ".join(exits.MEASURES)}')
+  return score, logits
+
+
+def exit_decision(policy: exits.ExitPolicy, score, depth, row_positions):
+  """[B, T] bool: the tokens whose score clears the threshold at this depth."""
+  if policy.measure == 'never':
+    wants = jnp.zeros(score.shape, bool)
+  elif policy.measure == 'oracle':
+    wants = score >= 0.5
+  else:
+    wants = score >= exits.threshold_at(policy, row_positions)
+  wants = wants & (depth >= jnp.asarray(policy.min_depth))
+  exit_at = jnp.asarray(policy.exit_at)
+  forced = (exit_at > 0) & (depth >= exit_at)
+  return jnp.where(exit_at > 0, forced, wants)
+
+
+def forward_adaptive(cfg: model_lib.ModelConfig, params, tokens, policy: exits.ExitPolicy,
+                     *, classifier: Optional[Any] = None, oracle_tokens=None,
+                     positions=None, row_positions=None) -> AdaptiveOutput:
+  """Scores `tokens` [B, T] with per-token early exit.
+
+  positions: [B, T] RoPE positions (default 0..T-1). row_positions: [B, T] the t of the
+  decaying threshold (default: positions). oracle_tokens: [B, T] the full model's argmax,
+  for policy.measure == 'oracle'. classifier: exit classifier parameters.
+  """
+  policy = policy.validated()
+  positions = model_lib.default_positions(tokens) if positions is None else positions
+  row_positions = positions if row_positions is None else row_positions
+  mask = layers.causal_mask(positions, positions)
+  is_exit, exit_number = _exit_lookup(cfg)
+  num_layers = cfg.num_layers
+  h0 = model_lib.embed(cfg, params, tokens)
+  batch_shape = tokens.shape
+
+  def cond(carry):
+    step, _, active, *_ = carry
+    return (step < num_layers) & jnp.any(active)
+
+  def body(carry):
+    step, h, active, exit_depth, confidence, h_previous = carry
+    block = model_lib.step_block(cfg, params, step)
+    h_new, _ = model_lib.apply_block(cfg, block, h, positions, mask)
+    h = jnp.where(active[..., None], h_new, h)
+    depth = step + 1
+
+    def check(args):
+      h, active, exit_depth, confidence, h_previous = args
+      score, _ = exit_confidence(cfg, params, policy, h, h_previous, exit_number[depth],
+                                 classifier, oracle_tokens)
+      leaving = active & exit_decision(policy, score, depth, row_positions)
+      confidence = jnp.where(active, score, confidence)
+      exit_depth = jnp.where(leaving, depth, exit_depth)
+      return h, active & ~leaving, exit_depth, confidence, h
+
+    # The last depth needs no check: every token still active exits there anyway.
+    h, active, exit_depth, confidence, h_previous = jax.lax.cond(
+        is_exit[depth] & (depth < num_layers), check, lambda args: args,
+        (h, active, exit_depth, confidence, h_previous))
+    return step + 1, h, active, exit_depth, confidence, h_previous
+
+  init = (jnp.int32(0), h0, jnp.ones(batch_shape, bool),
+          jnp.full(batch_shape, num_layers, jnp.int32), jnp.zeros(batch_shape, jnp.float32),
+          h0)
+  steps_run, h, _, exit_depth, confidence, _ = jax.lax.while_loop(cond, body, init)
+  return AdaptiveOutput(logits=model_lib.head_logits(cfg, params, h), exit_depth=exit_depth,
+                        confidence=confidence, steps_run=steps_run)

@@ -1,0 +1,198 @@
+"""`evaluate_run(config, workdir)`: per-exit quality and early-exit quality-vs-compute curves.
+
+For a trained run it measures, on the eval split:
+  - per exit: loss, accuracy;
+  - per confidence measure, for a sweep of thresholds: mean exit depth, FLOPs relative to
+    full depth (confidence cost included), next-token argmax agreement with the full model,
+    and loss of the early-exit logits;
+  - how well max-probability and the learned classifier (when trained) predict agreement
+    (ROC AUC over the non-final exits).
+It writes WORKDIR/eval.json and WORKDIR/eval.png (the curve per measure).
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from adaptive_depth import costs
+from adaptive_depth import depth as depth_lib
+from adaptive_depth import exits
+from adaptive_depth import metrics as metrics_lib
+from adaptive_depth import model as model_lib
+from adaptive_depth import saved_model
+from adaptive_depth.data import pipeline
+from adaptive_depth.train import classifier as classifier_lib
+from adaptive_depth.train import losses
+
+# Thresholds from conservative to aggressive, per measure (scores differ in range).
+SWEEPS = {
+    'softmax_diff': (0.99, 0.95, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2),
+    'max_prob': (0.99, 0.95, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2),
+    'neg_entropy': (-0.05, -0.1, -0.2, -0.3, -0.5, -0.75, -1.0, -1.5, -2.0, -3.0),
+    'saturation': (0.999, 0.995, 0.99, 0.98, 0.95, 0.9, 0.85, 0.8, 0.7, 0.5),
+    'classifier': (0.99, 0.95, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2),
+}
+
+
+def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
+  """Area under the ROC curve by the rank-sum formula (ties get average ranks)."""
+  scores, labels = np.asarray(scores, np.float64).ravel(), np.asarray(labels, bool).ravel()
+  positives, negatives = labels.sum(), (~labels).sum()
+  if positives == 0 or negatives == 0:
+    return float('nan')
+  order = np.argsort(scores, kind='mergesort')
+  ranks = np.empty(len(scores))
+  sorted_scores = scores[order]
+  # Average ranks over runs of equal scores.
+  boundaries = np.flatnonzero(np.diff(sorted_scores)) + 1
+  starts = np.concatenate([[0], boundaries])
+  ends = np.concatenate([boundaries, [len(scores)]])
+  for start, end in zip(starts, ends):
+    ranks[order[start:end]] = (start + end + 1) / 2.0
+  return float((ranks[labels].sum() - positives * (positives + 1) / 2) / (positives * negatives))
+
+
+def make_adaptive_fn(cfg):
+  """One jitted adaptive forward per measure; thresholds and the rest are traced."""
+  def run(params, tokens, policy, classifier, oracle_tokens):
+    return depth_lib.forward_adaptive(cfg, params, tokens, policy, classifier=classifier,
+                                      oracle_tokens=oracle_tokens)
+  return jax.jit(run)
+
+
+def sweep(cfg, params, batches, full_argmax, measure, thresholds, *, classifier=None,
+          adaptive_fn=None, min_depth=1):
+  """Rows {measure, threshold, mean_depth, relative_flops, agreement, loss} for one measure.
+
+  batches: list of [B, T+1] int arrays; full_argmax: list of [B, T] full-depth argmax.
+  """
+  adaptive_fn = adaptive_fn or make_adaptive_fn(cfg)
+  context = (batches[0].shape[1] - 1 + 1) / 2.0  # mean attention context over positions
+  rows = []
+  for threshold in thresholds:
+    policy = exits.ExitPolicy(measure=measure, threshold=float(threshold), min_depth=min_depth)
+    depths, agree, nll = [], [], []
+    for batch, oracle in zip(batches, full_argmax):
+      out = adaptive_fn(params, jnp.asarray(batch[:, :-1]), policy, classifier, oracle)
+      token_nll, _ = losses.per_exit_token_losses(out.logits[None], jnp.asarray(batch[:, 1:]))
+      depths.append(np.asarray(out.exit_depth))
+      agree.append(np.asarray(jnp.argmax(out.logits, -1) == oracle))
+      nll.append(np.asarray(token_nll[0]))
+    depths = np.concatenate([d.ravel() for d in depths])
+    rows.append({
+        'measure': measure, 'threshold': float(threshold),
+        'mean_depth': float(depths.mean()),
+        'relative_depth': float(depths.mean() / cfg.num_layers),
+        'relative_flops': costs.relative_flops(cfg, depths, measure, context, min_depth),
+        'agreement': float(np.mean(np.concatenate([a.ravel() for a in agree]))),
+        'loss': float(np.mean(np.concatenate([n.ravel() for n in nll]))),
+    })
+  return rows
+
+
+def evaluate_run(config, workdir: str, *, measures=None, num_batches: int = 0) -> dict:
+  """Evaluates the latest checkpoint in `workdir`; writes eval.json and eval.png there."""
+  start = time.perf_counter()
+  model = saved_model.load(workdir)
+  cfg, params = model.model_config, model.params
+  num_batches = num_batches or config.eval.num_batches or 16
+  _, make_eval_data, _ = pipeline.make_train_and_eval_data(
+      model.config.data, batch_size=model.config.train.batch_size,
+      eval_batch_size=config.eval.batch_size, seed=model.config.seed)
+  batches = [b for _, b in zip(range(num_batches), make_eval_data())]
+
+  train_fn = jax.jit(lambda p, t: model_lib.forward_train(cfg, p, t))
+  exit_nll, exit_correct, full_argmax, exit_logits = [], [], [], []
+  for batch in batches:
+    logits = train_fn(params, jnp.asarray(batch[:, :-1]))
+    nll, correct = losses.per_exit_token_losses(logits, jnp.asarray(batch[:, 1:]))
+    exit_nll.append(np.asarray(nll.mean(axis=(1, 2))))
+    exit_correct.append(np.asarray(correct.mean(axis=(1, 2))))
+    full_argmax.append(jnp.argmax(logits[-1], -1))
+    exit_logits.append(logits)
+  per_exit = metrics_lib.per_exit_records(cfg.exit_depths, np.mean(exit_nll, 0),
+                                          np.mean(exit_correct, 0))
+
+  classifier = classifier_lib.load_classifier(workdir)
+  measures = list(measures or [m for m in SWEEPS if m != 'classifier' or classifier is not None])
+  adaptive_fns = {m: make_adaptive_fn(cfg) for m in measures + ['oracle']}
+  curves = {}
+  for measure in measures:
+    curves[measure] = sweep(cfg, params, batches, full_argmax, measure, SWEEPS[measure],
+                            classifier=classifier, adaptive_fn=adaptive_fns[measure])
+    print(f'{measure}: ' + ', '.join(f"t={r['threshold']:g} depth={r['mean_depth']:.2f} "
+                                     f"agree={r['agreement']:.3f}" for r in curves[measure]),
+          flush=True)
+  oracle = sweep(cfg, params, batches, full_argmax, 'oracle', [0.5],
+                 adaptive_fn=adaptive_fns['oracle'])[0]
+
+  auc = _agreement_auc(cfg, params, batches, exit_logits, classifier)
+  result = {
+      'step': model.step,
+      'num_eval_tokens': int(sum(b[:, 1:].size for b in batches)),
+      'per_exit': per_exit,
+      'sweeps': curves,
+      'oracle': oracle,
+      'agreement_auc': auc,
+      'best': best_operating_points(curves, min_agreement=0.95),
+      'seconds': round(time.perf_counter() - start, 1),
+  }
+  metrics_lib.write_json(os.path.join(workdir, 'eval.json'), result)
+  plot_curves(result, os.path.join(workdir, 'eval.png'))
+  return result
+
+
+def best_operating_points(curves: dict, min_agreement: float) -> dict:
+  """Per measure, the lowest-depth threshold whose agreement is at least min_agreement."""
+  best = {}
+  for measure, rows in curves.items():
+    ok = [r for r in rows if r['agreement'] >= min_agreement]
+    if ok:
+      best[measure] = min(ok, key=lambda r: r['mean_depth'])
+  return best
+
+
+def _agreement_auc(cfg, params, batches, exit_logits, classifier) -> dict:
+  """AUC of max-prob (and the classifier) at predicting 'this exit agrees with the last'."""
+  labels, max_probs, clf_scores = [], [], []
+  for batch, logits in zip(batches, exit_logits):
+    last = jnp.argmax(logits[-1], -1)
+    for e in range(len(cfg.exit_depths) - 1):
+      labels.append(np.asarray(jnp.argmax(logits[e], -1) == last).ravel())
+      max_probs.append(np.asarray(exits.max_prob(logits[e])).ravel())
+    if classifier is not None:
+      clf_scores.append(np.asarray(classifier_lib.scores(cfg, params, classifier,
+                                                         jnp.asarray(batch[:, :-1]))).ravel())
+  labels = np.concatenate(labels)
+  result = {'max_prob': roc_auc(np.concatenate(max_probs), labels)}
+  if classifier is not None:
+    result['classifier'] = roc_auc(np.concatenate(clf_scores), labels)
+  return result
+
+
+def plot_curves(result: dict, path: str):
+  """Agreement (left) and loss (right) against relative FLOPs, one line per measure."""
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+  for measure, rows in result['sweeps'].items():
+    x = [r['relative_flops'] for r in rows]
+    axes[0].plot(x, [r['agreement'] for r in rows], marker='o', label=measure)
+    axes[1].plot(x, [r['loss'] for r in rows], marker='o', label=measure)
+  o = result['oracle']
+  axes[0].scatter([o['relative_flops']], [o['agreement']], marker='*', s=120, c='k',
+                  label='oracle')
+  for e in result['per_exit']:
+    axes[1].axhline(e['loss'], color='grey', lw=0.5)
+  axes[0].set(xlabel='FLOPs relative to full depth', ylabel='agreement with full model')
+  axes[1].set(xlabel='FLOPs relative to full depth', ylabel='loss (nats/token)')
+  axes[0].legend(fontsize=8)
+  fig.suptitle(f"early exit at step {result['step']}: quality vs compute")
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)

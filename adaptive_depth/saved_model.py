@@ -1,0 +1,74 @@
+"""`load(workdir)`: a trained model (config, parameters, tokenizer) from its latest checkpoint."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Optional
+
+import jax
+import ml_collections
+
+from adaptive_depth import checkpoint as checkpoint_lib
+from adaptive_depth import config_lib
+from adaptive_depth import model as model_lib
+from adaptive_depth import sharding
+from adaptive_depth.data import tokenizers
+from adaptive_depth.train import state as state_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedModel:
+  """What generation, evaluation and analysis need from a training run."""
+  config: ml_collections.ConfigDict
+  model_config: model_lib.ModelConfig
+  params: Any
+  tokenizer: Any
+  step: int
+
+
+def load_run_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a run in `workdir` was trained with (WORKDIR/config.json), validated."""
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'{path} not found: is {workdir!r} a training workdir?')
+  with open(path) as f:
+    saved = json.load(f)
+  config = config_lib.base_config()
+  config.update_from_flattened_dict(_flatten(saved))
+  config.sharding.rules = tuple(tuple(r) for r in saved['sharding']['rules'])
+  return config_lib.validate(config)
+
+
+def _flatten(tree, prefix=''):
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(_flatten(value, f'{prefix}{key}.'))
+    elif key != 'rules':
+      flat[f'{prefix}{key}'] = value
+  return flat
+
+
+def load(workdir: str, step: Optional[int] = None, mesh_config=None) -> LoadedModel:
+  """Restores the parameters of the latest (or the given) checkpoint step in `workdir`.
+
+  mesh_config: where to place them ({'data', 'fsdp', 'tensor'} sizes); by default all local
+  devices on the data axis, whatever mesh the run trained on (parameters replicated).
+  """
+  config = load_run_config(workdir)
+  cfg = model_lib.ModelConfig.from_config(config.model)
+  mesh = sharding.make_mesh(mesh_config or {'data': -1, 'fsdp': 1, 'tensor': 1})
+  rules = tuple(tuple(r) for r in config.sharding.rules)
+  tx = state_lib.make_optimizer(config.train)
+  abstract, shardings = state_lib.state_shardings(cfg, tx, mesh, rules)
+  checkpoints = checkpoint_lib.Checkpoints(os.path.join(workdir, 'checkpoints'),
+                                           async_save=False)
+  step = checkpoints.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f'no checkpoint in {checkpoints.directory}')
+  state = checkpoints.restore_state_only(
+      step, checkpoint_lib.abstract_with_shardings(abstract, shardings))
+  checkpoints.close()
+  return LoadedModel(config=config, model_config=cfg, params=state.params,
+                     tokenizer=tokenizers.get_tokenizer(config.data.tokenizer), step=int(step))

@@ -1,0 +1,219 @@
+"""Tests of experiment configs: every file in configs/ loads and validates, and bad values
+fail early with one-line errors that name the full dotted key."""
+from __future__ import annotations
+
+import ast
+import json
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+import ml_collections
+import pytest
+
+import adaptive_depth as ad
+from adaptive_depth import sharding
+from adaptive_depth.data import pipeline
+from adaptive_depth.train import state as state_lib
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+CONFIG_FILES = sorted((REPO / 'configs').glob('*.py'))
+TINY = f'{REPO / "configs" / "quickstart.py"}:tiny'
+
+
+def _env(devices: int = 1) -> dict:
+  env = dict(os.environ)
+  env['JAX_PLATFORMS'] = 'cpu'
+  env.pop('XLA_FLAGS', None)
+  if devices != 1:
+    env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
+  return env
+
+
+# ----------------------------------------------------------------------------- config files
+
+
+def test_config_directory_is_not_empty():
+  assert CONFIG_FILES, f'no config files in {REPO / "configs"}'
+
+
+def _docstring(path: pathlib.Path) -> str:
+  return ast.get_docstring(ast.parse(path.read_text())) or ''
+
+
+@pytest.mark.parametrize('path', CONFIG_FILES, ids=lambda p: p.name)
+def test_config_file_loads_and_validates(path):
+  config = ad.load_config(str(path))
+  assert isinstance(config, ml_collections.ConfigDict)
+  assert ad.validate(config) is config
+
+  # Variants and commands the docstring advertises must name this file and work.
+  rel = path.relative_to(REPO).as_posix()
+  doc = _docstring(path)
+  assert doc, f'{rel} has no docstring'
+  for spec in re.findall(r'--config=(\S+)', doc):
+    spec = spec.rstrip('.,;)`\'"')
+    file_part, _, variant = spec.partition(':')
+    assert file_part == rel, f'{rel} docstring points at another config: --config={spec}'
+    variant_config = ad.load_config(f'{path}:{variant}' if variant else str(path))
+    ad.validate(variant_config)
+  for script, args in re.findall(r'python\s+(launch/\S+)([^\n]*)', doc):
+    assert (REPO / script).is_file(), f'{rel} docstring runs a missing script {script}'
+    flags = re.findall(r'--config=(\S+)', args)
+    assert flags, f'{rel} docstring command has no --config: python {script}{args}'
+    assert all(f.partition(':')[0] == rel for f in flags), (rel, args)
+
+
+def test_quickstart_documents_a_launch_command():
+  # The check above is vacuous for a file without a command; the quickstart must have one.
+  doc = _docstring(REPO / 'configs' / 'quickstart.py')
+  assert re.search(r'python launch/train\.py --config=configs/quickstart\.py\b', doc), doc
+
+
+# ----------------------------------------------------------------------------- bad values
+
+# (overrides on top of the tiny quickstart variant, key the error must name, value it shows)
+BAD_VALUES = [
+    ({'model.num_heads': 6}, 'config.model.num_heads', '6'),  # 64 % 6 != 0
+    ({'model.num_kv_heads': 3}, 'config.model.num_kv_heads', '3'),
+    ({'model.exit_layers': '2,9'}, 'config.model.exit_layers', '2,9'),
+    ({'model.exit_layers': 'sometimes'}, 'config.model.exit_layers', 'sometimes'),
+    ({'train.learning_rate': 0.0}, 'config.train.learning_rate', '0.0'),
+    ({'train.learning_rate': -3e-4}, 'config.train.learning_rate', '-0.0003'),
+    ({'model.schedule': 'zigzag'}, 'config.model.schedule', 'zigzag'),
+    ({'model.dtype': 'float16'}, 'config.model.dtype', 'float16'),
+    ({'train.exit_loss_weights': 'quadratic'}, 'config.train.exit_loss_weights', 'quadratic'),
+    ({'model.schedule': 'sequence', 'model.num_blocks': 3}, 'config.model.num_blocks', '3'),
+    ({'model.num_blocks': 2}, 'config.model.num_blocks', 'unshared'),
+    ({'data.tokenizer': 'bpe'}, 'config.data.tokenizer', 'bpe'),
+    ({'model.vocab_size': 200}, 'config.model.vocab_size', '200'),
+    ({'train.warmup_steps': 20}, 'config.train.warmup_steps', '20'),  # tiny: num_steps=20
+    ({'mesh.data': 0}, 'config.mesh.data', '0'),
+    ({'mesh.fsdp': -2}, 'config.mesh.fsdp', '-2'),
+]
+
+
+def _assert_one_line_error(error: ad.ConfigError, key: str, value: str):
+  message = str(error)
+  assert isinstance(error, ValueError)
+  assert message.strip() and '\n' not in message, repr(message)
+  assert key in message, f'{key!r} not in {message!r}'
+  assert value in message, f'{value!r} not in {message!r}'
+
+
+def test_tiny_config_is_valid():
+  # The baseline of the bad-value cases below is itself valid.
+  ad.validate(ad.load_config(TINY))
+
+
+@pytest.mark.parametrize('overrides,key,value', BAD_VALUES,
+                         ids=[','.join(f'{k}={v}' for k, v in o.items())
+                              for o, _, _ in BAD_VALUES])
+def test_bad_value_is_one_line_config_error(overrides, key, value):
+  config = ad.load_config(TINY, overrides)
+  with pytest.raises(ad.ConfigError) as info:
+    ad.validate(config)
+  _assert_one_line_error(info.value, key, value)
+
+
+def test_unknown_keys_are_config_errors():
+  config = ad.load_config(TINY)
+  config.unlock()
+  config.model.widht = 3
+  with pytest.raises(ad.ConfigError) as info:
+    ad.validate(config)
+  _assert_one_line_error(info.value, 'config.model.widht', 'unknown')
+
+  config = ad.load_config(TINY)
+  config.unlock()
+  config.optimizer = ml_collections.ConfigDict({'name': 'sgd'})
+  with pytest.raises(ad.ConfigError) as info:
+    ad.validate(config)
+  _assert_one_line_error(info.value, 'config.optimizer', 'unknown')
+
+
+def test_every_problem_gets_its_own_line():
+  config = ad.load_config(TINY, {'model.dtype': 'float16', 'data.tokenizer': 'bpe'})
+  with pytest.raises(ad.ConfigError) as info:
+    ad.validate(config)
+  lines = str(info.value).splitlines()
+  assert len(lines) == 2, lines
+  assert any('config.model.dtype' in l for l in lines)
+  assert any('config.data.tokenizer' in l for l in lines)
+
+
+def test_load_config_rejects_unknown_override():
+  with pytest.raises(KeyError, match='config.model.widht'):
+    ad.load_config(TINY, {'model.widht': 3})
+
+
+def test_train_and_evaluate_validates_before_any_work(tmp_path, monkeypatch):
+  def unreachable(name):
+    def fail(*args, **kwargs):
+      raise AssertionError(f'{name} ran before the config was validated')
+    return fail
+
+  monkeypatch.setattr(sharding, 'make_mesh', unreachable('make_mesh'))
+  monkeypatch.setattr(pipeline, 'make_train_and_eval_data', unreachable('the data pipeline'))
+  monkeypatch.setattr(state_lib, 'state_shardings', unreachable('state_shardings'))
+  monkeypatch.setattr(state_lib, 'create_state', unreachable('create_state'))
+  workdir = tmp_path / 'workdir'
+  config = ad.load_config(TINY, {'model.num_heads': 6})
+  with pytest.raises(ad.ConfigError) as info:
+    ad.train_and_evaluate(config, str(workdir))
+  _assert_one_line_error(info.value, 'config.model.num_heads', '6')
+  assert not workdir.exists()
+
+
+@pytest.mark.parametrize('override,expected', [
+    ('--config.model.widht=3', 'widht'),
+    ('--config.model.num_heads=6', 'config.model.num_heads'),
+])
+def test_launch_rejects_bad_override(tmp_path, override, expected):
+  workdir = tmp_path / 'workdir'
+  result = subprocess.run(
+      [sys.executable, str(REPO / 'launch' / 'train.py'), '--config=configs/quickstart.py:tiny',
+       f'--workdir={workdir}', override],
+      cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+  assert result.returncode != 0
+  assert expected in result.stderr, result.stderr[-2000:]
+  assert not (workdir / 'checkpoints').exists()
+
+
+_BATCH_PROBE = r'''
+import json, os, sys
+import jax
+import adaptive_depth as ad
+workdir = sys.argv[1]
+out = {'device_count': jax.device_count()}
+for key, override in [('config.train.batch_size', {'train.batch_size': 6}),
+                      ('config.eval.batch_size', {'eval.batch_size': 6})]:
+  config = ad.load_config('configs/quickstart.py:tiny',
+                          {'mesh.data': 2, 'mesh.fsdp': 2, 'mesh.tensor': 2, **override})
+  ad.validate(config)  # not a device-independent problem
+  try:
+    ad.train_and_evaluate(config, workdir)
+    out[key] = {'raised': None}
+  except Exception as e:
+    out[key] = {'raised': type(e).__name__, 'config_error': isinstance(e, ad.ConfigError),
+                'message': str(e)}
+  out[key]['workdir_exists'] = os.path.exists(workdir)
+print(json.dumps(out))
+'''
+
+
+def test_batch_size_must_divide_over_data_and_fsdp(tmp_path):
+  # 6 rows cannot be split over data x fsdp = 2 x 2 on an 8-device (2, 2, 2) mesh.
+  result = subprocess.run([sys.executable, '-c', _BATCH_PROBE, str(tmp_path / 'workdir')],
+                          cwd=REPO, env=_env(devices=8), capture_output=True, text=True,
+                          timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  out = json.loads(result.stdout.strip().splitlines()[-1])
+  assert out['device_count'] == 8
+  for key in ('config.train.batch_size', 'config.eval.batch_size'):
+    record = out[key]
+    assert record['raised'] == 'ConfigError' and record['config_error'], record
+    assert '\n' not in record['message'] and key in record['message'], record
+    assert not record['workdir_exists'], record

@@ -1,0 +1,165 @@
+"""The model against an independent numpy implementation; shapes of large configs."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from adaptive_depth import config_lib
+from adaptive_depth import layers
+from adaptive_depth import model as model_lib
+from tests import numpy_reference as ref
+
+
+def small_config(**overrides):
+  c = config_lib.base_config()
+  c.model.width = 32
+  c.model.num_heads = 4
+  c.model.num_kv_heads = 2
+  c.model.mlp_dim = 48
+  c.model.num_layers = 4
+  c.model.vocab_size = 40
+  for key, value in overrides.items():
+    c.model[key] = value
+  return model_lib.ModelConfig.from_config(c.model)
+
+
+def randomize(params, seed=0, scale=0.3):
+  """Non-trivial values everywhere (norm scales around 1), so no term hides at its init."""
+  leaves, tree = jax.tree_util.tree_flatten_with_path(params)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  new = [(1.0 if 'norm' in jax.tree_util.keystr(path) else 0.0)
+         + scale * jax.random.normal(k, x.shape) for (path, x), k in zip(leaves, keys)]
+  return jax.tree.unflatten(tree, new)
+
+
+@pytest.mark.parametrize('num_heads,num_kv_heads', [(4, 4), (4, 2), (6, 1)])
+def test_attention_matches_numpy(num_heads, num_kv_heads):
+  head_dim, width, length = 8, 24, 7
+  c = layers.BlockConfig(width=width, num_heads=num_heads, num_kv_heads=num_kv_heads,
+                         head_dim=head_dim, mlp_dim=16, rope_base=500.0)
+  x = jax.random.normal(jax.random.key(1), (2, length, width))
+  positions = jnp.stack([jnp.arange(length), jnp.arange(length) + 5])  # row 1 offset: RoPE
+  mask = layers.causal_mask(positions, positions)
+  params = nn.unbox(layers.Attention(c).init(jax.random.key(2), x, positions, mask)['params'])
+  params = jax.tree.map(lambda p: p * 4.0, params)  # sharper softmax
+  out, _ = layers.Attention(c).apply({'params': params}, x, positions, mask)
+  p = jax.tree.map(np.asarray, params)
+  for row in range(2):
+    want = ref.attention(np.asarray(x[row], np.float64), np.asarray(positions[row]),
+                         p['q'], p['k'], p['v'], p['o'], 500.0)
+    np.testing.assert_allclose(np.asarray(out[row]), want, atol=2e-5, rtol=1e-4)
+
+
+def test_rope_is_relative():
+  """Scores depend only on position differences: shifting every position changes nothing."""
+  q = jax.random.normal(jax.random.key(0), (1, 5, 2, 16))
+  k = jax.random.normal(jax.random.key(1), (1, 5, 2, 16))
+  pos = jnp.arange(5)[None]
+  score = lambda shift: jnp.einsum('btnh,bsnh->bnts', layers.apply_rope(q, pos + shift, 1e4),
+                                   layers.apply_rope(k, pos + shift, 1e4))
+  np.testing.assert_allclose(score(0), score(37), atol=1e-4)
+  assert not np.allclose(score(0)[..., 0, 1], score(0)[..., 0, 2])
+
+
+@pytest.mark.parametrize('schedule,num_blocks,num_layers', [
+    ('unshared', 4, 4), ('cycle', 2, 4), ('sequence', 2, 4), ('middle_cycle', 3, 5),
+    ('middle_sequence', 4, 6)])
+def test_scanned_model_matches_numpy_loop(schedule, num_blocks, num_layers):
+  cfg = small_config(schedule=schedule, num_blocks=num_blocks, num_layers=num_layers)
+  params = randomize(model_lib.init_params(cfg, jax.random.key(0)))
+  tokens = jax.random.randint(jax.random.key(3), (2, 9), 0, cfg.vocab_size)
+  logits = model_lib.forward_train(cfg, params, tokens)
+  assert logits.shape == (num_layers, 2, 9, cfg.vocab_size)
+  table = model_lib.block_table(cfg)
+  for row in range(2):
+    want = ref.model_exit_logits(params, np.asarray(tokens[row]), table, cfg.exit_depths,
+                                 cfg.norm_eps, cfg.rope_base)
+    for e, w in enumerate(want):
+      np.testing.assert_allclose(np.asarray(logits[e, row]), w, atol=1e-4, rtol=1e-4)
+  # And against the library's own per-step Python loop (no scan, no gather).
+  loop = model_lib.reference_forward(cfg, params, tokens)
+  for e, w in enumerate(loop):
+    np.testing.assert_allclose(logits[e], w, atol=1e-5, rtol=1e-5)
+
+
+def test_untied_head_and_exit_subset():
+  cfg = small_config(tie_embeddings=False, exit_layers='2,3')
+  assert cfg.exit_depths == (2, 3, 4)
+  params = randomize(model_lib.init_params(cfg, jax.random.key(0)))
+  assert params['lm_head']['kernel'].shape == (32, 40)
+  tokens = jax.random.randint(jax.random.key(3), (1, 6), 0, cfg.vocab_size)
+  logits = model_lib.forward_train(cfg, params, tokens)
+  want = ref.model_exit_logits(params, np.asarray(tokens[0]), model_lib.block_table(cfg),
+                               cfg.exit_depths, cfg.norm_eps, cfg.rope_base, tied=False)
+  assert logits.shape[0] == 3
+  for e, w in enumerate(want):
+    np.testing.assert_allclose(np.asarray(logits[e, 0]), w, atol=1e-4, rtol=1e-4)
+
+
+def test_block_sharing_shares_gradients():
+  """With a cycle schedule both uses of a block contribute to its one gradient."""
+  cfg = small_config(schedule='cycle', num_blocks=2, num_layers=4)
+  params = model_lib.init_params(cfg, jax.random.key(0))
+  assert jax.tree.leaves(params['blocks'])[0].shape[0] == 2
+  tokens = jax.random.randint(jax.random.key(3), (1, 6), 0, cfg.vocab_size)
+  grads = jax.grad(lambda p: model_lib.forward_train(cfg, p, tokens)[-1].sum())(params)
+  # Recompute the same gradient with the steps unrolled over 4 independent copies, then sum.
+  unshared = dict(params)
+  unshared['blocks'] = jax.tree.map(lambda p: p[model_lib.block_table(cfg)], params['blocks'])
+  cfg4 = small_config(num_layers=4)
+  g4 = jax.grad(lambda p: model_lib.forward_train(cfg4, p, tokens)[-1].sum())(unshared)
+  folded = jax.tree.map(lambda g: g[0:2] + g[2:4], g4['blocks'])  # steps [0,1,0,1]
+  for a, b in zip(jax.tree.leaves(grads['blocks']), jax.tree.leaves(folded)):
+    np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_bfloat16_compute_keeps_float32_params():
+  cfg = small_config(dtype='bfloat16')
+  params = model_lib.init_params(cfg, jax.random.key(0))
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
+  tokens = jax.random.randint(jax.random.key(3), (1, 6), 0, cfg.vocab_size)
+  low = model_lib.forward_train(cfg, params, tokens)
+  high = model_lib.forward_train(small_config(), params, tokens)
+  assert low.dtype == jnp.float32
+  np.testing.assert_allclose(low, high, atol=0.05)
+
+
+def test_schedules():
+  idx = lambda s, b, n: list(model_lib.block_index(s, np.arange(n), n, b))
+  assert idx('unshared', 4, 4) == [0, 1, 2, 3]
+  assert idx('cycle', 2, 6) == [0, 1, 0, 1, 0, 1]
+  assert idx('sequence', 2, 6) == [0, 0, 0, 1, 1, 1]
+  assert idx('middle_cycle', 4, 8) == [0, 1, 2, 1, 2, 1, 2, 3]
+  assert idx('middle_sequence', 4, 8) == [0, 1, 1, 1, 2, 2, 2, 3]
+  traced = jax.jit(lambda s: model_lib.block_index('middle_cycle', s, 8, 4))
+  assert [int(traced(jnp.int32(s))) for s in range(8)] == idx('middle_cycle', 4, 8)
+
+
+def test_exit_layer_parsing():
+  assert model_lib.parse_exit_layers('all', 4) == (1, 2, 3, 4)
+  assert model_lib.parse_exit_layers('all', 4, min_exit_layer=3) == (3, 4)
+  assert model_lib.parse_exit_layers('every:2', 5) == (2, 4, 5)
+  assert model_lib.parse_exit_layers('last', 5) == (5,)
+  assert model_lib.parse_exit_layers('1,3', 5) == (1, 3, 5)
+  with pytest.raises(ValueError, match='config.model.exit_layers'):
+    model_lib.parse_exit_layers('0,2', 4)
+  with pytest.raises(ValueError, match='config.model.exit_layers'):
+    model_lib.parse_exit_layers('every:x', 4)
+
+
+def test_smollm2_sized_config_shapes_without_memory():
+  """eval_shape of a SmolLM2-135M-sized model: the known parameter count, no allocation."""
+  c = config_lib.base_config()
+  c.model.update(dict(vocab_size=49152, width=576, num_layers=30, num_heads=9,
+                      num_kv_heads=3, mlp_dim=1536, rope_base=100000.0))
+  cfg = model_lib.ModelConfig.from_config(config_lib.validate(c).model)
+  shapes = jax.eval_shape(lambda: model_lib.init_params(cfg, jax.random.key(0)))
+  assert model_lib.count_params(shapes) == 134_515_008
+  assert shapes['blocks']['attn']['k'].shape == (30, 576, 3, 64)
+  logits = jax.eval_shape(lambda p, t: model_lib.forward_train(cfg, p, t), shapes,
+                          jax.ShapeDtypeStruct((2, 16), jnp.int32))
+  assert logits.shape == (30, 2, 16, 49152)
+  axes = model_lib.param_logical_axes(cfg)
+  assert axes['blocks']['attn']['q'] == ('layers', 'embed', 'heads', 'head_dim')
+  assert axes['embed']['embedding'] == ('vocab', 'embed')
