@@ -16,6 +16,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COLABS_DIR = os.path.join(REPO_ROOT, 'colabs')
 NOTEBOOK = os.path.join(COLABS_DIR, 'quickstart.ipynb')
 REPO_URL = 'https://github.com/adaptive-depth/adaptive_depth'
+NUM_DEVICES = 3
 
 
 def tiny_parameters(workdir: str) -> str:
@@ -51,8 +52,11 @@ def kernel_env(tmp_path, monkeypatch):
   monkeypatch.setenv('JUPYTER_PATH', str(tmp_path / 'jupyter'))
   monkeypatch.setenv('TFDS_DATA_DIR', str(tmp_path / 'tensorflow_datasets'))
   monkeypatch.setenv('PIP_NO_INDEX', '1')  # a pip install in the notebook must not download
-  monkeypatch.setenv('JAX_PLATFORMS', os.environ.get('JAX_PLATFORMS', 'cpu'))
   monkeypatch.setenv('MPLBACKEND', 'module://matplotlib_inline.backend_inline')
+  # Three CPU devices: the tiny config's batch size (8) is not a multiple of the device count,
+  # so the notebook's rounding of the batch sizes runs too.
+  monkeypatch.setenv('JAX_PLATFORMS', 'cpu')
+  monkeypatch.setenv('XLA_FLAGS', f'--xla_force_host_platform_device_count={NUM_DEVICES}')
 
 
 def test_quickstart_notebook_runs(tmp_path, kernel_env):
@@ -69,6 +73,13 @@ def test_quickstart_notebook_runs(tmp_path, kernel_env):
   errors = [o for c in nb.cells if c.cell_type == 'code' for o in c.outputs
             if o.output_type == 'error']
   assert not errors
+
+  assert f'{NUM_DEVICES} CPU device(s)' in stdout_of(cell(nb, 'devices'))
+  with open(os.path.join(workdir, 'config.json')) as f:
+    trained = json.load(f)  # the config the run used, after the notebook's batch rounding
+  assert trained['train']['num_steps'] == 12 and trained['eval']['every_steps'] == 6
+  assert trained['train']['batch_size'] % NUM_DEVICES == 0
+  assert trained['eval']['batch_size'] % NUM_DEVICES == 0
 
   with open(os.path.join(workdir, 'summary.json')) as f:
     summary = json.load(f)

@@ -1,0 +1,222 @@
+"""Adaptive depth loop, confidence measures, thresholds, costs, LoRA relaxation."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from adaptive_depth import costs
+from adaptive_depth import depth
+from adaptive_depth import evaluation
+from adaptive_depth import exits
+from adaptive_depth import model as model_lib
+from adaptive_depth.train import classifier as classifier_lib
+from tests import numpy_reference as ref
+from tests.test_model import randomize, small_config
+
+
+@pytest.fixture(scope='module')
+def setup():
+  cfg = small_config(num_layers=5)
+  params = randomize(model_lib.init_params(cfg, jax.random.key(0)), scale=0.2)
+  tokens = jax.random.randint(jax.random.key(1), (3, 12), 0, cfg.vocab_size)
+  adaptive = jax.jit(lambda p, t, pol: depth.forward_adaptive(cfg, p, t, pol))
+  return cfg, params, tokens, adaptive
+
+
+def _quantile_threshold(setup, measure, q=0.7):
+  """A threshold that some tokens clear at the first exits and others do not."""
+  cfg, params, tokens, _ = setup
+  logits = model_lib.forward_train(cfg, params, tokens)[:2]
+  score = exits.max_prob(logits) if measure == 'max_prob' else exits.softmax_diff(logits)
+  return float(np.quantile(np.asarray(score), q))
+
+
+def test_never_exit_equals_train_mode(setup):
+  cfg, params, tokens, adaptive = setup
+  out = adaptive(params, tokens, exits.ExitPolicy(measure='never'))
+  full = model_lib.forward_train(cfg, params, tokens)
+  np.testing.assert_allclose(out.logits, full[-1], atol=1e-5, rtol=1e-5)
+  assert (np.asarray(out.exit_depth) == cfg.num_layers).all()
+  assert int(out.steps_run) == cfg.num_layers
+
+
+@pytest.mark.parametrize('k', [1, 2, 4])
+def test_exit_at_depth_k_equals_truncated_model(setup, k):
+  cfg, params, tokens, adaptive = setup
+  out = adaptive(params, tokens, exits.ExitPolicy(exit_at=k))
+  assert (np.asarray(out.exit_depth) == k).all()
+  assert int(out.steps_run) == k  # the loop stops once nothing is active
+  truncated = model_lib.forward_train(cfg, params, tokens)[k - 1]
+  np.testing.assert_allclose(out.logits, truncated, atol=1e-5, rtol=1e-5)
+  # And against the independent numpy model cut at depth k.
+  want = ref.model_exit_logits(params, np.asarray(tokens[0]), model_lib.block_table(cfg)[:k],
+                               (k,), cfg.norm_eps, cfg.rope_base)[0]
+  np.testing.assert_allclose(np.asarray(out.logits[0]), want, atol=1e-4, rtol=1e-4)
+
+
+def test_exited_tokens_are_frozen_and_attended(setup):
+  """A token exiting at depth e outputs the logits of its depth-e state. That state equals the
+  full run's when no earlier token of its row left before depth e - 1 (deeper layers read
+  K/V from exited tokens' frozen states, which is what state propagation means)."""
+  cfg, params, tokens, adaptive = setup
+  policy = exits.ExitPolicy(measure='max_prob', threshold=_quantile_threshold(setup, 'max_prob'))
+  out = adaptive(params, tokens, policy)
+  d = np.asarray(out.exit_depth)
+  assert 1 < d.mean() < cfg.num_layers and len(np.unique(d)) > 1, d
+  full = model_lib.forward_train(cfg, params, tokens)
+  prefix_min = np.minimum.accumulate(d, axis=1)
+  checked = 0
+  for b, t in zip(*np.nonzero(d < cfg.num_layers)):
+    if prefix_min[b, t] >= d[b, t] - 1:
+      np.testing.assert_allclose(out.logits[b, t], full[d[b, t] - 1, b, t], atol=1e-4,
+                                 rtol=1e-4)
+      checked += 1
+  assert checked >= 3
+  # A token after an early-exited one differs from the full run: it read frozen K/V.
+  later = [(b, t) for b, t in zip(*np.nonzero(d == cfg.num_layers))
+           if prefix_min[b, t] < cfg.num_layers - 1]
+  assert later and any(not np.allclose(out.logits[b, t], full[-1, b, t], atol=1e-4)
+                       for b, t in later)
+
+
+def test_rows_are_independent(setup):
+  cfg, params, tokens, adaptive = setup
+  policy = exits.ExitPolicy(measure='softmax_diff',
+                            threshold=_quantile_threshold(setup, 'softmax_diff'))
+  out = adaptive(params, tokens, policy)
+  changed = tokens.at[1].set((tokens[1] * 7 + 3) % cfg.vocab_size)
+  out2 = adaptive(params, changed, policy)
+  assert not np.array_equal(out.exit_depth[1], out2.exit_depth[1]) or not np.allclose(
+      out.logits[1], out2.logits[1])
+  for row in (0, 2):
+    np.testing.assert_array_equal(out.exit_depth[row], out2.exit_depth[row])
+    np.testing.assert_allclose(out.logits[row], out2.logits[row], atol=1e-6)
+  # Each row alone gives the same result as inside the batch.
+  alone = adaptive(params, tokens[2:3], policy)
+  np.testing.assert_array_equal(alone.exit_depth[0], out.exit_depth[2])
+  np.testing.assert_allclose(alone.logits[0], out.logits[2], atol=1e-5)
+
+
+def test_threshold_sweep_compiles_once(setup):
+  cfg, params, tokens, _ = setup
+  traces = []
+
+  def run(p, t, pol):
+    traces.append(1)  # runs only while tracing
+    return depth.forward_adaptive(cfg, p, t, pol)
+
+  fn = jax.jit(run)
+  mean_depths = []
+  top = _quantile_threshold(setup, 'softmax_diff', 0.95)
+  for threshold in np.linspace(0.0, top, 10):
+    out = fn(params, tokens, exits.ExitPolicy(measure='softmax_diff', threshold=threshold,
+                                              min_depth=2, tau=1.5))
+    mean_depths.append(float(out.exit_depth.mean()))
+  assert len(traces) == 1
+  assert mean_depths == sorted(mean_depths) and mean_depths[0] < mean_depths[-1]
+
+
+def test_min_depth(setup):
+  cfg, params, tokens, adaptive = setup
+  out = adaptive(params, tokens, exits.ExitPolicy(measure='max_prob', threshold=0.0,
+                                                  min_depth=3))
+  assert (np.asarray(out.exit_depth) == 3).all()
+
+
+def test_decaying_threshold_formula():
+  policy = exits.ExitPolicy(schedule='decaying', threshold=0.8, tau=4.0, max_len=16)
+  t = np.arange(16)[None]
+  want = np.clip(0.9 * 0.8 + 0.1 * np.exp(-4.0 * t / 16), 0, 1)
+  np.testing.assert_allclose(exits.threshold_at(policy, t), want, rtol=1e-6)
+  constant = exits.threshold_at(exits.ExitPolicy(threshold=0.3), t)
+  np.testing.assert_allclose(constant, np.full((1, 16), 0.3), rtol=1e-6)
+
+
+def test_confidence_measures_against_numpy():
+  logits = np.random.default_rng(0).normal(size=(3, 50)) * 3
+  p = np.exp(logits - logits.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  top = np.sort(p, -1)[:, ::-1]
+  np.testing.assert_allclose(exits.softmax_diff(logits), top[:, 0] - top[:, 1], atol=1e-6)
+  np.testing.assert_allclose(exits.softmax_diff(logits, approx=True), top[:, 0] - top[:, 1],
+                             atol=1e-6)
+  np.testing.assert_allclose(exits.max_prob(logits), top[:, 0], atol=1e-6)
+  np.testing.assert_allclose(exits.neg_entropy(logits), (p * np.log(p)).sum(-1), atol=1e-5)
+  a, b = np.random.default_rng(1).normal(size=(2, 4, 8))
+  cos = (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
+  np.testing.assert_allclose(exits.saturation(a, b), cos, atol=1e-6)
+
+
+def test_oracle_exits_where_the_exit_agrees(setup):
+  cfg, params, tokens, _ = setup
+  full = model_lib.forward_train(cfg, params, tokens)
+  argmax = np.asarray(jnp.argmax(full, -1))  # [E, B, T]
+  out = depth.forward_adaptive(cfg, params, tokens, exits.ExitPolicy(measure='oracle'),
+                               oracle_tokens=jnp.asarray(argmax[-1]))
+  d = np.asarray(out.exit_depth)
+  assert d.mean() < cfg.num_layers
+  np.testing.assert_array_equal(np.asarray(jnp.argmax(out.logits, -1))[d < cfg.num_layers],
+                                argmax[-1][d < cfg.num_layers])
+  # Position 0 attends only to itself, so its first agreeing depth is the full run's.
+  first_agree = (argmax == argmax[-1][None]).argmax(0) + 1
+  np.testing.assert_array_equal(d[:, 0], first_agree[:, 0])
+
+
+def test_relaxed_recursion_matches_numpy_with_merged_lora():
+  cfg = small_config(schedule='cycle', num_blocks=2, num_layers=4, lora_rank=3)
+  params = randomize(model_lib.init_params(cfg, jax.random.key(0)), scale=0.2)
+  tokens = jax.random.randint(jax.random.key(1), (1, 7), 0, cfg.vocab_size)
+  logits = model_lib.forward_train(cfg, params, tokens)
+  # Numpy: per step, the shared block plus that step's A @ B, then a plain unshared model.
+  merged = {k: v for k, v in params.items() if k not in ('blocks', 'lora')}
+  table = model_lib.block_table(cfg)
+  blocks = jax.tree.map(lambda x: np.asarray(x)[table], params['blocks'])
+  for (group, name), in_dims in model_lib.LORA_TARGETS.items():
+    f = params['lora'][group][name]
+    delta = np.einsum('sir,sro->sio', np.asarray(f['a']), np.asarray(f['b']))
+    blocks[group][name] = blocks[group][name] + delta.reshape(blocks[group][name].shape)
+  merged['blocks'] = blocks
+  want = ref.model_exit_logits(merged, np.asarray(tokens[0]), range(4), cfg.exit_depths,
+                               cfg.norm_eps, cfg.rope_base)
+  for e, w in enumerate(want):
+    np.testing.assert_allclose(np.asarray(logits[e, 0]), w, atol=1e-4, rtol=1e-4)
+  # Zero-initialised B: a fresh relaxed model equals its shared model.
+  fresh = model_lib.init_params(cfg, jax.random.key(0))
+  shared = {k: v for k, v in fresh.items() if k != 'lora'}
+  np.testing.assert_allclose(model_lib.forward_train(cfg, fresh, tokens),
+                             model_lib.forward_train(cfg, shared, tokens), atol=1e-6)
+  # The adaptive loop selects the same per-step LoRA.
+  out = depth.forward_adaptive(cfg, params, tokens, exits.ExitPolicy(measure='never'))
+  np.testing.assert_allclose(out.logits, logits[-1], atol=1e-5)
+
+
+def test_costs():
+  cfg = small_config(num_layers=4)
+  full = costs.full_depth_flops(cfg, 10)
+  assert costs.relative_flops(cfg, np.full(5, 4), 'never', 10) == pytest.approx(1.0)
+  # Exiting at depth 2 after checking exits 1 and 2: two blocks + two heads with softmax.
+  spent = costs.token_flops(cfg, np.array([2]), 'max_prob', 10)[0]
+  block = costs.block_flops(cfg, 10)
+  assert spent == pytest.approx(2 * block + 2 * (costs.head_flops(cfg) + 5 * cfg.vocab_size))
+  # A full-depth token that checked 3 exits costs more than full depth without checks.
+  assert costs.token_flops(cfg, np.array([4]), 'max_prob', 10)[0] > full
+  assert block == pytest.approx(2 * 32 * (4 * 8 + 2 * 2 * 8) + 2 * 32 * 32 + 6 * 32 * 48
+                                + 4 * 4 * 8 * 10)
+
+
+def test_roc_auc_against_pair_count():
+  rng = np.random.default_rng(0)
+  scores = rng.integers(0, 5, 200).astype(float)
+  labels = rng.random(200) < 0.3 + 0.1 * scores
+  pos, neg = scores[labels], scores[~labels]
+  want = ((pos[:, None] > neg[None]).sum() + 0.5 * (pos[:, None] == neg[None]).sum()) / (
+      len(pos) * len(neg))
+  assert evaluation.roc_auc(scores, labels) == pytest.approx(want)
+
+
+def test_balanced_bce_weighs_classes_equally():
+  logit = jnp.array([2.0, 2.0, 2.0, -1.0])
+  label = jnp.array([1, 1, 1, 0])
+  bce = lambda x, y: np.log1p(np.exp(-x)) if y else np.log1p(np.exp(x))
+  want = 0.5 * bce(2.0, 1) + 0.5 * bce(-1.0, 0)
+  assert float(classifier_lib.balanced_bce(logit, label)) == pytest.approx(want, rel=1e-5)
