@@ -119,16 +119,16 @@ def evaluate_run(config, workdir: str, *, measures=None, num_batches: int = 0) -
 
   classifier = classifier_lib.load_classifier(workdir)
   measures = list(measures or [m for m in SWEEPS if m != 'classifier' or classifier is not None])
-  adaptive_fns = {m: make_adaptive_fn(cfg) for m in measures + ['oracle']}
+  adaptive_fn = make_adaptive_fn(cfg)  # compiles once per measure (the measure is static)
   curves = {}
   for measure in measures:
     curves[measure] = sweep(cfg, params, batches, full_argmax, measure, SWEEPS[measure],
-                            classifier=classifier, adaptive_fn=adaptive_fns[measure])
+                            classifier=classifier, adaptive_fn=adaptive_fn)
     print(f'{measure}: ' + ', '.join(f"t={r['threshold']:g} depth={r['mean_depth']:.2f} "
                                      f"agree={r['agreement']:.3f}" for r in curves[measure]),
           flush=True)
   oracle = sweep(cfg, params, batches, full_argmax, 'oracle', [0.5],
-                 adaptive_fn=adaptive_fns['oracle'])[0]
+                 adaptive_fn=adaptive_fn)[0]
 
   auc = _agreement_auc(cfg, params, batches, exit_logits, classifier)
   result = {

@@ -73,6 +73,16 @@ class JsonLines:
       f.write(json.dumps(record) + '\n')
 
 
+def truncate_json_lines(path: str, max_step: int):
+  """Drops records with 'step' > max_step (after resuming from max_step)."""
+  if os.path.exists(path):
+    kept = [r for r in read_json_lines(path) if r.get('step', 0) <= max_step]
+    tmp = f'{path}.tmp'
+    with open(tmp, 'w') as f:
+      f.writelines(json.dumps(r) + '\n' for r in kept)
+    os.replace(tmp, path)
+
+
 def read_json_lines(path: str) -> list[dict]:
   with open(path) as f:
     return [json.loads(line) for line in f if line.strip()]

@@ -18,7 +18,9 @@ def get_config(variant: str = ''):
   if variant not in VARIANTS:
     raise ValueError(f'configs/recursive.py: unknown variant {variant!r}; allowed: {VARIANTS}')
   config = config_lib.base_config()
-  config.model.width = 256
+  config.model.width = 192
+  config.model.mlp_dim = 512
+  config.train.learning_rate = 4e-3
   config.model.num_layers = 6
   config.model.num_blocks = 2
   config.model.schedule = 'cycle'

@@ -217,3 +217,13 @@ def test_batch_size_must_divide_over_data_and_fsdp(tmp_path):
     assert record['raised'] == 'ConfigError' and record['config_error'], record
     assert '\n' not in record['message'] and key in record['message'], record
     assert not record['workdir_exists'], record
+
+
+def test_resuming_a_workdir_of_another_model_is_refused(tmp_path):
+  config = ad.load_config(TINY)
+  (tmp_path / 'checkpoints').mkdir()
+  saved = config.to_dict()
+  saved['model']['width'] = 96
+  (tmp_path / 'config.json').write_text(json.dumps(saved))
+  with pytest.raises(ad.ConfigError, match=r'config\.model\.width: 96 -> 64'):
+    ad.train_and_evaluate(config, str(tmp_path))

@@ -9,6 +9,7 @@ was never interrupted.
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -97,6 +98,23 @@ def evaluate(eval_step, params, eval_batches, put_batch, num_batches: int):
   return nll / count, correct / count
 
 
+def _check_same_model(config, workdir: str):
+  """Refuses to resume a workdir whose checkpoints hold a different model or data."""
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(path) or not os.path.isdir(os.path.join(workdir, 'checkpoints')):
+    return
+  with open(path) as f:
+    saved = json.load(f)
+  new = config.to_dict()
+  changed = [f'config.{group}.{key}: {saved[group].get(key)!r} -> {value!r}'
+             for group in ('model', 'data') for key, value in new[group].items()
+             if saved.get(group, {}).get(key) != value]
+  if changed:
+    raise config_lib.ConfigError(
+        f'{workdir} holds checkpoints of a different model or data ({"; ".join(changed)}); '
+        'use a new --workdir or the config it was trained with')
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains (or resumes) per `config` in `workdir`; returns the summary it writes.
 
@@ -115,6 +133,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           f'config.{key}.batch_size={config[key].batch_size} must be divisible by the mesh '
           f'data x fsdp size ({batch_split})')
   os.makedirs(workdir, exist_ok=True)
+  _check_same_model(config, workdir)
   metrics_lib.write_json(os.path.join(workdir, 'config.json'), config.to_dict())
 
   train_data, make_eval_data, _ = pipeline.make_train_and_eval_data(
@@ -144,6 +163,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     state, data_state = checkpoints.restore(
         latest, checkpoint_lib.abstract_with_shardings(abstract_state, shardings))
     train_data.set_state(data_state)
+    # Records past the checkpoint belong to work that was lost and will be redone.
+    metrics_lib.truncate_json_lines(os.path.join(workdir, 'metrics.jsonl'), max_step=latest)
     print(f'Resuming from step {latest} in {checkpoints.directory}', flush=True)
   else:
     state = state_lib.create_state(cfg, tx, jax.random.key(config.seed), shardings)

@@ -1,0 +1,62 @@
+"""The second stage (exit classifier) and the evaluation entry point, end to end on a tiny run."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import adaptive_depth as ad
+from adaptive_depth.train import classifier as classifier_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp('run'))
+  config = ad.load_config(os.path.join(REPO, 'configs/recursive.py:tiny'),
+                          {'train.num_steps': 30, 'train.progress_bar': False})
+  ad.train_and_evaluate(config, workdir)
+  return workdir
+
+
+def test_classifier_stage_then_evaluate(trained):
+  clf_config = ad.load_config(os.path.join(REPO, 'configs/exit_classifier.py:tiny'))
+  summary = ad.train_and_evaluate(clf_config, trained)
+  assert np.isfinite(summary['final_loss'])
+  # The model's own config and checkpoints are untouched by the second stage.
+  assert json.load(open(os.path.join(trained, 'config.json')))['stage'] == 'model'
+  classifier = classifier_lib.load_classifier(trained)
+  assert classifier['w1'].shape[0] == 64 + 3 + 6  # width + statistics + one-hot of 6 exits
+
+  eval_config = ad.load_config(os.path.join(REPO, 'configs/recursive.py:tiny'))
+  result = ad.evaluate_run(eval_config, trained, measures=['max_prob', 'classifier'],
+                           num_batches=2)
+  on_disk = json.load(open(os.path.join(trained, 'eval.json')))
+  assert on_disk['per_exit'] == result['per_exit']
+  assert [r['depth'] for r in result['per_exit']] == [1, 2, 3, 4, 5, 6]
+  assert os.path.getsize(os.path.join(trained, 'eval.png')) > 10_000
+  assert set(result['agreement_auc']) == {'max_prob', 'classifier'}
+  for measure in ('max_prob', 'classifier'):
+    rows = result['sweeps'][measure]
+    assert len(rows) == 10
+    depths = [r['mean_depth'] for r in rows]
+    # Thresholds go from conservative to aggressive: depth can only fall.
+    assert all(a >= b - 1e-9 for a, b in zip(depths, depths[1:])), depths
+    for r in rows:
+      assert 1 <= r['mean_depth'] <= 6 and 0 <= r['agreement'] <= 1
+      assert r['relative_flops'] > 0
+  # The full-depth end of a sweep agrees with the full model by construction.
+  assert result['oracle']['agreement'] == 1.0
+
+
+def test_evaluate_launch_script(trained):
+  out = subprocess.run(
+      [sys.executable, 'launch/evaluate.py', '--config=configs/recursive.py:tiny',
+       f'--workdir={trained}', '--measures=softmax_diff', '--config.eval.num_batches=1'],
+      cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  result = json.load(open(os.path.join(trained, 'eval.json')))
+  assert list(result['sweeps']) == ['softmax_diff']
