@@ -12,13 +12,16 @@ setuptools.setup(
     packages=setuptools.find_packages(include=['adaptive_depth', 'adaptive_depth.*']),
     package_data={'adaptive_depth.data': ['corpus/*.txt']},
     install_requires=[
-        'jax>=0.5.0,<0.12',
-        'flax>=0.10.4,<0.14',
-        'optax>=0.2.4,<0.4',
-        'orbax-checkpoint>=0.11.0,<0.13',
+        # Lower bounds: the oldest releases with the APIs used here; upper bounds: the next
+        # major versions. Tested with jax 0.10.2, flax 0.12.8, optax 0.2.8, orbax 0.12.8.
+        'jax>=0.6.0,<1',
+        'flax>=0.10.6,<1',
+        'optax>=0.2.4,<1',
+        'orbax-checkpoint>=0.11.5,<1',
         'ml_collections>=0.1.1,<2',
-        'tensorflow-datasets>=4.9.4,<5',
+        'tensorflow-datasets>=4.9.7,<5',
         'array_record>=0.5.0',
+        'etils[epath]>=1.5',
         'absl-py>=1.0',
         'numpy>=1.26',
         'tqdm>=4.60',

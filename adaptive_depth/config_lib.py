@@ -135,6 +135,15 @@ def _value_problems(c) -> list[str]:
   positive('eval', 'batch_size', c.eval.batch_size)
   positive('checkpoint', 'every_steps', c.checkpoint.every_steps)
   positive('checkpoint', 'keep', c.checkpoint.keep)
+  positive('train', 'log_every', t.log_every)
+  for name in ('rope_base', 'norm_eps', 'init_std'):
+    positive('model', name, m[name])
+  for name in ('hidden', 'num_steps', 'learning_rate', 'batch_size'):
+    positive('classifier', name, c.classifier[name])
+  if c.seed < 0:
+    p.append(f'config.seed={c.seed}: must be >= 0')
+  if m.head_dim < 0:
+    p.append(f'config.model.head_dim={m.head_dim}: must be >= 0 (0 = width // num_heads)')
   if p:
     return p  # later checks divide by these
 
@@ -147,6 +156,10 @@ def _value_problems(c) -> list[str]:
   if not m.head_dim and m.width % m.num_heads:
     p.append(f'config.model.num_heads={m.num_heads} does not divide '
              f'config.model.width={m.width} (or set config.model.head_dim)')
+  elif (m.head_dim or m.width // m.num_heads) % 2:
+    p.append(f'config.model.head_dim={m.head_dim or m.width // m.num_heads} must be even '
+             '(rotary embeddings rotate pairs of features); change config.model.width, '
+             'config.model.num_heads or config.model.head_dim')
   kv = m.num_kv_heads or m.num_heads
   if kv <= 0 or m.num_heads % kv:
     p.append(f'config.model.num_kv_heads={m.num_kv_heads} must divide '

@@ -25,9 +25,6 @@ class Progress:
     self._tokens_per_step = tokens_per_step
     self._last_time, self._last_step = None, initial
 
-  def start_timing(self, step: int):
-    self._last_time, self._last_step = time.perf_counter(), step
-
   def update(self, step: int, **scalars):
     """Advances to `step`; scalars (already on the host) go into the postfix."""
     now = time.perf_counter()
@@ -49,9 +46,11 @@ class Progress:
 class EventWriter:
   """Scalars to TensorBoard event files in `logdir` (tensorboardX: no TensorFlow needed)."""
 
-  def __init__(self, logdir: str):
+  def __init__(self, logdir: str, purge_step=None):
+    """purge_step: on resume, TensorBoard hides events from this step on that the
+    interrupted run wrote after its last checkpoint."""
     from tensorboardX import SummaryWriter  # imported late: only runs that log need it
-    self._writer = SummaryWriter(logdir=logdir)
+    self._writer = SummaryWriter(logdir=logdir, purge_step=purge_step)
 
   def scalars(self, step: int, values: dict):
     for name, value in values.items():

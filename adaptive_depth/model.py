@@ -22,8 +22,6 @@ state after step d - 1.
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -110,6 +108,10 @@ def parse_exit_layers(spec: str, num_layers: int, min_exit_layer: int = 1) -> tu
       depths = [d for d in range(every, num_layers + 1, every) if d >= min_exit_layer]
     else:
       depths = [int(x) for x in spec.split(',') if x.strip()]
+      early = [d for d in depths if d < min_exit_layer]
+      if early:
+        raise ValueError(f'config.model.exit_layers={spec!r} names depth(s) {early} below '
+                         f'config.model.min_exit_layer={min_exit_layer}')
   except ValueError:
     raise ValueError(
         f"config.model.exit_layers={spec!r} is not understood; allowed: 'all', 'last', "
@@ -262,7 +264,11 @@ def step_block(cfg: ModelConfig, params, step):
 def all_step_blocks(cfg: ModelConfig, params):
   """Every step's block parameters stacked [num_layers, ...], by a static gather (whose
   gradient sums over the steps sharing a block: weight sharing) plus LoRA deltas."""
-  per_step = jax.tree.map(lambda p: p[block_table(cfg)], params['blocks'])
+  table = block_table(cfg)
+  if cfg.num_blocks == cfg.num_layers and (table == np.arange(cfg.num_layers)).all():
+    per_step = params['blocks']  # unshared: the stack already is the per-step order
+  else:
+    per_step = jax.tree.map(lambda p: p[table], params['blocks'])
   if 'lora' not in params:
     return per_step
   return _add_lora(per_step, params['lora'], einsum_prefix='s')

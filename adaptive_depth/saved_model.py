@@ -6,7 +6,6 @@ import json
 import os
 from typing import Any, Optional
 
-import jax
 import ml_collections
 
 from adaptive_depth import checkpoint as checkpoint_lib

@@ -1,6 +1,6 @@
-r"""Second stage: train the learned exit classifier of an already-trained model in DIR.
+r"""python launch/train.py --config=configs/exit_classifier.py --workdir=DIR
 
-  python launch/train.py --config=configs/exit_classifier.py --workdir=DIR
+Second stage: train the learned exit classifier of an already-trained model in DIR.
 
 The model (architecture and weights) comes from DIR; only the classifier trains, on labels
 "this exit's argmax equals the last exit's", class-balanced. It is saved to

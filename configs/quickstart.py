@@ -1,6 +1,6 @@
-r"""Quickstart: a 4-layer byte-level early-exit model on the bundled tiny Shakespeare.
+r"""python launch/train.py --config=configs/quickstart.py --workdir=/tmp/quickstart
 
-  python launch/train.py --config=configs/quickstart.py --workdir=/tmp/quickstart
+Quickstart: a 4-layer byte-level early-exit model on the bundled tiny Shakespeare.
 
 Exits after every layer, uniform multi-exit loss. Variants: `:tiny` (seconds, for tests and
 notebooks), e.g. --config=configs/quickstart.py:tiny.

@@ -1,6 +1,6 @@
-r"""Recursive depth: 2 shared blocks looped 3 times (6 steps) with per-step LoRA.
+r"""python launch/train.py --config=configs/recursive.py --workdir=/tmp/recursive
 
-  python launch/train.py --config=configs/recursive.py --workdir=/tmp/recursive
+Recursive depth: 2 shared blocks looped 3 times (6 steps) with per-step LoRA.
 
 Variants:
   :vanilla  the 2-layer unshared model with the same unique block parameters (the baseline);

@@ -92,6 +92,16 @@ BAD_VALUES = [
     ({'train.warmup_steps': 20}, 'config.train.warmup_steps', '20'),  # tiny: num_steps=20
     ({'mesh.data': 0}, 'config.mesh.data', '0'),
     ({'mesh.fsdp': -2}, 'config.mesh.fsdp', '-2'),
+    ({'model.width': 72, 'model.num_heads': 8}, 'config.model.head_dim', '9'),  # odd: RoPE
+    ({'model.head_dim': -4}, 'config.model.head_dim', '-4'),
+    ({'train.log_every': 0}, 'config.train.log_every', '0'),
+    ({'model.rope_base': 0.0}, 'config.model.rope_base', '0.0'),
+    ({'model.norm_eps': -1e-6}, 'config.model.norm_eps', '-1e-06'),
+    ({'classifier.num_steps': 0}, 'config.classifier.num_steps', '0'),
+    ({'seed': -1}, 'config.seed', '-1'),
+    ({'model.exit_layers': '1,3', 'model.min_exit_layer': 2}, 'config.model.exit_layers', '1'),
+    ({'model.lora_rank': -1}, 'config.model.lora_rank', '-1'),
+    ({'stage': 'finetune'}, 'config.stage', 'finetune'),
 ]
 
 
@@ -221,7 +231,7 @@ def test_batch_size_must_divide_over_data_and_fsdp(tmp_path):
 
 def test_resuming_a_workdir_of_another_model_is_refused(tmp_path):
   config = ad.load_config(TINY)
-  (tmp_path / 'checkpoints').mkdir()
+  (tmp_path / 'checkpoints' / '5').mkdir(parents=True)
   saved = config.to_dict()
   saved['model']['width'] = 96
   (tmp_path / 'config.json').write_text(json.dumps(saved))

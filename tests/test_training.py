@@ -474,3 +474,18 @@ def test_training_learns(reference_run):
   np.testing.assert_allclose(final_loss, trained_loss, rtol=0, atol=1e-4)
   np.testing.assert_allclose([r['accuracy'] for r in summary_eval], trained_acc, rtol=0,
                              atol=2 / (len(batches) * batches[0][:, 1:].size))
+
+
+def test_weight_decay_skips_norm_scales():
+  """Stacked norm scales are 2-D, yet must not decay; every matrix must."""
+  import jax
+  from adaptive_depth import model as model_lib
+  config = ad.load_config(f'{REPO / TINY}')
+  cfg = model_lib.ModelConfig.from_config(config.model)
+  params = jax.eval_shape(lambda: model_lib.init_params(cfg, jax.random.key(0)))
+  mask = state_lib.decay_mask(params)
+  flat = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(mask)}
+  assert flat["['blocks']['attn_norm']['scale']"] is False
+  assert flat["['final_norm']['scale']"] is False
+  assert flat["['blocks']['mlp']['down']"] is True
+  assert flat["['embed']['embedding']"] is True

@@ -1,2 +1,1 @@
-"""Training: multi-exit losses, train state, and the resumable training loop."""
-from adaptive_depth.train.loop import train_and_evaluate
+"""Training: multi-exit losses, train state, the training loop, the exit classifier stage."""

@@ -17,7 +17,6 @@ import time
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 
 from adaptive_depth import checkpoint as checkpoint_lib
@@ -26,9 +25,13 @@ from adaptive_depth import metrics as metrics_lib
 from adaptive_depth import model as model_lib
 from adaptive_depth import sharding
 from adaptive_depth.data import pipeline
-from adaptive_depth.train import classifier as classifier_lib
 from adaptive_depth.train import losses
 from adaptive_depth.train import state as state_lib
+
+
+def _global_norm(tree):
+  # Written out: optax renamed its global-norm helper across the supported versions.
+  return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))
 
 
 def make_train_step(cfg: model_lib.ModelConfig, tx, weights, constrain):
@@ -47,7 +50,7 @@ def make_train_step(cfg: model_lib.ModelConfig, tx, weights, constrain):
     params = optax.apply_updates(state.params, updates)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     return new_state, {'loss': loss, 'exit_loss': exit_loss, 'exit_accuracy': exit_acc,
-                       'grad_norm': optax.global_norm(grads)}
+                       'grad_norm': _global_norm(grads)}
   return train_step
 
 
@@ -101,7 +104,10 @@ def evaluate(eval_step, params, eval_batches, put_batch, num_batches: int):
 def _check_same_model(config, workdir: str):
   """Refuses to resume a workdir whose checkpoints hold a different model or data."""
   path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(path) or not os.path.isdir(os.path.join(workdir, 'checkpoints')):
+  checkpoint_dir = os.path.join(workdir, 'checkpoints')
+  has_steps = os.path.isdir(checkpoint_dir) and any(
+      name.isdigit() for name in os.listdir(checkpoint_dir))
+  if not os.path.exists(path) or not has_steps:
     return
   with open(path) as f:
     saved = json.load(f)
@@ -115,15 +121,14 @@ def _check_same_model(config, workdir: str):
         'use a new --workdir or the config it was trained with')
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains (or resumes) per `config` in `workdir`; returns the summary it writes.
+def train_model(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains (or resumes) the model per `config` in `workdir`; returns the summary it writes.
 
   Writes WORKDIR/config.json, WORKDIR/checkpoints/, TensorBoard events in WORKDIR and, at the
   end, WORKDIR/summary.json.
   """
+  wall_start = time.perf_counter()
   config_lib.validate(config)
-  if config.stage == 'exit_classifier':
-    return classifier_lib.train_exit_classifier(config, workdir)
   cfg = model_lib.ModelConfig.from_config(config.model)
   mesh = sharding.make_mesh(config.mesh)
   batch_split = mesh.shape['data'] * mesh.shape['fsdp']
@@ -177,7 +182,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         f'mesh {dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} device(s)',
         flush=True)
 
-  writer = metrics_lib.EventWriter(workdir)
+  writer = metrics_lib.EventWriter(workdir, purge_step=start_step + 1 if latest else None)
   history = metrics_lib.JsonLines(os.path.join(workdir, 'metrics.jsonl'))
   progress = metrics_lib.Progress(total=num_steps, initial=start_step,
                                   tokens_per_step=tokens_per_step,
@@ -191,7 +196,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         cfg.exit_depths, eval_loss, eval_acc)})
 
   timed_steps, timed_seconds, timer_start = 0, 0.0, None
-  wall_start = time.perf_counter()
   preempted = False
   step = start_step
   with _Preemption() as preemption:

@@ -27,11 +27,17 @@ def make_optimizer(train_config) -> optax.GradientTransformation:
   schedule = optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=t.learning_rate, warmup_steps=t.warmup_steps,
       decay_steps=t.num_steps, end_value=t.learning_rate * t.final_lr_fraction)
-  decay_mask = lambda params: jax.tree.map(lambda p: jnp.ndim(p) >= 2, params)
   parts = [optax.clip_by_global_norm(t.grad_clip_norm)] if t.grad_clip_norm > 0 else []
   parts.append(optax.adamw(schedule, b1=t.b1, b2=t.b2, weight_decay=t.weight_decay,
                            mask=decay_mask))
   return optax.chain(*parts)
+
+
+def decay_mask(params):
+  """True for the parameters weight decay applies to: every matrix, but no norm scale
+  (stacked norm scales are 2-D [num_blocks, D], so the rank alone cannot tell)."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, p: jnp.ndim(p) >= 2 and 'norm' not in jax.tree_util.keystr(path), params)
 
 
 def _is_box(x):
