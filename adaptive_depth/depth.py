@@ -129,9 +129,12 @@ def forward_adaptive(cfg: model_lib.ModelConfig, params, tokens, policy: exits.E
       exit_depth = jnp.where(leaving, depth, exit_depth)
       return h, active & ~leaving, exit_depth, confidence, h
 
-    # The last depth needs no check: every token still active exits there anyway.
+    # The last depth needs no check: every token still active exits there anyway; nor do
+    # depths below min_depth (costs.token_flops charges neither). Saturation therefore
+    # compares with the state at the previous check (the embedding at the first one).
     h, active, exit_depth, confidence, h_previous = jax.lax.cond(
-        is_exit[depth] & (depth < num_layers), check, lambda args: args,
+        is_exit[depth] & (depth < num_layers) & (depth >= jnp.asarray(policy.min_depth)),
+        check, lambda args: args,
         (h, active, exit_depth, confidence, h_previous))
     return step + 1, h, active, exit_depth, confidence, h_previous
 

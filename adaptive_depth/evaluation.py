@@ -75,11 +75,12 @@ def sweep(cfg, params, batches, full_argmax, measure, thresholds, *, classifier=
   rows = []
   for threshold in thresholds:
     policy = exits.ExitPolicy(measure=measure, threshold=float(threshold), min_depth=min_depth)
-    depths, agree, nll = [], [], []
+    depths, agree, nll, steps = [], [], [], []
     for batch, oracle in zip(batches, full_argmax):
       out = adaptive_fn(params, jnp.asarray(batch[:, :-1]), policy, classifier, oracle)
       token_nll, _ = losses.per_exit_token_losses(out.logits[None], jnp.asarray(batch[:, 1:]))
       depths.append(np.asarray(out.exit_depth))
+      steps.append(int(out.steps_run))
       agree.append(np.asarray(jnp.argmax(out.logits, -1) == oracle))
       nll.append(np.asarray(token_nll[0]))
     depths = np.concatenate([d.ravel() for d in depths])
@@ -87,7 +88,12 @@ def sweep(cfg, params, batches, full_argmax, measure, thresholds, *, classifier=
         'measure': measure, 'threshold': float(threshold),
         'mean_depth': float(depths.mean()),
         'relative_depth': float(depths.mean() / cfg.num_layers),
-        'relative_flops': costs.relative_flops(cfg, depths, measure, context, min_depth),
+        # Per-token FLOPs with the K/V the skipped layers still compute for later tokens
+        # (state propagation). A batch only stops looping when all its tokens have exited:
+        # mean_steps_run says how far the batched loop actually ran.
+        'relative_flops': costs.relative_flops(cfg, depths, measure, context, min_depth,
+                                               propagate_kv=True),
+        'mean_steps_run': float(np.mean(steps)),
         'agreement': float(np.mean(np.concatenate([a.ravel() for a in agree]))),
         'loss': float(np.mean(np.concatenate([n.ravel() for n in nll]))),
     })
@@ -158,19 +164,26 @@ def best_operating_points(curves: dict, min_agreement: float) -> dict:
 
 def _agreement_auc(cfg, params, batches, exit_logits, classifier) -> dict:
   """AUC of max-prob (and the classifier) at predicting 'this exit agrees with the last'."""
-  labels, max_probs, clf_scores = [], [], []
+  num_checked = len(cfg.exit_depths) - 1
+  labels, max_probs, clf_scores = [], [], []  # each [num_checked, tokens] per batch
   for batch, logits in zip(batches, exit_logits):
     last = jnp.argmax(logits[-1], -1)
-    for e in range(len(cfg.exit_depths) - 1):
-      labels.append(np.asarray(jnp.argmax(logits[e], -1) == last).ravel())
-      max_probs.append(np.asarray(exits.max_prob(logits[e])).ravel())
+    labels.append(np.asarray(jnp.argmax(logits[:-1], -1) == last[None]).reshape(num_checked, -1))
+    max_probs.append(np.asarray(exits.max_prob(logits[:-1])).reshape(num_checked, -1))
     if classifier is not None:
-      clf_scores.append(np.asarray(classifier_lib.scores(cfg, params, classifier,
-                                                         jnp.asarray(batch[:, :-1]))).ravel())
-  labels = np.concatenate(labels)
-  result = {'max_prob': roc_auc(np.concatenate(max_probs), labels)}
+      clf_scores.append(np.asarray(classifier_lib.scores(
+          cfg, params, classifier, jnp.asarray(batch[:, :-1]))).reshape(num_checked, -1))
+  join = lambda parts: np.concatenate(parts, axis=1)
+  labels, max_probs = join(labels), join(max_probs)
+  # Pooled over exits, and per exit: within one exit the classifier's exit one-hot is
+  # constant, so the per-exit AUCs show what it gains from the hidden state itself.
+  result = {'max_prob': roc_auc(max_probs, labels),
+            'max_prob_per_exit': [roc_auc(max_probs[e], labels[e]) for e in range(num_checked)]}
   if classifier is not None:
-    result['classifier'] = roc_auc(np.concatenate(clf_scores), labels)
+    clf_scores = join(clf_scores)
+    result['classifier'] = roc_auc(clf_scores, labels)
+    result['classifier_per_exit'] = [roc_auc(clf_scores[e], labels[e])
+                                     for e in range(num_checked)]
   return result
 
 

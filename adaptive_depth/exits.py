@@ -12,6 +12,7 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 MEASURES = ('softmax_diff', 'softmax_diff_approx', 'max_prob', 'neg_entropy', 'saturation',
             'classifier', 'oracle', 'never')
@@ -38,6 +39,16 @@ class ExitPolicy:
   tau: Any = 4.0
   max_len: Any = 128
   exit_at: Any = 0
+
+  def __post_init__(self):
+    # Fixed dtypes for concrete values, so that 0.9, np.float64(0.9) and 1 all hit the same
+    # compiled program (jit keys on dtype and weak type). Tracers pass through untouched.
+    for name, dtype in (('threshold', np.float32), ('tau', np.float32),
+                        ('max_len', np.float32), ('min_depth', np.int32),
+                        ('exit_at', np.int32)):
+      value = getattr(self, name)
+      if isinstance(value, (int, float, np.number, np.ndarray, list)):
+        object.__setattr__(self, name, np.asarray(value, dtype))
 
   def validated(self) -> 'ExitPolicy':
     if self.measure not in MEASURES:

@@ -95,25 +95,49 @@ def test_rows_are_independent(setup):
   alone = adaptive(params, tokens[2:3], policy)
   np.testing.assert_array_equal(alone.exit_depth[0], out.exit_depth[2])
   np.testing.assert_allclose(alone.logits[0], out.logits[2], atol=1e-5)
+  # Also when the batch loop runs longer than the row alone would (the early stop).
+  forced = jnp.asarray([[1] * 12, [4] * 12, [2] * 12])
+  batch = adaptive(params, tokens, exits.ExitPolicy(measure='never', exit_at=forced))
+  first = adaptive(params, tokens[:1], exits.ExitPolicy(measure='never', exit_at=forced[:1]))
+  assert int(first.steps_run) == 1 and int(batch.steps_run) == 4
+  np.testing.assert_allclose(first.logits[0], batch.logits[0], atol=1e-6)
 
 
 def test_threshold_sweep_compiles_once(setup):
   cfg, params, tokens, _ = setup
-  traces = []
-
-  def run(p, t, pol):
-    traces.append(1)  # runs only while tracing
-    return depth.forward_adaptive(cfg, p, t, pol)
-
-  fn = jax.jit(run)
+  fn = evaluation.make_adaptive_fn(cfg)  # what launch/evaluate.py sweeps with
   mean_depths = []
   top = _quantile_threshold(setup, 'softmax_diff', 0.95)
   for threshold in np.linspace(0.0, top, 10):
-    out = fn(params, tokens, exits.ExitPolicy(measure='softmax_diff', threshold=threshold,
-                                              min_depth=2, tau=1.5))
+    out = fn(params, tokens, exits.ExitPolicy(measure='softmax_diff', threshold=threshold),
+             None, None)
     mean_depths.append(float(out.exit_depth.mean()))
-  assert len(traces) == 1
+  assert fn._cache_size() == 1  # compiled programs, not traces
   assert mean_depths == sorted(mean_depths) and mean_depths[0] < mean_depths[-1]
+  # Python floats, ints and numpy scalars for every traced knob share that one program
+  # per (measure, schedule).
+  for value in (0, 1, 0.5, np.float64(0.25), np.int64(1)):
+    fn(params, tokens, exits.ExitPolicy(measure='softmax_diff', threshold=value,
+                                        min_depth=value or 1), None, None)
+  assert fn._cache_size() == 1
+  for tau in (0.5, 2, 8.0):
+    fn(params, tokens, exits.ExitPolicy(measure='softmax_diff', schedule='decaying',
+                                        threshold=0.5, tau=tau, max_len=12), None, None)
+  assert fn._cache_size() == 2
+
+
+def test_decaying_threshold_uses_each_rows_own_position(setup):
+  cfg, params, tokens, adaptive = setup
+  logits = model_lib.forward_train(cfg, params, tokens)
+  score = np.asarray(exits.softmax_diff(logits[0]))  # first exit
+  policy = exits.ExitPolicy(measure='softmax_diff', schedule='decaying', threshold=0.0,
+                            tau=3.0, max_len=12)
+  # Rows at different offsets in their own sequences get different thresholds.
+  row_positions = jnp.asarray(np.arange(12)[None] + np.array([[0], [20], [40]]))
+  out = depth.forward_adaptive(cfg, params, tokens, policy, row_positions=row_positions)
+  thresholds = np.clip(0.1 * np.exp(-3.0 * np.asarray(row_positions) / 12), 0, 1)
+  np.testing.assert_array_equal(np.asarray(out.exit_depth) == 1, score >= thresholds)
+  assert (score >= thresholds).any() and not (score >= thresholds).all()
 
 
 def test_min_depth(setup):

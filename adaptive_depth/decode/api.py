@@ -1,0 +1,82 @@
+"""`generate(model, prompts, ...)`: text in, text out, with each token's exit depth and stats."""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from adaptive_depth import costs
+from adaptive_depth import exits
+from adaptive_depth.decode import adaptive_decode as generate_lib
+from adaptive_depth.decode import sampling as sampling_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateOutput:
+  """texts: decoded continuations; tokens / exit_depths: per row, the generated ids and the
+  depth each left the loop at (the first comes from the full-depth prefill); stats: mean
+  depth, tokens/s (compile excluded), compile seconds, FLOPs relative to full depth."""
+  texts: list
+  tokens: list
+  exit_depths: list
+  stats: dict
+
+
+def generate(model, prompts: Sequence[str], *, max_new_tokens: int = 64,
+             exit: Optional[exits.ExitPolicy] = None, kv: str = 'propagate',
+             sampling: Any = None, seed: int = 0, classifier=None) -> GenerateOutput:
+  """Generates a continuation of each prompt (a batch, ragged lengths allowed).
+
+  model: an `ad.load(workdir)` result. exit: the early-exit policy (default: never exit).
+  kv: KV policy for the layers a token skipped: 'propagate'. sampling: Greedy() (default) or
+  Sampling(temperature, top_k, top_p).
+  """
+  if kv not in generate_lib.KV_POLICIES:
+    raise ValueError(f'kv={kv!r}; allowed: {", ".join(generate_lib.KV_POLICIES)}')
+  if max_new_tokens < 1:
+    raise ValueError(f'max_new_tokens={max_new_tokens}: must be >= 1')
+  cfg, tokenizer = model.model_config, model.tokenizer
+  policy = (exit or exits.ExitPolicy(measure='never')).validated()
+  if policy.schedule == 'decaying':
+    policy = policy.replace(max_len=max_new_tokens)
+  sampling = sampling or sampling_lib.Greedy()
+  prompt, lengths = generate_lib.pad_prompts([tokenizer.encode(p) for p in prompts],
+                                             pad_id=tokenizer.eos_id)
+
+  def run(params, prompt, lengths, policy, sampling, rng, classifier):
+    return generate_lib.generate_tokens(
+        cfg, params, prompt, lengths, max_new_tokens=max_new_tokens, policy=policy,
+        sampling=sampling, rng=rng, eos_id=tokenizer.eos_id, pad_id=tokenizer.eos_id,
+        classifier=classifier)
+
+  args = (model.params, jnp.asarray(prompt), jnp.asarray(lengths), policy, sampling,
+          jax.random.key(seed), classifier)
+  start = time.perf_counter()
+  compiled = jax.jit(run).lower(*args).compile()
+  compile_seconds = time.perf_counter() - start
+  start = time.perf_counter()
+  out = jax.block_until_ready(compiled(*args))
+  seconds = time.perf_counter() - start
+
+  counts = np.asarray(out.num_generated)
+  tokens = [np.asarray(out.tokens[b, :counts[b]]).tolist() for b in range(len(prompts))]
+  depths = [np.asarray(out.exit_depth[b, :counts[b]]).tolist() for b in range(len(prompts))]
+  all_depths = np.concatenate([np.asarray(d) for d in depths])
+  context = float(np.mean(lengths)) + max_new_tokens / 2.0
+  spent = costs.token_flops(cfg, all_depths, policy.measure, context,
+                            propagate_kv=True).mean()
+  stats = {
+      'mean_depth': float(all_depths.mean()),
+      'relative_depth': float(all_depths.mean() / cfg.num_layers),
+      'relative_flops': float(spent / costs.full_depth_flops(cfg, context)),
+      'tokens_per_second': float(counts.sum() / seconds),
+      'seconds': seconds,
+      'compile_seconds': compile_seconds,
+      'batch': len(prompts),
+  }
+  return GenerateOutput(texts=[tokenizer.decode(t) for t in tokens], tokens=tokens,
+                        exit_depths=depths, stats=stats)
