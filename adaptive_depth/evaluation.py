@@ -123,7 +123,7 @@ def evaluate_run(config, workdir: str, *, measures=None, num_batches: int = 0) -
   per_exit = metrics_lib.per_exit_records(cfg.exit_depths, np.mean(exit_nll, 0),
                                           np.mean(exit_correct, 0))
 
-  classifier = classifier_lib.load_classifier(workdir)
+  classifier = classifier_lib.load_classifier(workdir, model_step=model.step)
   measures = list(measures or [m for m in SWEEPS if m != 'classifier' or classifier is not None])
   adaptive_fn = make_adaptive_fn(cfg)  # compiles once per measure (the measure is static)
   curves = {}

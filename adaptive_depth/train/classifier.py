@@ -12,6 +12,7 @@ trains it for the model already trained in DIR and saves it to DIR/exit_classifi
 """
 from __future__ import annotations
 
+import json
 import os
 import time
 from typing import Optional
@@ -110,9 +111,20 @@ def save_classifier(workdir: str, classifier):
   checkpointer.wait_until_finished()
 
 
-def load_classifier(workdir: str) -> Optional[dict]:
-  """The classifier trained for the model in `workdir`, or None if there is none."""
+def load_classifier(workdir: str, model_step: Optional[int] = None) -> Optional[dict]:
+  """The classifier trained for the model in `workdir`, or None if there is none.
+
+  model_step: the step of the model it will serve; a classifier trained on another step of
+  the model is refused (its labels described a different model).
+  """
   path = os.path.abspath(os.path.join(workdir, CLASSIFIER_DIR, 'params'))
   if not os.path.exists(path):
     return None
+  summary_path = os.path.join(workdir, CLASSIFIER_DIR, 'summary.json')
+  if model_step is not None and os.path.exists(summary_path):
+    with open(summary_path) as f:
+      trained_on = json.load(f).get('model_step')
+    if trained_on is not None and trained_on != model_step:
+      raise ValueError(f'{path} was trained on the model at step {trained_on}, but the model '
+                       f'is at step {model_step}: re-run configs/exit_classifier.py')
   return ocp.StandardCheckpointer().restore(path)
