@@ -84,6 +84,19 @@ def base_config() -> ml_collections.ConfigDict:
   c.classifier.learning_rate = 3e-3
   c.classifier.batch_size = 16
 
+  c.generate = ml_collections.ConfigDict()  # launch/generate.py and generate_from_config
+  c.generate.max_new_tokens = 64
+  c.generate.measure = 'never'    # an exits.MEASURES name
+  c.generate.threshold = 0.9
+  c.generate.schedule = 'constant'  # 'constant' | 'decaying'
+  c.generate.tau = 4.0
+  c.generate.min_depth = 1
+  c.generate.kv = 'propagate'
+  c.generate.temperature = 0.0    # 0 = greedy
+  c.generate.top_k = 0
+  c.generate.top_p = 1.0
+  c.generate.seed = 0
+
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1
   c.mesh.fsdp = 1
@@ -201,10 +214,29 @@ def _value_problems(c) -> list[str]:
       p.append(f'config.train.{name}={t[name]}: allowed 0 <= value < 1')
   if c.eval.every_steps < 0 or c.eval.num_batches < 0:
     p.append('config.eval.every_steps and config.eval.num_batches must be >= 0 (0 = default)')
+  p.extend(_generate_problems(c.generate))
   for axis in ('data', 'fsdp', 'tensor'):
     size = c.mesh[axis]
     if size == 0 or size < -1:
       p.append(f'config.mesh.{axis}={size}; allowed: a positive size or -1 (the rest)')
+  return p
+
+
+def _generate_problems(g) -> list[str]:
+  from adaptive_depth import exits  # the measure and schedule names live with the policies
+  p = []
+  if g.measure not in exits.MEASURES or g.measure == 'oracle':
+    allowed = [m for m in exits.MEASURES if m != 'oracle']
+    p.append(f'config.generate.measure={g.measure!r}; allowed: {", ".join(allowed)}')
+  if g.schedule not in exits.SCHEDULES:
+    p.append(f'config.generate.schedule={g.schedule!r}; allowed: {", ".join(exits.SCHEDULES)}')
+  if g.kv != 'propagate':
+    p.append(f"config.generate.kv={g.kv!r}; allowed: propagate")
+  if g.max_new_tokens < 1:
+    p.append(f'config.generate.max_new_tokens={g.max_new_tokens}: must be >= 1')
+  if g.temperature < 0 or g.top_k < 0 or not 0 < g.top_p <= 1:
+    p.append('config.generate.temperature and config.generate.top_k must be >= 0 and '
+             f'config.generate.top_p in (0, 1]; got {g.temperature}, {g.top_k}, {g.top_p}')
   return p
 
 

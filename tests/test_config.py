@@ -102,6 +102,9 @@ BAD_VALUES = [
     ({'model.exit_layers': '1,3', 'model.min_exit_layer': 2}, 'config.model.exit_layers', '1'),
     ({'model.lora_rank': -1}, 'config.model.lora_rank', '-1'),
     ({'stage': 'finetune'}, 'config.stage', 'finetune'),
+    ({'generate.measure': 'oracle'}, 'config.generate.measure', 'oracle'),
+    ({'generate.kv': 'parallel'}, 'config.generate.kv', 'parallel'),
+    ({'generate.max_new_tokens': 0}, 'config.generate.max_new_tokens', '0'),
 ]
 
 

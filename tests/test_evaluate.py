@@ -59,3 +59,20 @@ def test_evaluate_launch_script(trained):
   assert out.returncode == 0, out.stderr[-3000:]
   result = json.load(open(os.path.join(trained, 'eval.json')))
   assert list(result['sweeps']) == ['softmax_diff']
+
+
+def test_generate_launch_script(trained, tmp_path):
+  html_path = tmp_path / 'out.html'
+  out = subprocess.run(
+      [sys.executable, 'launch/generate.py', '--config=configs/recursive.py:tiny',
+       f'--workdir={trained}', '--prompt=To be', '--prompt=KING:\n',
+       '--config.generate.measure=max_prob', '--config.generate.threshold=0.0',
+       '--config.generate.max_new_tokens=12', f'--html={html_path}'],
+      cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert 'To be' in out.stdout and 'exit depth:' in out.stdout
+  # Threshold 0 with max_prob: every decoded token leaves at the first exit (depth 1), the
+  # first token comes from the full-depth prefill.
+  assert 'mean_depth: 1.4' in out.stdout, out.stdout[-500:]  # (6 + 11 * 1) / 12 = 1.4167
+  page = html_path.read_text()
+  assert page.count('exit depth 1"') == 22 and page.count('exit depth 6"') == 2

@@ -26,6 +26,17 @@ class GenerateOutput:
   stats: dict
 
 
+def generate_from_config(model, prompts: Sequence[str], config) -> GenerateOutput:
+  """`generate` with the settings of `config.generate` (what launch/generate.py runs)."""
+  g = config.generate
+  policy = exits.ExitPolicy(measure=g.measure, schedule=g.schedule, threshold=g.threshold,
+                            tau=g.tau, min_depth=g.min_depth)
+  sampling = (sampling_lib.Greedy() if g.temperature == 0 else
+              sampling_lib.Sampling(temperature=g.temperature, top_k=g.top_k, top_p=g.top_p))
+  return generate(model, prompts, max_new_tokens=g.max_new_tokens, exit=policy, kv=g.kv,
+                  sampling=sampling, seed=g.seed)
+
+
 def generate(model, prompts: Sequence[str], *, max_new_tokens: int = 64,
              exit: Optional[exits.ExitPolicy] = None, kv: str = 'propagate',
              sampling: Any = None, seed: int = 0, classifier=None) -> GenerateOutput:
