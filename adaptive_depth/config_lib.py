@@ -91,11 +91,23 @@ def base_config() -> ml_collections.ConfigDict:
   c.generate.schedule = 'constant'  # 'constant' | 'decaying'
   c.generate.tau = 4.0
   c.generate.min_depth = 1
-  c.generate.kv = 'propagate'
+  c.generate.kv = 'propagate'     # 'propagate' | 'parallel'
+  c.generate.queue_capacity = 8   # 'parallel': queued tokens per row before a forced deep pass
   c.generate.temperature = 0.0    # 0 = greedy
   c.generate.top_k = 0
   c.generate.top_p = 1.0
   c.generate.seed = 0
+
+  c.benchmark = ml_collections.ConfigDict()  # launch/benchmark.py (decode speed)
+  c.benchmark.batches = '1,8'
+  c.benchmark.prompt_len = 32
+  c.benchmark.max_new_tokens = 128
+  c.benchmark.repeats = 3         # timed runs per setting (median), after one warm-up
+  c.benchmark.measure = 'max_prob'
+  c.benchmark.thresholds = '0.5,0.7,0.8,0.9,0.95'
+  c.benchmark.kv = 'propagate,parallel'
+  c.benchmark.queue_capacity = 8
+  c.benchmark.speculative = ''    # e.g. '4x4,6x3': draft depth x drafted tokens; '' = none
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1
@@ -215,6 +227,7 @@ def _value_problems(c) -> list[str]:
   if c.eval.every_steps < 0 or c.eval.num_batches < 0:
     p.append('config.eval.every_steps and config.eval.num_batches must be >= 0 (0 = default)')
   p.extend(_generate_problems(c.generate))
+  p.extend(_benchmark_problems(c.benchmark, m.num_layers))
   for axis in ('data', 'fsdp', 'tensor'):
     size = c.mesh[axis]
     if size == 0 or size < -1:
@@ -230,13 +243,46 @@ def _generate_problems(g) -> list[str]:
     p.append(f'config.generate.measure={g.measure!r}; allowed: {", ".join(allowed)}')
   if g.schedule not in exits.SCHEDULES:
     p.append(f'config.generate.schedule={g.schedule!r}; allowed: {", ".join(exits.SCHEDULES)}')
-  if g.kv != 'propagate':
-    p.append(f"config.generate.kv={g.kv!r}; allowed: propagate")
+  if g.kv not in ('propagate', 'parallel'):
+    p.append(f"config.generate.kv={g.kv!r}; allowed: propagate, parallel")
+  if g.queue_capacity < 1:
+    p.append(f'config.generate.queue_capacity={g.queue_capacity}: must be >= 1')
   if g.max_new_tokens < 1:
     p.append(f'config.generate.max_new_tokens={g.max_new_tokens}: must be >= 1')
   if g.temperature < 0 or g.top_k < 0 or not 0 < g.top_p <= 1:
     p.append('config.generate.temperature and config.generate.top_k must be >= 0 and '
              f'config.generate.top_p in (0, 1]; got {g.temperature}, {g.top_k}, {g.top_p}')
+  return p
+
+
+def _benchmark_problems(b, num_layers: int) -> list[str]:
+  from adaptive_depth import benchmark  # parsing lives with the benchmark
+  from adaptive_depth import exits
+  p = []
+  for key, kind in (('batches', int), ('thresholds', float), ('kv', str)):
+    try:
+      values = benchmark.parse_list(b[key], kind, key)
+    except ValueError as e:
+      p.append(str(e))
+      continue
+    if key == 'batches' and min(values) < 1:
+      p.append(f'config.benchmark.batches={b.batches!r}: batch sizes must be >= 1')
+    bad = [v for v in values if v not in ('propagate', 'parallel')] if key == 'kv' else []
+    if bad:
+      p.append(f'config.benchmark.kv={b.kv!r}: unknown {bad}; allowed: propagate, parallel')
+  try:
+    for depth, num in benchmark.parse_speculative(b.speculative):
+      if not 1 <= depth < num_layers or num < 1:
+        p.append(f'config.benchmark.speculative={b.speculative!r}: draft depth must be in '
+                 f'1..{num_layers - 1} (config.model.num_layers - 1) and drafted tokens >= 1')
+  except ValueError as e:
+    p.append(str(e))
+  if b.measure not in exits.MEASURES or b.measure in ('oracle', 'classifier', 'never'):
+    p.append(f'config.benchmark.measure={b.measure!r}; allowed: softmax_diff, '
+             'softmax_diff_approx, max_prob, neg_entropy, saturation')
+  for key in ('prompt_len', 'max_new_tokens', 'repeats', 'queue_capacity'):
+    if b[key] < 1:
+      p.append(f'config.benchmark.{key}={b[key]}: must be >= 1')
   return p
 
 

@@ -51,14 +51,20 @@ def checks_before(cfg: model_lib.ModelConfig, exit_depth: np.ndarray, min_depth:
   return (checked[None, :] <= exit_depth.reshape(-1, 1)).sum(-1).reshape(exit_depth.shape)
 
 
+KV_COSTS = ('none', 'propagate', 'parallel')
+
+
 def token_flops(cfg: model_lib.ModelConfig, exit_depth, measure: str, context: float,
-                min_depth: int = 1, propagate_kv: bool = False) -> np.ndarray:
+                min_depth: int = 1, kv: str = 'none') -> np.ndarray:
   """FLOPs each token spent, given its exit depth ([...] int) -> [...] float.
 
   Tokens that exit early reuse the exit logits they computed for their last check; tokens
-  that reach the last layer pay for the final head. propagate_kv adds the K/V projections
-  of the skipped layers (decode with CALM's state propagation).
+  that reach the last layer pay for the final head. kv: what the skipped layers cost in
+  decode: 'none' (scoring, no cache), 'propagate' (their K/V projections, CALM), 'parallel'
+  (the whole skipped layers, run later when the token catches up: exact K/V).
   """
+  if kv not in KV_COSTS:
+    raise ValueError(f'kv={kv!r}; allowed: {", ".join(KV_COSTS)}')
   exit_depth = np.asarray(exit_depth)
   cost = exit_depth * block_flops(cfg, context)
   cost = cost + checks_before(cfg, exit_depth, min_depth) * confidence_flops(cfg, measure)
@@ -66,8 +72,10 @@ def token_flops(cfg: model_lib.ModelConfig, exit_depth, measure: str, context: f
     cost = cost + head_flops(cfg)  # the output logits still need one head
   else:
     cost = cost + np.where(exit_depth == cfg.num_layers, head_flops(cfg), 0.0)
-  if propagate_kv:
+  if kv == 'propagate':
     cost = cost + (cfg.num_layers - exit_depth) * kv_projection_flops(cfg)
+  elif kv == 'parallel':
+    cost = cost + (cfg.num_layers - exit_depth) * block_flops(cfg, context)
   return cost
 
 
@@ -77,7 +85,7 @@ def full_depth_flops(cfg: model_lib.ModelConfig, context: float) -> float:
 
 
 def relative_flops(cfg: model_lib.ModelConfig, exit_depth, measure: str, context: float,
-                   min_depth: int = 1, propagate_kv: bool = False) -> float:
+                   min_depth: int = 1, kv: str = 'none') -> float:
   """Mean FLOPs spent over full-depth FLOPs (1.0 = no saving; can exceed 1)."""
-  spent = token_flops(cfg, exit_depth, measure, context, min_depth, propagate_kv)
+  spent = token_flops(cfg, exit_depth, measure, context, min_depth, kv)
   return float(np.mean(spent) / full_depth_flops(cfg, context))

@@ -92,7 +92,7 @@ def sweep(cfg, params, batches, full_argmax, measure, thresholds, *, classifier=
         # (state propagation). A batch only stops looping when all its tokens have exited:
         # mean_steps_run says how far the batched loop actually ran.
         'relative_flops': costs.relative_flops(cfg, depths, measure, context, min_depth,
-                                               propagate_kv=True),
+                                               kv='propagate'),
         'mean_steps_run': float(np.mean(steps)),
         'agreement': float(np.mean(np.concatenate([a.ravel() for a in agree]))),
         'loss': float(np.mean(np.concatenate([n.ravel() for n in nll]))),

@@ -103,7 +103,14 @@ BAD_VALUES = [
     ({'model.lora_rank': -1}, 'config.model.lora_rank', '-1'),
     ({'stage': 'finetune'}, 'config.stage', 'finetune'),
     ({'generate.measure': 'oracle'}, 'config.generate.measure', 'oracle'),
-    ({'generate.kv': 'parallel'}, 'config.generate.kv', 'parallel'),
+    ({'generate.kv': 'recompute'}, 'config.generate.kv', 'recompute'),
+    ({'generate.queue_capacity': 0}, 'config.generate.queue_capacity', '0'),
+    ({'benchmark.batches': '1,x'}, 'config.benchmark.batches', '1,x'),
+    ({'benchmark.kv': 'propagate,copy'}, 'config.benchmark.kv', 'copy'),
+    ({'benchmark.speculative': '4'}, 'config.benchmark.speculative', '4'),
+    ({'benchmark.speculative': '4x2'}, 'config.benchmark.speculative', '1..3'),
+    ({'benchmark.measure': 'never'}, 'config.benchmark.measure', 'never'),
+    ({'benchmark.repeats': 0}, 'config.benchmark.repeats', '0'),
     ({'generate.max_new_tokens': 0}, 'config.generate.max_new_tokens', '0'),
 ]
 

@@ -8,6 +8,7 @@ from adaptive_depth import depth
 from adaptive_depth import exits
 from adaptive_depth import model as model_lib
 from adaptive_depth.decode import adaptive_decode as generate_lib
+from adaptive_depth.decode import generation
 from adaptive_depth.decode import sampling as sampling_lib
 from tests.test_model import randomize, small_config
 
@@ -20,10 +21,24 @@ def setup():
   cfg = small_config(num_layers=4, vocab_size=40)
   params = randomize(model_lib.init_params(cfg, jax.random.key(0)), scale=0.4)
   prompt, lengths = generate_lib.pad_prompts(PROMPTS, pad_id=0)
-  run = jax.jit(lambda p, pr, ln, pol: generate_lib.generate_tokens(
+  run = jax.jit(lambda p, pr, ln, pol: generation.generate_tokens(
       cfg, p, pr, ln, max_new_tokens=MAX_NEW, policy=pol, sampling=sampling_lib.Greedy(),
       rng=jax.random.key(0), eos_id=-1, pad_id=0))
   return cfg, params, prompt, lengths, run
+
+
+def _run_with_cache(cfg, params, prompt, lengths, policy, kv, capacity=8, max_new=MAX_NEW):
+  return jax.jit(lambda p, pr, ln, pol: generation.generate_tokens(
+      cfg, p, pr, ln, max_new_tokens=max_new, policy=pol, sampling=sampling_lib.Greedy(),
+      rng=jax.random.key(0), eos_id=-1, pad_id=0, kv=kv, queue_capacity=capacity,
+      return_cache=True))(params, prompt, lengths, policy)
+
+
+def _exiting_policy(cfg, params, prompt):
+  """max_prob at a threshold that lets roughly half the tokens leave early."""
+  logits = model_lib.forward_train(cfg, params, jnp.asarray(prompt))
+  threshold = float(np.quantile(np.asarray(exits.max_prob(logits[:2])), 0.6))
+  return exits.ExitPolicy(measure='max_prob', threshold=threshold)
 
 
 def _reference_greedy(cfg, params, prompt_ids, steps):
@@ -38,9 +53,11 @@ def _reference_greedy(cfg, params, prompt_ids, steps):
   return buffer[0, len(prompt_ids):].tolist()
 
 
-def test_never_exit_generation_equals_full_depth_greedy(setup):
-  cfg, params, prompt, lengths, run = setup
-  out = run(params, prompt, lengths, exits.ExitPolicy(measure='never'))
+@pytest.mark.parametrize('kv', generation.KV_POLICIES)
+def test_never_exit_generation_equals_full_depth_greedy(setup, kv):
+  cfg, params, prompt, lengths, _ = setup
+  out = _run_with_cache(cfg, params, prompt, lengths, exits.ExitPolicy(measure='never'),
+                        kv).output
   assert (np.asarray(out.exit_depth) == cfg.num_layers).all()
   for row, ids in enumerate(PROMPTS):
     want = _reference_greedy(cfg, params, ids, MAX_NEW)
@@ -53,9 +70,7 @@ def test_early_exit_decoding_matches_masked_full_sequence_loop(setup):
   """Decode with exits (KV propagated from frozen states) equals the adaptive forward over
   the whole generated sequence with every token forced out at the depth decode chose."""
   cfg, params, prompt, lengths, run = setup
-  logits = model_lib.forward_train(cfg, params, jnp.asarray(prompt))
-  threshold = float(np.quantile(np.asarray(exits.max_prob(logits[:2])), 0.6))
-  policy = exits.ExitPolicy(measure='max_prob', threshold=threshold)
+  policy = _exiting_policy(cfg, params, prompt)
   out = run(params, prompt, lengths, policy)
   depths = np.asarray(out.exit_depth)
   assert 1.5 < depths.mean() < cfg.num_layers - 0.2, depths.mean()
@@ -70,6 +85,53 @@ def test_early_exit_decoding_matches_masked_full_sequence_loop(setup):
                                      forced[None, :-1])))
     predicted = np.asarray(jnp.argmax(ref.logits[0], -1))[n - 1:]
     np.testing.assert_array_equal(predicted, np.asarray(out.tokens[row]), err_msg=str(row))
+
+
+def _sequences(prompts, out):
+  return [np.asarray(ids + np.asarray(out.tokens[row]).tolist()) for row, ids in
+          enumerate(prompts)]
+
+
+def test_parallel_cache_equals_full_recompute_and_exits_read_exact_states(setup):
+  """With 'parallel' every computed state is exact: after generation (queue flushed) the
+  cache equals a full-depth pass over prompt + generated tokens, and each token was
+  predicted by the train-mode exit head at the depth it left at."""
+  cfg, params, prompt, lengths, _ = setup
+  policy = _exiting_policy(cfg, params, prompt)
+  result = _run_with_cache(cfg, params, prompt, lengths, policy, 'parallel')
+  propagated = _run_with_cache(cfg, params, prompt, lengths, policy, 'propagate')
+  out, depths = result.output, np.asarray(result.output.exit_depth)
+  assert 1.5 < depths.mean() < cfg.num_layers - 0.2, depths.mean()
+  exit_index = {d: i for i, d in enumerate(cfg.exit_depths)}
+  for row, sequence in enumerate(_sequences(PROMPTS, out)):
+    fed = sequence[:-1][None]  # the last generated token is never fed back
+    want, _ = generate_lib.prefill(cfg, params, jnp.asarray(fed),
+                                   jnp.asarray([fed.shape[1]]), fed.shape[1])
+    np.testing.assert_allclose(result.cache.k[:, row, :fed.shape[1]], want.k[:, 0],
+                               rtol=1e-4, atol=1e-4, err_msg=f'row {row}')
+    np.testing.assert_allclose(result.cache.v[:, row, :fed.shape[1]], want.v[:, 0],
+                               rtol=1e-4, atol=1e-4, err_msg=f'row {row}')
+    # The check has teeth: propagated K/V (from frozen states) is far from exact.
+    fed_p = _sequences(PROMPTS, propagated.output)[row][:-1][None]
+    want_p, _ = generate_lib.prefill(cfg, params, jnp.asarray(fed_p),
+                                     jnp.asarray([fed_p.shape[1]]), fed_p.shape[1])
+    assert np.abs(propagated.cache.k[:, row, :fed_p.shape[1]] - want_p.k[:, 0]).max() > 0.1
+    exit_logits = model_lib.forward_train(cfg, params, jnp.asarray(fed))[:, 0]
+    n = len(PROMPTS[row])
+    for i in range(1, MAX_NEW):
+      logits = exit_logits[exit_index[int(depths[row, i])], n + i - 1]
+      assert int(jnp.argmax(logits)) == sequence[n + i], (row, i)
+
+
+def test_parallel_full_queue_forces_a_deep_pass(setup):
+  cfg, params, prompt, lengths, _ = setup
+  policy = exits.ExitPolicy(measure='max_prob', threshold=0.0)  # every token would leave at 1
+  for capacity in (1, 3):
+    depths = np.asarray(_run_with_cache(cfg, params, prompt, lengths, policy, 'parallel',
+                                        capacity, max_new=24).output.exit_depth)[:, 1:]
+    # Exits at depth 1 in runs of `capacity`, then one token at full depth empties the queue.
+    pattern = np.tile([1] * capacity + [cfg.num_layers], 24)[:depths.shape[1]]
+    np.testing.assert_array_equal(depths, np.broadcast_to(pattern, depths.shape))
 
 
 def test_rows_exit_independently(setup):

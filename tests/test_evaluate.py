@@ -76,3 +76,36 @@ def test_generate_launch_script(trained, tmp_path):
   assert 'mean_depth: 1.4' in out.stdout, out.stdout[-500:]  # (6 + 11 * 1) / 12 = 1.4167
   page = html_path.read_text()
   assert page.count('exit depth 1"') == 22 and page.count('exit depth 6"') == 2
+
+
+def test_benchmark_launch_script(trained, tmp_path):
+  out_path = tmp_path / 'bench.json'
+  out = subprocess.run(
+      [sys.executable, 'launch/benchmark.py', '--config=configs/recursive.py:tiny',
+       f'--workdir={trained}', f'--out={out_path}', '--config.benchmark.batches=1,2',
+       '--config.benchmark.max_new_tokens=16', '--config.benchmark.repeats=1',
+       '--config.benchmark.prompt_len=8', '--config.benchmark.thresholds=0.0,1.01',
+       '--config.benchmark.speculative=2x3'],
+      cwd=REPO, capture_output=True, text=True, timeout=900)
+  assert out.returncode == 0, out.stderr[-3000:]
+  rows = json.load(open(out_path))
+  assert os.path.getsize(str(out_path).replace('.json', '.png')) > 10_000
+  keys = {'mode', 'policy', 'batch', 'threshold', 'tokens_per_second', 'mean_depth',
+          'theoretical_speedup', 'realized_speedup', 'agreement'}
+  assert all(keys <= set(r) for r in rows)
+  # Per batch: full, 2 policies x 2 thresholds, one speculative setting.
+  assert [(r['batch'], r['mode']) for r in rows] == [
+      (b, m) for b in (1, 2) for m in ['full'] + ['early_exit'] * 4 + ['speculative']]
+  for r in rows:
+    assert r['tokens_per_second'] > 0 and r['compile_seconds'] > 0
+    if r['mode'] == 'full':
+      assert (r['mean_depth'], r['realized_speedup'], r['agreement']) == (6.0, 1.0, 1.0)
+    elif r['mode'] == 'speculative':  # exact: the same tokens as full-depth greedy
+      assert r['agreement'] == r['sequence_agreement'] == 1.0 and r['mean_depth'] == 6.0
+    elif r['threshold'] > 1:  # no token is ever confident enough: full depth, same text
+      assert r['mean_depth'] == 6.0 and r['sequence_agreement'] == 1.0
+      assert r['theoretical_speedup'] < 1  # it paid for every check and exited nowhere
+    elif r['policy'] == 'propagate':  # max_prob >= 0: every decode step leaves at depth 1
+      assert r['mean_depth'] == 1.0 and r['theoretical_speedup'] > 2
+    else:  # parallel: the 9th of 15 decode steps finds the queue (capacity 8) full
+      assert r['mean_depth'] == (14 * 1 + 6) / 15

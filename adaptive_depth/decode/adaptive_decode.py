@@ -1,5 +1,6 @@
-"""Generation with per-row early exit: prefill, then a while_loop over positions whose body is
-a masked while_loop over depth, with the KV cache in the carry.
+"""The pieces of per-row early-exit decoding, and KV policy 'propagate': prefill, the exit
+check of one decode step, and a decode step whose body is a masked while_loop over depth
+(`generation.generate_tokens` runs the while_loop over positions around it).
 
 KV cache: k, v [num_layers, B, cache_len, KV, Dh] (one slot per loop step, so a recursive
 model caches per recursion step), with the prompt left-aligned in each row and row b's next
@@ -25,10 +26,6 @@ from adaptive_depth import depth as depth_lib
 from adaptive_depth import exits
 from adaptive_depth import layers
 from adaptive_depth import model as model_lib
-from adaptive_depth.decode import sampling as sampling_lib
-
-KV_POLICIES = ('propagate',)
-
 
 @flax.struct.dataclass
 class Cache:
@@ -69,9 +66,48 @@ def prefill(cfg: model_lib.ModelConfig, params, prompt, prompt_lengths, cache_le
   return cache, model_lib.head_logits(cfg, params, last)
 
 
+def exit_check(cfg: model_lib.ModelConfig, params, policy: exits.ExitPolicy, classifier,
+               depth, h, h_previous, active, exit_depth, exit_logits, row_position,
+               may_exit=True):
+  """The confidence check at loop depth `depth` (traced) for one token per row.
+
+  h, h_previous: [B, 1, D]; active, exit_depth: [B]; exit_logits: [B, V]; may_exit: [B] bool
+  or True (a row whose exit is refused keeps going). Depths that are not exits, below
+  policy.min_depth, or the last depth pass everything through unchanged.
+  Returns (active, exit_depth, exit_logits, h_previous).
+  """
+  if policy.measure == 'never':  # static: full depth pays for no checks at all
+    return active, exit_depth, exit_logits, h_previous
+  is_exit, exit_number = depth_lib._exit_lookup(cfg)
+
+  def check(args):
+    active, exit_depth, exit_logits, _ = args
+    score, logits = depth_lib.exit_confidence(cfg, params, policy, h, h_previous,
+                                              exit_number[depth], classifier)
+    if logits is None:
+      logits = model_lib.head_logits(cfg, params, h)
+    leaving = active & may_exit & depth_lib.exit_decision(policy, score[:, 0], depth,
+                                                          row_position)
+    exit_logits = jnp.where(leaving[:, None], logits[:, 0], exit_logits)
+    return active & ~leaving, jnp.where(leaving, depth, exit_depth), exit_logits, h
+
+  return jax.lax.cond(
+      is_exit[depth] & (depth < cfg.num_layers) & (depth >= jnp.asarray(policy.min_depth)),
+      check, lambda args: args, (active, exit_depth, exit_logits, h_previous))
+
+
+def final_logits(cfg: model_lib.ModelConfig, params, h, exit_depth, exit_logits):
+  """Per row: the exit head at the last depth for rows that went all the way (computed only
+  if some row did), else the logits of the exit they left at. h: [B, D] -> [B, V]."""
+  full = jax.lax.cond(jnp.any(exit_depth == cfg.num_layers),
+                      lambda: model_lib.head_logits(cfg, params, h),
+                      lambda: exit_logits)
+  return jnp.where((exit_depth < cfg.num_layers)[:, None], exit_logits, full)
+
+
 def decode_step(cfg: model_lib.ModelConfig, params, cache: Cache, token, position,
                 policy: exits.ExitPolicy, row_position, classifier=None):
-  """One new token per row through the adaptive depth loop.
+  """One new token per row through the adaptive depth loop, KV policy 'propagate'.
 
   token, position, row_position: [B] (row_position is t of the decaying threshold).
   Returns (cache, logits [B, V], exit_depth [B], steps_run).
@@ -80,7 +116,6 @@ def decode_step(cfg: model_lib.ModelConfig, params, cache: Cache, token, positio
   batch, cache_len = token.shape[0], cache.k.shape[2]
   positions = position[:, None]
   mask = (jnp.arange(cache_len)[None, :] <= position[:, None])[:, None, :]  # [B, 1, S]
-  is_exit, exit_number = depth_lib._exit_lookup(cfg)
   h0 = model_lib.embed(cfg, params, token[:, None])
 
   def cond(carry):
@@ -97,22 +132,9 @@ def decode_step(cfg: model_lib.ModelConfig, params, cache: Cache, token, positio
     cache = Cache(k=cache.k.at[step].set(_write(k_layer, k[:, 0], position)),
                   v=cache.v.at[step].set(_write(v_layer, v[:, 0], position)))
     h = jnp.where(active[:, None, None], h_new, h)
-    depth = step + 1
-
-    def check(args):
-      h, active, exit_depth, exit_logits, h_previous = args
-      score, logits = depth_lib.exit_confidence(cfg, params, policy, h, h_previous,
-                                                exit_number[depth], classifier)
-      if logits is None:
-        logits = model_lib.head_logits(cfg, params, h)
-      leaving = active & depth_lib.exit_decision(policy, score[:, 0], depth, row_position)
-      exit_logits = jnp.where(leaving[:, None], logits[:, 0], exit_logits)
-      return h, active & ~leaving, jnp.where(leaving, depth, exit_depth), exit_logits, h
-
-    h, active, exit_depth, exit_logits, h_previous = jax.lax.cond(
-        is_exit[depth] & (depth < num_layers) & (depth >= jnp.asarray(policy.min_depth)),
-        check, lambda args: args,
-        (h, active, exit_depth, exit_logits, h_previous))
+    active, exit_depth, exit_logits, h_previous = exit_check(
+        cfg, params, policy, classifier, step + 1, h, h_previous, active, exit_depth,
+        exit_logits, row_position)
     return step + 1, h, active, exit_depth, exit_logits, h_previous, cache
 
   init = (jnp.int32(0), h0, jnp.ones((batch,), bool), jnp.full((batch,), num_layers, jnp.int32),
@@ -129,49 +151,8 @@ def decode_step(cfg: model_lib.ModelConfig, params, cache: Cache, token, positio
                            v=cache.v.at[step].set(_write(v_layer, v[:, 0], position)))
 
   _, cache = jax.lax.while_loop(lambda c: c[0] < num_layers, propagate, (steps_run, cache))
-  logits = jax.lax.cond(jnp.any(exit_depth == num_layers),
-                        lambda: model_lib.head_logits(cfg, params, h[:, 0]),
-                        lambda: exit_logits)
-  logits = jnp.where((exit_depth < num_layers)[:, None], exit_logits, logits)
+  logits = final_logits(cfg, params, h[:, 0], exit_depth, exit_logits)
   return cache, logits, exit_depth, steps_run
-
-
-def generate_tokens(cfg: model_lib.ModelConfig, params, prompt, prompt_lengths, *,
-                    max_new_tokens: int, policy: exits.ExitPolicy, sampling, rng, eos_id: int,
-                    pad_id: int, classifier=None) -> GeneratedTokens:
-  """prompt: [B, P] left-aligned, prompt_lengths: [B]. The first new token comes from the
-  prefill at full depth; every later one from the adaptive decode step. Jit with
-  max_new_tokens static (the cache length is P + max_new_tokens)."""
-  batch = prompt.shape[0]
-  cache, logits = prefill(cfg, params, prompt, prompt_lengths,
-                          prompt.shape[1] + max_new_tokens)
-  rng, first_rng = jax.random.split(rng)
-  first = sampling_lib.next_token(logits, sampling, first_rng)
-  tokens = jnp.full((batch, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
-  depths = jnp.zeros((batch, max_new_tokens), jnp.int32).at[:, 0].set(cfg.num_layers)
-  done = first == eos_id
-
-  def cond(carry):
-    i, _, _, _, done, _ = carry
-    return (i < max_new_tokens) & ~jnp.all(done)
-
-  def body(carry):
-    i, tokens, depths, cache, done, rng = carry
-    rng, step_rng = jax.random.split(rng)
-    previous = tokens[:, i - 1]
-    cache, logits, exit_depth, _ = decode_step(
-        cfg, params, cache, previous, prompt_lengths + i - 1, policy,
-        jnp.full((batch,), i - 1), classifier)
-    new = jnp.where(done, pad_id, sampling_lib.next_token(logits, sampling, step_rng))
-    tokens = tokens.at[:, i].set(new)
-    depths = depths.at[:, i].set(jnp.where(done, 0, exit_depth))
-    return i + 1, tokens, depths, cache, done | (new == eos_id), rng
-
-  _, tokens, depths, _, _, _ = jax.lax.while_loop(
-      cond, body, (jnp.int32(1), tokens, depths, cache, done, rng))
-  is_eos = tokens == eos_id
-  first_eos = jnp.where(is_eos.any(-1), jnp.argmax(is_eos, -1) + 1, max_new_tokens)
-  return GeneratedTokens(tokens=tokens, exit_depth=depths, num_generated=first_eos)
 
 
 def pad_prompts(token_lists, pad_id: int, multiple: int = 16) -> tuple[np.ndarray, np.ndarray]:

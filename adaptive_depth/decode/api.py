@@ -11,7 +11,8 @@ import numpy as np
 
 from adaptive_depth import costs
 from adaptive_depth import exits
-from adaptive_depth.decode import adaptive_decode as generate_lib
+from adaptive_depth.decode import adaptive_decode as decode_lib
+from adaptive_depth.decode import generation
 from adaptive_depth.decode import sampling as sampling_lib
 
 
@@ -34,20 +35,22 @@ def generate_from_config(model, prompts: Sequence[str], config) -> GenerateOutpu
   sampling = (sampling_lib.Greedy() if g.temperature == 0 else
               sampling_lib.Sampling(temperature=g.temperature, top_k=g.top_k, top_p=g.top_p))
   return generate(model, prompts, max_new_tokens=g.max_new_tokens, exit=policy, kv=g.kv,
-                  sampling=sampling, seed=g.seed)
+                  queue_capacity=g.queue_capacity, sampling=sampling, seed=g.seed)
 
 
 def generate(model, prompts: Sequence[str], *, max_new_tokens: int = 64,
              exit: Optional[exits.ExitPolicy] = None, kv: str = 'propagate',
-             sampling: Any = None, seed: int = 0, classifier=None) -> GenerateOutput:
+             queue_capacity: int = 8, sampling: Any = None, seed: int = 0,
+             classifier=None) -> GenerateOutput:
   """Generates a continuation of each prompt (a batch, ragged lengths allowed).
 
   model: an `ad.load(workdir)` result. exit: the early-exit policy (default: never exit).
-  kv: KV policy for the layers a token skipped: 'propagate'. sampling: Greedy() (default) or
+  kv: KV policy for the layers a token skipped, one of generation.KV_POLICIES: 'propagate'
+  (CALM state propagation) or 'parallel' (queued tokens catch up in the next deep pass; at
+  most queue_capacity per row). sampling: Greedy() (default) or
   Sampling(temperature, top_k, top_p).
   """
-  if kv not in generate_lib.KV_POLICIES:
-    raise ValueError(f'kv={kv!r}; allowed: {", ".join(generate_lib.KV_POLICIES)}')
+  generation.check_kv_policy(kv, queue_capacity)
   if max_new_tokens < 1:
     raise ValueError(f'max_new_tokens={max_new_tokens}: must be >= 1')
   cfg, tokenizer = model.model_config, model.tokenizer
@@ -55,14 +58,14 @@ def generate(model, prompts: Sequence[str], *, max_new_tokens: int = 64,
   if policy.schedule == 'decaying':
     policy = policy.replace(max_len=max_new_tokens)
   sampling = sampling or sampling_lib.Greedy()
-  prompt, lengths = generate_lib.pad_prompts([tokenizer.encode(p) for p in prompts],
+  prompt, lengths = decode_lib.pad_prompts([tokenizer.encode(p) for p in prompts],
                                              pad_id=tokenizer.eos_id)
 
   def run(params, prompt, lengths, policy, sampling, rng, classifier):
-    return generate_lib.generate_tokens(
+    return generation.generate_tokens(
         cfg, params, prompt, lengths, max_new_tokens=max_new_tokens, policy=policy,
         sampling=sampling, rng=rng, eos_id=tokenizer.eos_id, pad_id=tokenizer.eos_id,
-        classifier=classifier)
+        classifier=classifier, kv=kv, queue_capacity=queue_capacity)
 
   args = (model.params, jnp.asarray(prompt), jnp.asarray(lengths), policy, sampling,
           jax.random.key(seed), classifier)
@@ -79,7 +82,7 @@ def generate(model, prompts: Sequence[str], *, max_new_tokens: int = 64,
   all_depths = np.concatenate([np.asarray(d) for d in depths])
   context = float(np.mean(lengths)) + max_new_tokens / 2.0
   spent = costs.token_flops(cfg, all_depths, policy.measure, context,
-                            propagate_kv=True).mean()
+                            kv=kv).mean()
   stats = {
       'mean_depth': float(all_depths.mean()),
       'relative_depth': float(all_depths.mean() / cfg.num_layers),

@@ -1,0 +1,97 @@
+"""The generation loop: prefill, then a while_loop over positions whose body is one adaptive
+decode step of the chosen KV policy, with the cache (and the policy's state) in the carry.
+
+KV policies for the layers a token skipped (DESIGN.md section 4):
+  'propagate': each skipped layer computes the token's K/V from its exited state
+               (adaptive_decode.decode_step).
+  'parallel':  skipped tokens queue per row and catch up inside the next deep pass, so the
+               cache holds exact K/V (parallel_kv.decode_step).
+A policy is a decode step plus the state it carries between positions; recursion-wise
+caching and recursive KV sharing for shared-block models slot in the same way.
+"""
+from __future__ import annotations
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from adaptive_depth import exits
+from adaptive_depth import model as model_lib
+from adaptive_depth.decode import adaptive_decode as decode_lib
+from adaptive_depth.decode import parallel_kv
+from adaptive_depth.decode import sampling as sampling_lib
+
+KV_POLICIES = ('propagate', 'parallel')
+
+
+@flax.struct.dataclass
+class GenerationResult:
+  """What generate_tokens returns: the tokens and, for inspection, the final cache (complete:
+  the 'parallel' queue is flushed) of the prompt and every generated token but the last."""
+  output: decode_lib.GeneratedTokens
+  cache: decode_lib.Cache
+
+
+def check_kv_policy(kv: str, queue_capacity: int):
+  """Raises ValueError naming the argument (before anything compiles)."""
+  if kv not in KV_POLICIES:
+    raise ValueError(f'kv={kv!r}; allowed: {", ".join(KV_POLICIES)}')
+  if kv == 'parallel' and queue_capacity < 1:
+    raise ValueError(f'queue_capacity={queue_capacity}: must be >= 1 for kv=\'parallel\'')
+
+
+def generate_tokens(cfg: model_lib.ModelConfig, params, prompt, prompt_lengths, *,
+                    max_new_tokens: int, policy: exits.ExitPolicy, sampling, rng, eos_id: int,
+                    pad_id: int, classifier=None, kv: str = 'propagate',
+                    queue_capacity: int = 8, return_cache: bool = False):
+  """prompt: [B, P] left-aligned, prompt_lengths: [B]. The first new token comes from the
+  prefill at full depth; every later one from the adaptive decode step. Jit with
+  max_new_tokens, kv, queue_capacity and return_cache static. The cache has
+  P + max_new_tokens + 1 positions (the last is the 'parallel' policy's write sink).
+
+  Returns GeneratedTokens, or a GenerationResult when return_cache.
+  """
+  check_kv_policy(kv, queue_capacity)
+  batch = prompt.shape[0]
+  cache, logits = decode_lib.prefill(cfg, params, prompt, prompt_lengths,
+                                     prompt.shape[1] + max_new_tokens + 1)
+  rng, first_rng = jax.random.split(rng)
+  first = sampling_lib.next_token(logits, sampling, first_rng)
+  tokens = jnp.full((batch, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
+  depths = jnp.zeros((batch, max_new_tokens), jnp.int32).at[:, 0].set(cfg.num_layers)
+  done = first == eos_id
+  queue = (parallel_kv.ExitQueue.empty(batch, queue_capacity, cfg.width, cfg.compute_dtype)
+           if kv == 'parallel' else None)
+
+  def step(cache, queue, token, position, row_position):
+    if kv == 'parallel':
+      return parallel_kv.decode_step(cfg, params, cache, queue, token, position, policy,
+                                     row_position, classifier)
+    cache, logits, exit_depth, _ = decode_lib.decode_step(
+        cfg, params, cache, token, position, policy, row_position, classifier)
+    return cache, None, logits, exit_depth
+
+  def cond(carry):
+    i, _, _, _, _, done, _ = carry
+    return (i < max_new_tokens) & ~jnp.all(done)
+
+  def body(carry):
+    i, tokens, depths, cache, queue, done, rng = carry
+    rng, step_rng = jax.random.split(rng)
+    cache, queue, logits, exit_depth = step(cache, queue, tokens[:, i - 1],
+                                            prompt_lengths + i - 1, jnp.full((batch,), i - 1))
+    new = jnp.where(done, pad_id, sampling_lib.next_token(logits, sampling, step_rng))
+    tokens = tokens.at[:, i].set(new)
+    depths = depths.at[:, i].set(jnp.where(done, 0, exit_depth))
+    return i + 1, tokens, depths, cache, queue, done | (new == eos_id), rng
+
+  _, tokens, depths, cache, queue, _, _ = jax.lax.while_loop(
+      cond, body, (jnp.int32(1), tokens, depths, cache, queue, done, rng))
+  is_eos = tokens == eos_id
+  first_eos = jnp.where(is_eos.any(-1), jnp.argmax(is_eos, -1) + 1, max_new_tokens)
+  output = decode_lib.GeneratedTokens(tokens=tokens, exit_depth=depths, num_generated=first_eos)
+  if not return_cache:
+    return output
+  if kv == 'parallel':
+    cache, _ = parallel_kv.flush(cfg, params, cache, queue)
+  return GenerationResult(output=output, cache=cache)

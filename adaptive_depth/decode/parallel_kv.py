@@ -1,0 +1,137 @@
+"""KV policy 'parallel' (FREE's synchronised parallel decoding), generalised to many exits.
+
+A token that exits at depth e leaves its later layers' K/V unwritten and joins its row's
+queue with its state at depth e. Whenever a later token of that row runs layer j, every
+queued token that has not yet run layer j runs it in the same block call (the queue and the
+current token form one short sequence, in position order), so each layer's K/V for every
+earlier position is exact before anything attends to it. The cache therefore always equals a
+full-depth pass over the emitted tokens, up to layers not yet needed. A token that goes to
+the last layer empties its row's queue; a full queue refuses the exit, forcing that pass.
+
+At batch 1 the catch-up costs little wall time: the queue rides along in block calls that
+read the same weights (decode is bound by weight reads, not arithmetic).
+
+Shapes: queue h [B, Q, D], position / reached [B, Q], count [B]; the group of one decode
+step is the queue plus the current token, [B, G = Q + 1]. Writes of slots that do not take
+part in a layer go to the cache's last slot, which no query ever attends to (the cache is
+allocated one position longer than any token needs).
+"""
+from __future__ import annotations
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from adaptive_depth import exits
+from adaptive_depth import model as model_lib
+from adaptive_depth.decode import adaptive_decode as decode_lib
+
+
+@flax.struct.dataclass
+class ExitQueue:
+  """Tokens per row whose deeper layers have not run yet, in position order."""
+  h: jax.Array         # [B, Q, D] residual state at depth `reached`
+  position: jax.Array  # [B, Q]
+  reached: jax.Array   # [B, Q] layers run so far
+  count: jax.Array     # [B] valid entries (the first `count` slots)
+
+  @classmethod
+  def empty(cls, batch: int, capacity: int, width: int, dtype) -> 'ExitQueue':
+    return cls(h=jnp.zeros((batch, capacity, width), dtype),
+               position=jnp.zeros((batch, capacity), jnp.int32),
+               reached=jnp.zeros((batch, capacity), jnp.int32),
+               count=jnp.zeros((batch,), jnp.int32))
+
+  @property
+  def capacity(self) -> int:
+    return self.h.shape[1]
+
+  def valid(self):
+    return jnp.arange(self.capacity)[None, :] < self.count[:, None]
+
+
+def _write_group(cache_layer, values, positions):
+  """cache_layer: [B, S, ...]; values: [B, G, ...] written at positions [B, G]."""
+  rows = jnp.arange(values.shape[0])[:, None]
+  return cache_layer.at[rows, positions].set(values)
+
+
+def _run_layer(cfg, params, cache, step, h, positions, takes_part):
+  """Layer `step` for the slots that take part. h: [B, G, D]; positions: [B, G];
+  takes_part: [B, G]. Returns (h, cache) with only those slots' states and K/V changed."""
+  scratch = cache.k.shape[2] - 1
+  write_at = jnp.where(takes_part, positions, scratch)
+  mask = jnp.arange(cache.k.shape[2])[None, None, :] <= positions[:, :, None]  # [B, G, S]
+  block = model_lib.step_block(cfg, params, step)
+  k_layer = jax.lax.dynamic_index_in_dim(cache.k, step, keepdims=False)
+  v_layer = jax.lax.dynamic_index_in_dim(cache.v, step, keepdims=False)
+  merge = lambda k, v: (_write_group(k_layer, k, write_at), _write_group(v_layer, v, write_at))
+  h_new, (k, v) = model_lib.apply_block(cfg, block, h, positions, mask, merge)
+  k_layer, v_layer = merge(k, v)  # the same writes (XLA shares them)
+  cache = decode_lib.Cache(k=cache.k.at[step].set(k_layer), v=cache.v.at[step].set(v_layer))
+  return jnp.where(takes_part[:, :, None], h_new, h), cache
+
+
+def decode_step(cfg: model_lib.ModelConfig, params, cache, queue: ExitQueue, token, position,
+                policy: exits.ExitPolicy, row_position, classifier=None):
+  """One new token per row with the queued tokens catching up alongside it.
+
+  token, position, row_position: [B]. Returns (cache, queue, logits [B, V], exit_depth [B]).
+  """
+  num_layers, capacity = cfg.num_layers, queue.capacity
+  batch = token.shape[0]
+  h = jnp.concatenate([queue.h, model_lib.embed(cfg, params, token[:, None])], axis=1)
+  positions = jnp.concatenate([queue.position, position[:, None]], axis=1)
+  reached = jnp.concatenate([queue.reached, jnp.zeros((batch, 1), jnp.int32)], axis=1)
+  valid = jnp.concatenate([queue.valid(), jnp.ones((batch, 1), bool)], axis=1)
+  may_exit = queue.count < capacity
+
+  def cond(carry):
+    return (carry[0] < num_layers) & jnp.any(carry[3])
+
+  def body(carry):
+    step, h, reached, active, exit_depth, exit_logits, h_previous, cache = carry
+    takes_part = valid & (reached <= step) & active[:, None]
+    h, cache = _run_layer(cfg, params, cache, step, h, positions, takes_part)
+    reached = jnp.where(takes_part, step + 1, reached)
+    active, exit_depth, exit_logits, h_previous = decode_lib.exit_check(
+        cfg, params, policy, classifier, step + 1, h[:, capacity:], h_previous, active,
+        exit_depth, exit_logits, row_position, may_exit)
+    return step + 1, h, reached, active, exit_depth, exit_logits, h_previous, cache
+
+  init = (jnp.int32(0), h, reached, jnp.ones((batch,), bool),
+          jnp.full((batch,), num_layers, jnp.int32),
+          jnp.zeros((batch, cfg.vocab_size), jnp.float32), h[:, capacity:], cache)
+  _, h, reached, _, exit_depth, exit_logits, _, cache = jax.lax.while_loop(cond, body, init)
+
+  exited = exit_depth < num_layers
+  rows = jnp.arange(batch)
+  slot = jnp.minimum(queue.count, capacity - 1)  # only used where the row exited (count < Q)
+  new_h = h[:, :capacity].at[rows, slot].set(
+      jnp.where(exited[:, None], h[:, capacity], h[rows, slot]))
+  new_position = queue.position.at[rows, slot].set(
+      jnp.where(exited, position, queue.position[rows, slot]))
+  new_reached = reached[:, :capacity].at[rows, slot].set(
+      jnp.where(exited, exit_depth, reached[rows, slot]))
+  # A token that went all the way took every queued token of its row along: the queue empties.
+  queue = ExitQueue(h=new_h, position=new_position, reached=new_reached,
+                    count=jnp.where(exited, queue.count + 1, 0))
+  logits = decode_lib.final_logits(cfg, params, h[:, capacity], exit_depth, exit_logits)
+  return cache, queue, logits, exit_depth
+
+
+def flush(cfg: model_lib.ModelConfig, params, cache, queue: ExitQueue):
+  """Runs every queued token through its remaining layers (so the cache is complete, e.g.
+  before the sequence is extended later). Returns (cache, empty queue)."""
+  valid = queue.valid()
+  start = jnp.min(jnp.where(valid, queue.reached, cfg.num_layers))
+
+  def body(carry):
+    step, h, cache = carry
+    h, cache = _run_layer(cfg, params, cache, step, h, queue.position,
+                          valid & (queue.reached <= step))
+    return step + 1, h, cache
+
+  _, _, cache = jax.lax.while_loop(lambda c: c[0] < cfg.num_layers, body,
+                                   (start, queue.h, cache))
+  return cache, queue.replace(count=jnp.zeros_like(queue.count))
