@@ -197,12 +197,34 @@ def run_benchmark(config, workdir: str, out_path: str,
              {'draft_depth': depth, 'num_draft': num,
               'acceptance': float(np.asarray(out.accepted_drafts).sum() / max(drafted, 1))})
 
+    if b.transformers_source and batch == 1:
+      rows.append(_transformers_row(b, prompt, full_tokens, full_tps, progress))
+
   with open(out_path, 'w') as f:
     json.dump(rows, f, indent=1)
   plot_path = out_path.rsplit('.', 1)[0] + '.png'
   plot_rows(rows, plot_path, f'{cfg.num_layers} layers, width {cfg.width}')
   progress(f'Wrote {out_path} and {plot_path}')
   return rows
+
+
+def _transformers_row(b, prompt, full_tokens, full_tps, progress) -> dict:
+  """The `transformers` library's own greedy generate on the same checkpoint and prompt."""
+  from adaptive_depth import torch_reference
+  reference = torch_reference.load_transformers_model(b.transformers_source)
+  tokens, seconds = torch_reference.time_greedy_generate(reference, np.asarray(prompt),
+                                                         b.max_new_tokens, b.repeats)
+  batch = tokens.shape[0]
+  tps = batch * b.max_new_tokens / seconds
+  row = {'mode': 'transformers', 'policy': 'transformers.generate (torch float32)',
+         'batch': batch, 'threshold': None, 'tokens_per_second': tps, 'mean_depth': None,
+         'theoretical_speedup': None, 'realized_speedup': tps / full_tps,
+         'agreement': None, 'sequence_agreement': float((tokens == full_tokens).mean()),
+         'seconds': seconds, 'new_tokens': b.max_new_tokens}
+  progress(f'  batch {batch:>2} transformers.generate {tps:8.1f} tok/s  ({tps / full_tps:.2f}x '
+           f'this library\'s full-depth decode); same tokens at '
+           f'{row["sequence_agreement"]:.3f} of positions')
+  return row
 
 
 def plot_rows(rows: list[dict], path: str, title: str):
@@ -213,7 +235,7 @@ def plot_rows(rows: list[dict], path: str, title: str):
   batches = sorted({r['batch'] for r in rows})
   fig, axes = plt.subplots(1, len(batches), figsize=(5.5 * len(batches), 4.2), squeeze=False)
   for ax, batch in zip(axes[0], batches):
-    mine = [r for r in rows if r['batch'] == batch]
+    mine = [r for r in rows if r['batch'] == batch and r['agreement'] is not None]
     for name in dict.fromkeys(f'{r["mode"]}:{r["policy"]}' for r in mine):
       series = [r for r in mine if f'{r["mode"]}:{r["policy"]}' == name]
       marker = {'full': 's', 'early_exit': 'o', 'speculative': '^'}[series[0]['mode']]

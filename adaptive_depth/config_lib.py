@@ -108,6 +108,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.benchmark.kv = 'propagate,parallel'
   c.benchmark.queue_capacity = 8
   c.benchmark.speculative = ''    # e.g. '4x4,6x3': draft depth x drafted tokens; '' = none
+  c.benchmark.transformers_source = ''  # a .gguf / HF dir: also time transformers' generate
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1

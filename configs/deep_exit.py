@@ -27,6 +27,7 @@ def get_config(variant: str = ''):
   config.checkpoint.every_steps = 50
   config.eval.batch_size = 16
   config.eval.num_batches = 16
+  config.benchmark.thresholds = '0.5,0.6,0.7,0.8,0.9,0.95'
   config.benchmark.speculative = '3x4,4x4,6x4'
   config.generate.measure = 'max_prob'
   config.generate.threshold = 0.9
