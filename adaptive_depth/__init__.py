@@ -6,6 +6,7 @@
 """
 from adaptive_depth.config_lib import ConfigError, base_config, validate
 from adaptive_depth.config_loading import load_config
+from adaptive_depth import convert  # ad.convert.from_gguf / from_hf_dir / convert
 from adaptive_depth.decode import GenerateOutput, Greedy, Sampling, generate, generate_from_config
 from adaptive_depth.depth import AdaptiveOutput, forward_adaptive
 from adaptive_depth.evaluation import evaluate_run

@@ -12,6 +12,8 @@ from adaptive_depth import model as model_lib
 from adaptive_depth.data import tokenizers
 
 EXIT_LOSS_WEIGHTS = ('uniform', 'linear', 'last')
+EXIT_LOSSES = ('lm', 'distill')
+TRAINABLE = ('all', 'exit_heads')
 STAGES = ('model', 'exit_classifier')
 
 
@@ -44,6 +46,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.remat = False
   c.model.init_std = 0.02
   c.model.lora_rank = 0           # per-step LoRA on shared blocks (relaxed recursion)
+  c.model.exit_norms = False      # each early exit gets its own RMSNorm scale
+  c.model.exit_adapter_rank = 0   # each early exit gets a low-rank residual adapter (0 = none)
+  c.model.qkv_bias = False        # biases on the q/k/v projections (Qwen2 checkpoints)
 
   c.data = ml_collections.ConfigDict()
   c.data.dataset = 'bundled_tiny_shakespeare'
@@ -51,7 +56,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.train_split = 'train'
   c.data.eval_split = 'validation'
   c.data.tfds_data_dir = ''       # '' = $TFDS_DATA_DIR or ~/tensorflow_datasets
-  c.data.tokenizer = 'byte'
+  c.data.tokenizer = 'byte'       # 'byte' | 'bpe' (reads data.tokenizer_file)
+  c.data.tokenizer_file = ''      # 'bpe': a tokenizer.json or a .gguf file with a vocabulary
+  c.data.bos_id = -1              # -1 = the tokenizer's own
+  c.data.eos_id = -1              # -1 = the tokenizer's own
+  c.data.chat_template = ''       # Jinja chat template; '' = the tokenizer file's own, if any
   c.data.seq_len = 128
 
   c.train = ml_collections.ConfigDict()
@@ -65,6 +74,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.b2 = 0.95
   c.train.grad_clip_norm = 1.0
   c.train.exit_loss_weights = 'uniform'  # one of EXIT_LOSS_WEIGHTS
+  c.train.exit_loss = 'lm'        # 'lm': cross entropy on the corpus at every exit;
+                                  # 'distill': early exits match the last exit (KL)
+  c.train.trainable = 'all'       # 'all' | 'exit_heads' (trunk frozen: only exit heads train)
+  c.train.init_from = ''          # a workdir: start from its latest checkpoint's parameters
   c.train.log_every = 25
   c.train.progress_bar = True
 
@@ -93,6 +106,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.generate.min_depth = 1
   c.generate.kv = 'propagate'     # 'propagate' | 'parallel'
   c.generate.queue_capacity = 8   # 'parallel': queued tokens per row before a forced deep pass
+  c.generate.speculative = ''      # 'ExK': greedy self-speculative, draft k with E layers
   c.generate.temperature = 0.0    # 0 = greedy
   c.generate.top_k = 0
   c.generate.top_p = 1.0
@@ -127,6 +141,9 @@ def base_config() -> ml_collections.ConfigDict:
       ('head_dim', None),
       ('norm', None),
       ('length', None),
+      ('exits', None),
+      ('adapter_embed', None),
+      ('adapter_rank', None),
   )
   return c
 
@@ -201,12 +218,17 @@ def _value_problems(c) -> list[str]:
   p.extend(_schedule_problems(m))
   if m.lora_rank < 0:
     p.append(f'config.model.lora_rank={m.lora_rank}: must be >= 0 (0 = no LoRA)')
+  p.extend(_exit_head_problems(c))
 
   try:
-    tokenizer = tokenizers.get_tokenizer(c.data.tokenizer)
+    tokenizer = tokenizers.from_config(c.data)
     if m.vocab_size < tokenizer.vocab_size:
       p.append(f'config.model.vocab_size={m.vocab_size} is smaller than the '
                f'{c.data.tokenizer!r} tokenizer vocabulary ({tokenizer.vocab_size})')
+    for name in ('bos_id', 'eos_id'):
+      if not -1 <= c.data[name] < m.vocab_size:
+        p.append(f'config.data.{name}={c.data[name]}: allowed -1 (the tokenizer\'s own) or '
+                 f'0..{m.vocab_size - 1} (config.model.vocab_size - 1)')
   except ValueError as e:
     p.append(str(e))
 
@@ -236,6 +258,52 @@ def _value_problems(c) -> list[str]:
   return p
 
 
+def _exit_head_problems(c) -> list[str]:
+  """Per-exit heads and what trains them."""
+  p = []
+  m, t = c.model, c.train
+  if m.exit_adapter_rank < 0:
+    p.append(f'config.model.exit_adapter_rank={m.exit_adapter_rank}: must be >= 0 '
+             '(0 = no adapters)')
+  has_heads = m.exit_norms or m.exit_adapter_rank > 0
+  try:
+    depths = model_lib.parse_exit_layers(m.exit_layers, m.num_layers, m.min_exit_layer)
+  except ValueError:
+    depths = None  # reported with config.model.exit_layers
+  if has_heads and depths is not None:
+    if len(depths) < 2:
+      p.append(f'config.model.exit_norms={m.exit_norms} / config.model.exit_adapter_rank='
+               f'{m.exit_adapter_rank} need an early exit, but config.model.exit_layers='
+               f'{m.exit_layers!r} has only the last layer')
+    else:
+      p.extend(_speculative_head_problems(c.benchmark.speculative, depths))
+  if t.exit_loss not in EXIT_LOSSES:
+    p.append(f'config.train.exit_loss={t.exit_loss!r}; allowed: {", ".join(EXIT_LOSSES)}')
+  if t.trainable not in TRAINABLE:
+    p.append(f'config.train.trainable={t.trainable!r}; allowed: {", ".join(TRAINABLE)}')
+  elif t.trainable == 'exit_heads' and not has_heads:
+    p.append("config.train.trainable='exit_heads' needs exit heads to train: set "
+             'config.model.exit_norms=True or config.model.exit_adapter_rank > 0')
+  if not isinstance(t.init_from, str):
+    p.append(f'config.train.init_from={t.init_from!r}: must be a workdir path or \'\'')
+  return p
+
+
+def _speculative_head_problems(speculative: str, depths) -> list[str]:
+  """With per-exit heads a self-speculative draft must read an exit's own head."""
+  from adaptive_depth import benchmark  # parsing lives with the benchmark
+  try:
+    drafts = benchmark.parse_speculative(speculative)
+  except ValueError:
+    return []  # reported with config.benchmark.speculative
+  bad = sorted({d for d, _ in drafts if d not in depths})
+  if not bad:
+    return []
+  return [f'config.benchmark.speculative={speculative!r}: draft depth(s) {bad} '
+          'are not early exits, whose own heads (config.model.exit_norms / '
+          f'exit_adapter_rank) a draft reads; allowed: {list(depths[:-1])}']
+
+
 def _generate_problems(g) -> list[str]:
   from adaptive_depth import exits  # the measure and schedule names live with the policies
   p = []
@@ -248,6 +316,16 @@ def _generate_problems(g) -> list[str]:
     p.append(f"config.generate.kv={g.kv!r}; allowed: propagate, parallel")
   if g.queue_capacity < 1:
     p.append(f'config.generate.queue_capacity={g.queue_capacity}: must be >= 1')
+  if g.speculative:
+    from adaptive_depth import benchmark  # the 'ExK' syntax is shared with the benchmark
+    try:
+      if len(benchmark.parse_speculative(g.speculative)) != 1:
+        p.append(f"config.generate.speculative={g.speculative!r}: one 'ExK' setting")
+    except ValueError as e:
+      p.append(str(e).replace('config.benchmark', 'config.generate'))
+    if g.temperature > 0:
+      p.append(f'config.generate.speculative={g.speculative!r} decodes greedily: needs '
+               f'config.generate.temperature=0 (got {g.temperature})')
   if g.max_new_tokens < 1:
     p.append(f'config.generate.max_new_tokens={g.max_new_tokens}: must be >= 1')
   if g.temperature < 0 or g.top_k < 0 or not 0 < g.top_p <= 1:

@@ -38,6 +38,7 @@ def confidence_flops(cfg: model_lib.ModelConfig, measure: str, classifier_hidden
   if measure == 'never':
     return 0.0
   cost = head_flops(cfg) + 5.0 * cfg.vocab_size  # head + softmax statistics
+  cost += 4.0 * cfg.width * cfg.exit_adapter_rank  # an early exit's adapter, if any
   if measure == 'classifier':
     cost += 2.0 * (cfg.width + 3 + len(cfg.exit_depths)) * classifier_hidden
   return cost

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from adaptive_depth import exit_heads
 from adaptive_depth import exits
 from adaptive_depth import layers
 from adaptive_depth import model as model_lib
@@ -51,7 +52,7 @@ def exit_confidence(cfg, params, policy: exits.ExitPolicy, h, h_previous, exit_n
   measure = policy.measure
   if measure == 'saturation':
     return exits.saturation(h, h_previous), None
-  logits = model_lib.head_logits(cfg, params, h)
+  logits = model_lib.head_logits(cfg, params, h, exit_number)
   if measure in ('softmax_diff', 'softmax_diff_approx'):
     score = exits.softmax_diff(logits, approx=measure == 'softmax_diff_approx')
   elif measure == 'max_prob':
@@ -62,7 +63,7 @@ def exit_confidence(cfg, params, policy: exits.ExitPolicy, h, h_previous, exit_n
     if classifier is None:
       raise ValueError("ExitPolicy.measure='classifier' needs classifier parameters "
                        '(train them with configs/exit_classifier.py)')
-    normed = cfg.final_norm.apply({'params': params['final_norm']}, h)
+    normed = exit_heads.exit_normed(cfg, params, h, exit_number)
     features = exits.classifier_features(logits, normed, exit_number, len(cfg.exit_depths))
     score = exits.classifier_confidence(classifier, features)
   elif measure == 'oracle':
@@ -142,5 +143,7 @@ def forward_adaptive(cfg: model_lib.ModelConfig, params, tokens, policy: exits.E
           jnp.full(batch_shape, num_layers, jnp.int32), jnp.zeros(batch_shape, jnp.float32),
           h0)
   steps_run, h, _, exit_depth, confidence, _ = jax.lax.while_loop(cond, body, init)
-  return AdaptiveOutput(logits=model_lib.head_logits(cfg, params, h), exit_depth=exit_depth,
-                        confidence=confidence, steps_run=steps_run)
+  # Each token's logits come from the head of the exit it left at (h is frozen there).
+  logits = model_lib.head_logits(cfg, params, h, exit_number[exit_depth])
+  return AdaptiveOutput(logits=logits, exit_depth=exit_depth, confidence=confidence,
+                        steps_run=steps_run)

@@ -34,6 +34,8 @@ class BlockConfig:
   # Output projections (attention out, MLP down) start smaller so that the residual stream
   # does not grow with depth: std / sqrt(2 * num_steps), as in GPT-2.
   residual_init_scale: float = 1.0
+  # Additive biases on the q, k, v projections (Qwen2 checkpoints have them).
+  qkv_bias: bool = False
 
 
 def _dense_init(std):
@@ -53,6 +55,14 @@ def dense(x, w, in_dims: int = 1):
   return flat.reshape(*lead, *out)
 
 
+def rms_norm(x, scale, eps: float, dtype):
+  """x / rms(x) * scale over the last axis, in float32. x: [..., D]; scale: broadcastable to
+  x (e.g. [D], or [..., D] with one scale per exit) -> [..., D] in `dtype`."""
+  x32 = x.astype(jnp.float32)
+  normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
+  return (normed * scale).astype(dtype)
+
+
 class RMSNorm(nn.Module):
   """x / rms(x) * scale, over the last axis. x: [..., D] -> [..., D]."""
   eps: float = 1e-6
@@ -62,9 +72,7 @@ class RMSNorm(nn.Module):
   def __call__(self, x):
     scale = self.param('scale', nn.with_logical_partitioning(nn.initializers.ones, ('norm',)),
                        (x.shape[-1],), jnp.float32)
-    x32 = x.astype(jnp.float32)
-    normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
-    return (normed * scale).astype(self.dtype)
+    return rms_norm(x, scale, self.eps, self.dtype)
 
 
 def rope_frequencies(head_dim: int, base: float) -> jnp.ndarray:
@@ -131,14 +139,28 @@ class Attention(nn.Module):
                         (c.width, c.num_kv_heads, c.head_dim), jnp.float32)
     self.o = self.param('o', nn.with_logical_partitioning(out_init, ('heads', 'head_dim', 'embed')),
                         (c.num_heads, c.head_dim, c.width), jnp.float32)
+    if c.qkv_bias:  # only then, so that bias-free parameter trees stay as they were
+      bias = lambda name, heads, axis: self.param(
+          name, nn.with_logical_partitioning(nn.initializers.zeros, (axis, 'head_dim')),
+          (heads, c.head_dim), jnp.float32)
+      self.q_bias = bias('q_bias', c.num_heads, 'heads')
+      self.k_bias = bias('k_bias', c.num_kv_heads, 'kv_heads')
+      self.v_bias = bias('v_bias', c.num_kv_heads, 'kv_heads')
 
   def _cast(self, w):
     return jnp.asarray(w, self.config.dtype)
 
+  def _project(self, x, name):
+    """x: [B, T, D] -> [B, T, N, Dh] through projection `name` (q, k or v), plus its bias."""
+    out = dense(x, self._cast(getattr(self, name)))
+    if self.config.qkv_bias:
+      out = out + self._cast(getattr(self, f'{name}_bias'))
+    return out
+
   def project_kv(self, x, positions):
     """x: [B, T, D] (normed) -> rotated k, v: [B, T, KV, Dh]."""
-    k = dense(x, self._cast(self.k))
-    v = dense(x, self._cast(self.v))
+    k = self._project(x, 'k')
+    v = self._project(x, 'v')
     return apply_rope(k, positions, self.config.rope_base), v
 
   def __call__(self, x, positions, mask, merge_kv: Optional[Callable] = None):
@@ -148,8 +170,7 @@ class Attention(nn.Module):
     call's K/V into a cache and returns what to attend to. Without it the call attends to
     its own tokens (S = T). Returns (out [B, T, D], (k, v) [B, T, KV, Dh] of this call).
     """
-    q = dense(x, self._cast(self.q))
-    q = apply_rope(q, positions, self.config.rope_base)
+    q = apply_rope(self._project(x, 'q'), positions, self.config.rope_base)
     own_kv = self.project_kv(x, positions)
     k, v = own_kv if merge_kv is None else merge_kv(*own_kv)
     out = attend(q, k, v, mask)

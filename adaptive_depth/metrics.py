@@ -87,10 +87,14 @@ def read_json_lines(path: str) -> list[dict]:
     return [json.loads(line) for line in f if line.strip()]
 
 
-def per_exit_records(exit_depths, losses, accuracies) -> list[dict]:
-  """[{'depth', 'loss', 'perplexity', 'accuracy'}] per exit, as plain floats."""
-  return [{'depth': int(d), 'loss': float(l), 'perplexity': float(np.exp(l)),
-           'accuracy': float(a)} for d, l, a in zip(exit_depths, losses, accuracies)]
+def per_exit_records(exit_depths, losses, accuracies, agreements=None) -> list[dict]:
+  """[{'depth', 'loss', 'perplexity', 'accuracy'}] per exit, as plain floats; with
+  agreements also 'agreement' (argmax equal to the last exit's)."""
+  records = [{'depth': int(d), 'loss': float(l), 'perplexity': float(np.exp(l)),
+              'accuracy': float(a)} for d, l, a in zip(exit_depths, losses, accuracies)]
+  for record, agreement in zip(records, [] if agreements is None else agreements):
+    record['agreement'] = float(agreement)
+  return records
 
 
 def write_json(path: str, payload) -> None:

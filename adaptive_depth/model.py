@@ -6,8 +6,14 @@ Parameters are one explicit pytree:
      'blocks': <one Block's parameters, every leaf with a leading [num_blocks] axis>,
      'final_norm': {'scale': [D]},
      'lm_head': {'kernel': [D, V]},          # only when embeddings are untied
-     'lora': {'attn': {'q': {'a': [S, D, r], 'b': [S, r, H*Dh]}, ...}, 'mlp': {...}}}
+     'lora': {'attn': {'q': {'a': [S, D, r], 'b': [S, r, H*Dh]}, ...}, 'mlp': {...}},
                                              # only with lora_rank > 0: per-step deltas
+     'exit_heads': {'norm': [E-1, D],        # only with exit_norms
+                    'adapter': {'a': [E-1, D, R], 'b': [E-1, R, D]}}}
+                                             # only with exit_adapter_rank R > 0
+
+Per-exit heads (exit_heads.py) give each early exit its own norm and adapter before the
+shared output projection; the last exit always reads through final_norm alone.
 
 Relaxed recursion adds, per loop step s, a low-rank delta A_s B_s to each projection of the
 block that step runs (B_s starts at zero, so a relaxed model starts as its shared one).
@@ -27,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from adaptive_depth import exit_heads
 from adaptive_depth import layers
 
 SCHEDULES = ('unshared', 'cycle', 'sequence', 'middle_cycle', 'middle_sequence')
@@ -53,6 +60,11 @@ class ModelConfig:
   remat: bool = False
   init_std: float = 0.02
   lora_rank: int = 0
+  qkv_bias: bool = False
+  # Per-exit heads (every exit but the last, which always reads through final_norm):
+  # an RMSNorm scale of its own, and a low-rank residual adapter of this rank (0 = none).
+  exit_norms: bool = False
+  exit_adapter_rank: int = 0
 
   @classmethod
   def from_config(cls, model_config) -> 'ModelConfig':
@@ -66,7 +78,8 @@ class ModelConfig:
         head_dim=m.head_dim or m.width // m.num_heads, mlp_dim=m.mlp_dim,
         exit_depths=parse_exit_layers(m.exit_layers, m.num_layers, m.min_exit_layer),
         rope_base=m.rope_base, norm_eps=m.norm_eps, tie_embeddings=m.tie_embeddings,
-        dtype=m.dtype, remat=m.remat, init_std=m.init_std, lora_rank=m.lora_rank)
+        dtype=m.dtype, remat=m.remat, init_std=m.init_std, lora_rank=m.lora_rank,
+        qkv_bias=m.qkv_bias, exit_norms=m.exit_norms, exit_adapter_rank=m.exit_adapter_rank)
 
   @property
   def compute_dtype(self):
@@ -78,7 +91,7 @@ class ModelConfig:
         width=self.width, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
         head_dim=self.head_dim, mlp_dim=self.mlp_dim, rope_base=self.rope_base,
         norm_eps=self.norm_eps, dtype=self.compute_dtype, init_std=self.init_std,
-        residual_init_scale=1.0 / np.sqrt(2.0 * self.num_layers))
+        residual_init_scale=1.0 / np.sqrt(2.0 * self.num_layers), qkv_bias=self.qkv_bias)
 
   @property
   def block(self) -> layers.Block:
@@ -87,6 +100,11 @@ class ModelConfig:
   @property
   def final_norm(self) -> layers.RMSNorm:
     return layers.RMSNorm(eps=self.norm_eps, dtype=self.compute_dtype)
+
+  @property
+  def has_exit_heads(self) -> bool:
+    """Whether the early exits have parameters of their own (params['exit_heads'])."""
+    return self.exit_norms or self.exit_adapter_rank > 0
 
 
 def parse_exit_layers(spec: str, num_layers: int, min_exit_layer: int = 1) -> tuple[int, ...]:
@@ -184,6 +202,8 @@ def _init_boxed(cfg: ModelConfig, rng):
     params['lm_head'] = {'kernel': nn.with_logical_partitioning(
         nn.initializers.normal(stddev=cfg.init_std), ('embed', 'vocab'))(
             k_head, (cfg.width, cfg.vocab_size), jnp.float32)}
+  if cfg.has_exit_heads:  # only then, so that models without them keep their tree
+    params['exit_heads'] = exit_heads.init_boxed(cfg, jax.random.fold_in(k_head, 1))
   return params
 
 
@@ -223,12 +243,12 @@ def embed(cfg: ModelConfig, params, tokens):
   return jnp.take(params['embed']['embedding'], tokens, axis=0).astype(cfg.compute_dtype)
 
 
-def head_logits(cfg: ModelConfig, params, h):
-  """Exit head: final norm then output projection (tied to the embedding by default).
-
-  h: [..., D] -> logits [..., V] in float32.
+def head_logits(cfg: ModelConfig, params, h, exit_number=None):
+  """Exit head: the exit's norm (see exit_heads.exit_normed) then the output projection, tied to the
+  embedding by default. h: [..., D] -> logits [..., V] in float32; exit_number as in
+  exit_normed (None: the last exit).
   """
-  x = cfg.final_norm.apply({'params': params['final_norm']}, h)
+  x = exit_heads.exit_normed(cfg, params, h, exit_number)
   if cfg.tie_embeddings:
     w = params['embed']['embedding'].astype(cfg.compute_dtype)
     return jnp.einsum('...d,vd->...v', x, w, preferred_element_type=jnp.float32)
@@ -313,7 +333,7 @@ def forward_train(cfg: ModelConfig, params, tokens, constrain=lambda x: x):
   h = constrain(embed(cfg, params, tokens))
   hiddens = run_all_steps(cfg, params, h, positions, constrain)
   exit_hidden = hiddens[np.asarray(cfg.exit_depths) - 1]
-  return head_logits(cfg, params, exit_hidden)
+  return head_logits(cfg, params, exit_hidden, exit_heads.ALL_EXITS)
 
 
 def reference_forward(cfg: ModelConfig, params, tokens) -> list:
@@ -326,6 +346,6 @@ def reference_forward(cfg: ModelConfig, params, tokens) -> list:
     one_block = step_block(cfg, params, step)
     h, _ = apply_block(cfg, one_block, h, positions, mask)
     if step + 1 in cfg.exit_depths:
-      outputs.append(head_logits(cfg, params, h))
+      outputs.append(head_logits(cfg, params, h, len(outputs)))
   return outputs
 

@@ -36,6 +36,10 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
   config = config_lib.base_config()
   config.update_from_flattened_dict(_flatten(saved))
   config.sharding.rules = tuple(tuple(r) for r in saved['sharding']['rules'])
+  tokenizer_file = config.data.tokenizer_file
+  if tokenizer_file and not os.path.isabs(tokenizer_file):
+    # A relative tokenizer file belongs to the workdir (so a workdir can be moved).
+    config.data.tokenizer_file = os.path.join(os.path.abspath(workdir), tokenizer_file)
   return config_lib.validate(config)
 
 
@@ -47,6 +51,14 @@ def _flatten(tree, prefix=''):
     elif key != 'rules':
       flat[f'{prefix}{key}'] = value
   return flat
+
+
+def from_params(params, config: ml_collections.ConfigDict) -> LoadedModel:
+  """A LoadedModel from a parameter pytree and its run config (e.g. straight after
+  training in a notebook), for `ad.generate(params, config, prompts)`."""
+  config = config_lib.validate(config)
+  return LoadedModel(config=config, model_config=model_lib.ModelConfig.from_config(config.model),
+                     params=params, tokenizer=tokenizers.from_config(config.data), step=-1)
 
 
 def load(workdir: str, step: Optional[int] = None, mesh_config=None) -> LoadedModel:
@@ -70,4 +82,4 @@ def load(workdir: str, step: Optional[int] = None, mesh_config=None) -> LoadedMo
       step, checkpoint_lib.abstract_with_shardings(abstract, shardings))
   checkpoints.close()
   return LoadedModel(config=config, model_config=cfg, params=state.params,
-                     tokenizer=tokenizers.get_tokenizer(config.data.tokenizer), step=int(step))
+                     tokenizer=tokenizers.from_config(config.data), step=int(step))

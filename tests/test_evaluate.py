@@ -109,3 +109,19 @@ def test_benchmark_launch_script(trained, tmp_path):
       assert r['mean_depth'] == 1.0 and r['theoretical_speedup'] > 2
     else:  # parallel: the 9th of 15 decode steps finds the queue (capacity 8) full
       assert r['mean_depth'] == (14 * 1 + 6) / 15
+
+
+def test_generate_api_forms_and_speculative(trained):
+  """generate(params, config, prompts) equals generate(model, prompts); speculative=(E, k)
+  reproduces full-depth greedy text exactly."""
+  model = ad.load(trained)
+  prompts = ['To be', 'KING:\n']
+  full = ad.generate(model, prompts, max_new_tokens=20)
+  again = ad.generate(model.params, model.config, prompts, max_new_tokens=20)
+  spec = ad.generate(model, prompts, max_new_tokens=20, speculative=(2, 3))
+  assert again.tokens == full.tokens and spec.tokens == full.tokens
+  assert 0 < spec.stats['relative_flops'] and spec.stats['tokens_per_second'] > 0
+  with pytest.raises(ValueError, match='draft_depth'):
+    ad.generate(model, prompts, speculative=(6, 3))
+  with pytest.raises(TypeError, match='list of strings'):
+    ad.generate(model, 'To be')

@@ -18,7 +18,7 @@ import tensorflow_datasets as tfds
 from adaptive_depth.data.tiny_shakespeare import BundledTinyShakespeare
 from adaptive_depth.data.tiny_shakespeare import prepare_bundled_tiny_shakespeare
 from adaptive_depth.data.tokenizers import Tokenizer
-from adaptive_depth.data.tokenizers import get_tokenizer
+from adaptive_depth.data import tokenizers
 
 _log = logging.getLogger(__name__)
 
@@ -262,7 +262,7 @@ def make_train_and_eval_data(
   text_feature = _data_option(data_config, 'text_feature', 'text')
   data_dir = _data_option(data_config, 'tfds_data_dir', None)
   seq_len = int(_data_option(data_config, 'seq_len'))
-  tokenizer = get_tokenizer(_data_option(data_config, 'tokenizer', 'byte'))
+  tokenizer = tokenizers.from_config(data_config)
   train_source = load_text_source(
       dataset, _data_option(data_config, 'train_split', 'train'), text_feature, data_dir)
   eval_source = load_text_source(

@@ -1,14 +1,16 @@
 """Tokenizers that turn text records into integer token ids.
 
 Every tokenizer exposes the same small surface (see `Tokenizer`) so the packing
-pipeline and the model only need `vocab_size`, `eos_id` and `encode`.  New
-tokenizers (e.g. BPE) are added by registering a factory in
-`_TOKENIZER_FACTORIES`; `config.data.tokenizer` selects one by name.
+pipeline and the model only need `vocab_size`, `eos_id` and `encode`.
+`config.data.tokenizer` selects one by name: 'byte' (the default, no files) or 'bpe',
+a byte-level BPE read from `config.data.tokenizer_file` (a Hugging Face tokenizer.json
+or a GGUF file's embedded vocabulary; see `bpe.py`). `from_config(config.data)` builds
+the configured one.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Protocol
 
 
@@ -60,17 +62,32 @@ class ByteTokenizer:
     return 'ByteTokenizer()'
 
 
-_TOKENIZER_FACTORIES: dict[str, Callable[[], Tokenizer]] = {
-    'byte': ByteTokenizer,
-}
+TOKENIZERS = ('byte', 'bpe')
 
 
-def get_tokenizer(name: str) -> Tokenizer:
-  """Builds the tokenizer selected by `config.data.tokenizer`."""
-  try:
-    factory = _TOKENIZER_FACTORIES[name]
-  except KeyError:
-    allowed = ', '.join(repr(key) for key in sorted(_TOKENIZER_FACTORIES))
-    raise ValueError(
-        f'Unknown config.data.tokenizer={name!r}; allowed values: {allowed}.') from None
-  return factory()
+def get_tokenizer(name: str, tokenizer_file: str = '', bos_id: int = -1, eos_id: int = -1,
+                  chat_template: str = '') -> Tokenizer:
+  """Builds the tokenizer selected by `config.data.tokenizer` (see `from_config`).
+
+  Raises ValueError naming the config key when the name is unknown, when 'bpe' has no
+  readable file, or when a file or special ids are given to the byte tokenizer.
+  """
+  if name == 'byte':
+    if tokenizer_file or bos_id != -1 or eos_id != -1:
+      raise ValueError(
+          "config.data.tokenizer='byte' takes no config.data.tokenizer_file, bos_id or eos_id "
+          f"(got {tokenizer_file!r}, {bos_id}, {eos_id}); use config.data.tokenizer='bpe'")
+    return ByteTokenizer()
+  if name == 'bpe':
+    from adaptive_depth.data import bpe  # needs the optional `tokenizers` package
+    return bpe.load(tokenizer_file, bos_id=bos_id, eos_id=eos_id, chat_template=chat_template)
+  raise ValueError(f'Unknown config.data.tokenizer={name!r}; allowed values: '
+                   f'{", ".join(repr(n) for n in TOKENIZERS)}.')
+
+
+def from_config(data_config) -> Tokenizer:
+  """The tokenizer `config.data` describes (tokenizer, tokenizer_file, bos_id, eos_id,
+  chat_template); keys a partial config lacks take their defaults."""
+  get = lambda key, default: data_config.get(key, default)
+  return get_tokenizer(get('tokenizer', 'byte'), get('tokenizer_file', ''), get('bos_id', -1),
+                       get('eos_id', -1), get('chat_template', ''))

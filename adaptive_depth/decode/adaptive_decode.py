@@ -85,7 +85,7 @@ def exit_check(cfg: model_lib.ModelConfig, params, policy: exits.ExitPolicy, cla
     score, logits = depth_lib.exit_confidence(cfg, params, policy, h, h_previous,
                                               exit_number[depth], classifier)
     if logits is None:
-      logits = model_lib.head_logits(cfg, params, h)
+      logits = model_lib.head_logits(cfg, params, h, exit_number[depth])
     leaving = active & may_exit & depth_lib.exit_decision(policy, score[:, 0], depth,
                                                           row_position)
     exit_logits = jnp.where(leaving[:, None], logits[:, 0], exit_logits)
@@ -100,7 +100,7 @@ def final_logits(cfg: model_lib.ModelConfig, params, h, exit_depth, exit_logits)
   """Per row: the exit head at the last depth for rows that went all the way (computed only
   if some row did), else the logits of the exit they left at. h: [B, D] -> [B, V]."""
   full = jax.lax.cond(jnp.any(exit_depth == cfg.num_layers),
-                      lambda: model_lib.head_logits(cfg, params, h),
+                      lambda: model_lib.head_logits(cfg, params, h),  # the last exit's head
                       lambda: exit_logits)
   return jnp.where((exit_depth < cfg.num_layers)[:, None], exit_logits, full)
 

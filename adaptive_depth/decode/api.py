@@ -11,9 +11,11 @@ import numpy as np
 
 from adaptive_depth import costs
 from adaptive_depth import exits
+from adaptive_depth import saved_model
 from adaptive_depth.decode import adaptive_decode as decode_lib
 from adaptive_depth.decode import generation
 from adaptive_depth.decode import sampling as sampling_lib
+from adaptive_depth.decode import speculative as speculative_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,22 +36,38 @@ def generate_from_config(model, prompts: Sequence[str], config) -> GenerateOutpu
                             tau=g.tau, min_depth=g.min_depth)
   sampling = (sampling_lib.Greedy() if g.temperature == 0 else
               sampling_lib.Sampling(temperature=g.temperature, top_k=g.top_k, top_p=g.top_p))
+  if g.speculative:
+    from adaptive_depth import benchmark  # the shared 'ExK' parser
+    return generate(model, prompts, max_new_tokens=g.max_new_tokens,
+                    speculative=benchmark.parse_speculative(g.speculative)[0])
   return generate(model, prompts, max_new_tokens=g.max_new_tokens, exit=policy, kv=g.kv,
                   queue_capacity=g.queue_capacity, sampling=sampling, seed=g.seed)
 
 
-def generate(model, prompts: Sequence[str], *, max_new_tokens: int = 64,
+def generate(model, prompts, *args, max_new_tokens: int = 64,
              exit: Optional[exits.ExitPolicy] = None, kv: str = 'propagate',
              queue_capacity: int = 8, sampling: Any = None, seed: int = 0,
-             classifier=None) -> GenerateOutput:
+             classifier=None, speculative: Optional[tuple[int, int]] = None) -> GenerateOutput:
   """Generates a continuation of each prompt (a batch, ragged lengths allowed).
 
-  model: an `ad.load(workdir)` result. exit: the early-exit policy (default: never exit).
+  Called as generate(model, prompts, ...) with model = ad.load(workdir), or as
+  generate(params, config, prompts, ...) with a parameter pytree and its run config.
+  exit: the early-exit policy (default: never exit).
   kv: KV policy for the layers a token skipped, one of generation.KV_POLICIES: 'propagate'
   (CALM state propagation) or 'parallel' (queued tokens catch up in the next deep pass; at
   most queue_capacity per row). sampling: Greedy() (default) or
-  Sampling(temperature, top_k, top_p).
+  Sampling(temperature, top_k, top_p). speculative=(E, k): greedy self-speculative decoding
+  instead (draft k tokens with the first E layers, verify at full depth; exact).
   """
+  if not isinstance(model, saved_model.LoadedModel):
+    if len(args) != 1:
+      raise TypeError('generate(params, config, prompts, ...) or generate(model, prompts, ...)'
+                      ' with model = adaptive_depth.load(workdir)')
+    model, prompts = saved_model.from_params(model, prompts), args[0]
+  elif args:
+    raise TypeError(f'generate(model, prompts, ...): unexpected positional arguments {args}')
+  if isinstance(prompts, str):
+    raise TypeError('prompts must be a list of strings (a batch), e.g. ["To be"]')
   generation.check_kv_policy(kv, queue_capacity)
   if max_new_tokens < 1:
     raise ValueError(f'max_new_tokens={max_new_tokens}: must be >= 1')
@@ -61,7 +79,19 @@ def generate(model, prompts: Sequence[str], *, max_new_tokens: int = 64,
   prompt, lengths = decode_lib.pad_prompts([tokenizer.encode(p) for p in prompts],
                                              pad_id=tokenizer.eos_id)
 
+  if speculative is not None:
+    draft_depth, num_draft = speculative
+    speculative_lib.validate_args(cfg, draft_depth, num_draft)
+    if exit is not None or not isinstance(sampling, sampling_lib.Greedy):
+      raise ValueError('speculative=(E, k) decodes greedily at full-depth quality: leave exit='
+                       'and sampling= unset')
+
   def run(params, prompt, lengths, policy, sampling, rng, classifier):
+    if speculative is not None:
+      return speculative_lib.generate_speculative(
+          cfg, params, prompt, lengths, max_new_tokens=max_new_tokens,
+          draft_depth=draft_depth, num_draft=num_draft, eos_id=tokenizer.eos_id,
+          pad_id=tokenizer.eos_id)
     return generation.generate_tokens(
         cfg, params, prompt, lengths, max_new_tokens=max_new_tokens, policy=policy,
         sampling=sampling, rng=rng, eos_id=tokenizer.eos_id, pad_id=tokenizer.eos_id,
@@ -81,12 +111,16 @@ def generate(model, prompts: Sequence[str], *, max_new_tokens: int = 64,
   depths = [np.asarray(out.exit_depth[b, :counts[b]]).tolist() for b in range(len(prompts))]
   all_depths = np.concatenate([np.asarray(d) for d in depths])
   context = float(np.mean(lengths)) + max_new_tokens / 2.0
-  spent = costs.token_flops(cfg, all_depths, policy.measure, context,
-                            kv=kv).mean()
+  full = costs.full_depth_flops(cfg, context)
+  if speculative is not None:
+    spent = full * float(np.mean(speculative_lib.speculative_flops(
+        cfg, np.asarray(out.rounds), num_draft, draft_depth, counts, context)))
+  else:
+    spent = costs.token_flops(cfg, all_depths, policy.measure, context, kv=kv).mean()
   stats = {
       'mean_depth': float(all_depths.mean()),
       'relative_depth': float(all_depths.mean() / cfg.num_layers),
-      'relative_flops': float(spent / costs.full_depth_flops(cfg, context)),
+      'relative_flops': float(spent / full),
       'tokens_per_second': float(counts.sum() / seconds),
       'seconds': seconds,
       'compile_seconds': compile_seconds,

@@ -61,6 +61,17 @@ def validate_args(cfg: model_lib.ModelConfig, draft_depth, num_draft) -> None:
                      f'(num_layers - 1; the verifier runs the layers from draft_depth on)')
   if not isinstance(num_draft, (int, np.integer)) or num_draft < 1:
     raise ValueError(f'num_draft={num_draft!r}: must be an int >= 1')
+  if cfg.has_exit_heads and draft_depth not in cfg.exit_depths:
+    raise ValueError(f'draft_depth={draft_depth}: this model\'s early exits have heads of '
+                     f'their own, so the draft must read one of them; allowed: '
+                     f'{list(cfg.exit_depths[:-1])} (config.model.exit_layers)')
+
+
+def draft_exit_number(cfg: model_lib.ModelConfig, draft_depth: int):
+  """The exit whose head drafts at depth draft_depth: its exit number when draft_depth is
+  an exit depth, else None (models without per-exit heads read every depth through the
+  final norm, see model.exit_normed)."""
+  return cfg.exit_depths.index(draft_depth) if draft_depth in cfg.exit_depths else None
 
 
 def _write(cache_layer, values, positions):
@@ -95,6 +106,7 @@ def _draft(cfg, params, cache, last_token, position, draft_depth, num_draft):
   """Draft phase. last_token, position: [B]. Returns (cache with layers < E written at
   position..position+k, hidden states at depth E [B, k+1, D], drafts [B, k] int32)."""
   batch = last_token.shape[0]
+  draft_exit = draft_exit_number(cfg, draft_depth)
   inputs = jnp.zeros((batch, num_draft + 1), jnp.int32).at[:, 0].set(last_token)
   hidden = jnp.zeros((batch, num_draft + 1, cfg.width), cfg.compute_dtype)
 
@@ -108,7 +120,8 @@ def _draft(cfg, params, cache, last_token, position, draft_depth, num_draft):
     # and writes x_k back onto itself.
     draft = jax.lax.cond(
         j < num_draft,
-        lambda: jnp.argmax(model_lib.head_logits(cfg, params, h[:, 0]), -1).astype(jnp.int32),
+        lambda: jnp.argmax(model_lib.head_logits(cfg, params, h[:, 0], draft_exit),
+                           -1).astype(jnp.int32),
         lambda: token[:, 0])
     inputs = jax.lax.dynamic_update_index_in_dim(
         inputs, draft[:, None], jnp.minimum(j + 1, num_draft), axis=1)

@@ -23,6 +23,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
+from adaptive_depth import exit_heads
 from adaptive_depth import exits
 from adaptive_depth import metrics as metrics_lib
 from adaptive_depth import model as model_lib
@@ -41,8 +42,8 @@ def exit_features(cfg: model_lib.ModelConfig, params, tokens):
   hiddens = model_lib.run_all_steps(cfg, params, model_lib.embed(cfg, params, tokens),
                                     positions)
   exit_hidden = hiddens[np.asarray(cfg.exit_depths) - 1]
-  logits = model_lib.head_logits(cfg, params, exit_hidden)
-  normed = cfg.final_norm.apply({'params': params['final_norm']}, exit_hidden)
+  logits = model_lib.head_logits(cfg, params, exit_hidden, exit_heads.ALL_EXITS)
+  normed = exit_heads.exit_normed(cfg, params, exit_hidden, exit_heads.ALL_EXITS)
   num_exits = len(cfg.exit_depths)
   features = jnp.stack([exits.classifier_features(logits[e], normed[e], e, num_exits)
                         for e in range(num_exits - 1)])

@@ -2,7 +2,10 @@
 
 Resume order, checked once at start:
   1. the latest complete checkpoint in WORKDIR/checkpoints (state and data position);
-  2. otherwise a fresh state from config.seed.
+  2. otherwise, with config.train.init_from, that run's parameters (train/init_from.py);
+  3. otherwise a fresh state from config.seed.
+With config.train.trainable='exit_heads' only params['exit_heads'] train: the loss is
+differentiated with respect to them alone, so no backward pass runs through the trunk.
 A SIGTERM (preemption) finishes the current step, saves a checkpoint and returns; running
 the same command again continues from there and ends with the same parameters as a run that
 was never interrupted.
@@ -25,6 +28,7 @@ from adaptive_depth import metrics as metrics_lib
 from adaptive_depth import model as model_lib
 from adaptive_depth import sharding
 from adaptive_depth.data import pipeline
+from adaptive_depth.train import init_from as init_from_lib
 from adaptive_depth.train import losses
 from adaptive_depth.train import state as state_lib
 
@@ -34,33 +38,42 @@ def _global_norm(tree):
   return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))
 
 
-def make_train_step(cfg: model_lib.ModelConfig, tx, weights, constrain):
+def make_train_step(cfg: model_lib.ModelConfig, tx, weights, constrain, *,
+                    exit_loss: str = 'lm', trainable: str = 'all'):
   """(state, batch [B, T+1]) -> (state, metrics); pure, for jax.jit."""
   def train_step(state, batch):
     inputs, targets = batch[:, :-1], batch[:, 1:]
 
-    def loss_fn(params):
-      logits = model_lib.forward_train(cfg, params, inputs, constrain)
-      loss, exit_loss, exit_acc = losses.multi_exit_loss(logits, targets, weights)
-      return loss, (exit_loss, exit_acc)
+    def loss_fn(trained, frozen):
+      logits = model_lib.forward_train(cfg, {**frozen, **trained}, inputs, constrain)
+      loss, exit_loss_, exit_acc = losses.multi_exit_loss(logits, targets, weights, exit_loss)
+      return loss, (exit_loss_, exit_acc)
 
-    (loss, (exit_loss, exit_acc)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    trained, frozen = state_lib.split_trainable(state.params, trainable)
+    (loss, (exit_loss_, exit_acc)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        trained, frozen)
+    # The optimizer wants a gradient per leaf; the frozen ones' zeros go to set_to_zero,
+    # which ignores them (the compiler drops them), and their parameters pass through.
+    all_grads = {**jax.tree.map(jnp.zeros_like, frozen), **grads}
+    updates, opt_state = tx.update(all_grads, state.opt_state, state.params)
+    params = {**state.params, **optax.apply_updates(trained, {k: updates[k] for k in trained})}
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
-    return new_state, {'loss': loss, 'exit_loss': exit_loss, 'exit_accuracy': exit_acc,
+    return new_state, {'loss': loss, 'exit_loss': exit_loss_, 'exit_accuracy': exit_acc,
                        'grad_norm': _global_norm(grads)}
   return train_step
 
 
 def make_eval_step(cfg: model_lib.ModelConfig, constrain):
-  """(params, batch) -> per-exit sums of token NLL and correct argmax, and the token count."""
+  """(params, batch) -> per-exit sums of token NLL, correct argmax and argmax agreeing with
+  the last exit's, and the token count."""
   def eval_step(params, batch):
     inputs, targets = batch[:, :-1], batch[:, 1:]
     logits = model_lib.forward_train(cfg, params, inputs, constrain)
     nll, correct = losses.per_exit_token_losses(logits, targets)
-    return nll.sum(axis=(1, 2)), correct.sum(axis=(1, 2)), jnp.float32(targets.size)
+    argmax = jnp.argmax(logits, axis=-1)
+    agree = (argmax == argmax[-1:]).astype(jnp.float32)
+    return (nll.sum(axis=(1, 2)), correct.sum(axis=(1, 2)), agree.sum(axis=(1, 2)),
+            jnp.float32(targets.size))
   return eval_step
 
 
@@ -87,7 +100,8 @@ class _Preemption:
 
 
 def evaluate(eval_step, params, eval_batches, put_batch, num_batches: int):
-  """Mean per-exit loss and accuracy over the eval split (or its first num_batches)."""
+  """Mean per-exit loss, accuracy and agreement with the last exit over the eval split (or
+  its first num_batches)."""
   totals = None
   for i, batch in enumerate(eval_batches):
     if num_batches and i >= num_batches:
@@ -97,17 +111,19 @@ def evaluate(eval_step, params, eval_batches, put_batch, num_batches: int):
   if totals is None:
     raise ValueError('the eval split yields no full batch; lower config.eval.batch_size or '
                      'config.data.seq_len')
-  nll, correct, count = jax.device_get(totals)
-  return nll / count, correct / count
+  nll, correct, agree, count = jax.device_get(totals)
+  return nll / count, correct / count, agree / count
+
+
+def _has_checkpoints(checkpoint_dir: str) -> bool:
+  return os.path.isdir(checkpoint_dir) and any(
+      name.isdigit() for name in os.listdir(checkpoint_dir))
 
 
 def _check_same_model(config, workdir: str):
   """Refuses to resume a workdir whose checkpoints hold a different model or data."""
   path = os.path.join(workdir, 'config.json')
-  checkpoint_dir = os.path.join(workdir, 'checkpoints')
-  has_steps = os.path.isdir(checkpoint_dir) and any(
-      name.isdigit() for name in os.listdir(checkpoint_dir))
-  if not os.path.exists(path) or not has_steps:
+  if not os.path.exists(path) or not _has_checkpoints(os.path.join(workdir, 'checkpoints')):
     return
   with open(path) as f:
     saved = json.load(f)
@@ -139,6 +155,13 @@ def train_model(config: ml_collections.ConfigDict, workdir: str) -> dict:
           f'data x fsdp size ({batch_split})')
   os.makedirs(workdir, exist_ok=True)
   _check_same_model(config, workdir)
+  resuming = _has_checkpoints(os.path.join(workdir, 'checkpoints'))
+  if not resuming and config.train.init_from:
+    init_from_lib.check_source(config, cfg)  # a wrong source fails here, before compiling
+  elif not resuming and config.train.trainable != 'all':
+    raise config_lib.ConfigError(
+        f'config.train.trainable={config.train.trainable!r} keeps the trunk as it starts: set '
+        'config.train.init_from to the workdir of a trained or imported model')
   metrics_lib.write_json(os.path.join(workdir, 'config.json'), config.to_dict())
 
   train_data, make_eval_data, _ = pipeline.make_train_and_eval_data(
@@ -153,7 +176,9 @@ def train_model(config: ml_collections.ConfigDict, workdir: str) -> dict:
   constrain = sharding.ActivationConstraint(mesh, rules)
   weights = losses.exit_loss_weights(config.train.exit_loss_weights, cfg.exit_depths)
 
-  train_step = jax.jit(make_train_step(cfg, tx, weights, constrain),
+  train_step = jax.jit(make_train_step(cfg, tx, weights, constrain,
+                                       exit_loss=config.train.exit_loss,
+                                       trainable=config.train.trainable),
                        in_shardings=(shardings, batch_sharding),
                        out_shardings=(shardings, sharding.replicated(mesh)),
                        donate_argnums=0)
@@ -171,6 +196,8 @@ def train_model(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # Records past the checkpoint belong to work that was lost and will be redone.
     metrics_lib.truncate_json_lines(os.path.join(workdir, 'metrics.jsonl'), max_step=latest)
     print(f'Resuming from step {latest} in {checkpoints.directory}', flush=True)
+  elif config.train.init_from:
+    state = init_from_lib.initial_state(config, cfg, tx, shardings)
   else:
     state = state_lib.create_state(cfg, tx, jax.random.key(config.seed), shardings)
   start_step = int(jax.device_get(state.step))
@@ -190,10 +217,10 @@ def train_model(config: ml_collections.ConfigDict, workdir: str) -> dict:
   run_eval = lambda: evaluate(eval_step, state.params, make_eval_data(), put_batch,
                               config.eval.num_batches)
 
-  def log_eval(step, eval_loss, eval_acc):
+  def log_eval(step, eval_loss, eval_acc, eval_agree):
     writer.scalars(step, {f'eval/loss_exit_{d}': l for d, l in zip(cfg.exit_depths, eval_loss)})
     history.append({'step': step, 'eval': metrics_lib.per_exit_records(
-        cfg.exit_depths, eval_loss, eval_acc)})
+        cfg.exit_depths, eval_loss, eval_acc, eval_agree)})
 
   timed_steps, timed_seconds, timer_start = 0, 0.0, None
   preempted = False
@@ -215,8 +242,8 @@ def train_model(config: ml_collections.ConfigDict, workdir: str) -> dict:
                         'train_exit_loss': [float(x) for x in m['exit_loss']]})
         progress.update(step, loss=float(m['loss']), last_exit=float(m['exit_loss'][-1]))
       if config.eval.every_steps and step % config.eval.every_steps == 0 and step < num_steps:
-        eval_loss, eval_acc = run_eval()
-        log_eval(step, eval_loss, eval_acc)
+        eval_loss, eval_acc, eval_agree = run_eval()
+        log_eval(step, eval_loss, eval_acc, eval_agree)
         progress.write(f'step {step}: eval loss per exit ' +
                        ' '.join(f'{d}:{l:.3f}' for d, l in zip(cfg.exit_depths, eval_loss)))
       periodic = step % config.checkpoint.every_steps == 0 or step == num_steps
@@ -241,8 +268,8 @@ def train_model(config: ml_collections.ConfigDict, workdir: str) -> dict:
           'resume.', flush=True)
     return {'step': step, 'preempted': True}
 
-  eval_loss, eval_acc = run_eval()
-  log_eval(step, eval_loss, eval_acc)
+  eval_loss, eval_acc, eval_agree = run_eval()
+  log_eval(step, eval_loss, eval_acc, eval_agree)
   writer.close()
   checkpoints.close()
   summary = {
@@ -251,11 +278,11 @@ def train_model(config: ml_collections.ConfigDict, workdir: str) -> dict:
       'tokens_per_second': (round(timed_steps * tokens_per_step / timed_seconds, 1)
                             if timed_seconds else None),
       'params': num_params,
-      'eval': metrics_lib.per_exit_records(cfg.exit_depths, eval_loss, eval_acc),
+      'eval': metrics_lib.per_exit_records(cfg.exit_depths, eval_loss, eval_acc, eval_agree),
   }
   metrics_lib.write_json(os.path.join(workdir, 'summary.json'), summary)
   print('Validation per exit: ' + ', '.join(
-      f"depth {r['depth']}: loss {r['loss']:.3f} acc {r['accuracy']:.3f}"
-      for r in summary['eval']), flush=True)
+      f"depth {r['depth']}: loss {r['loss']:.3f} acc {r['accuracy']:.3f} "
+      f"agree {r['agreement']:.3f}" for r in summary['eval']), flush=True)
   print(f'Wrote {os.path.join(workdir, "summary.json")}', flush=True)
   return summary

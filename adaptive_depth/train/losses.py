@@ -39,12 +39,28 @@ def per_exit_token_losses(logits, targets):
   return nll, correct
 
 
-def multi_exit_loss(logits, targets, weights):
-  """Weighted sum over exits of the mean token cross entropy.
+def multi_exit_loss(logits, targets, weights, kind: str = 'lm'):
+  """Weighted sum over exits of a per-exit loss.
 
+  kind 'lm': each exit's mean token cross entropy on the targets. kind 'distill': each
+  early exit's mean KL(p_last || p_exit) with the last exit's distribution held fixed
+  (stop_gradient), which trains the early exits to agree with full depth rather than with
+  the corpus; the last exit keeps its cross entropy.
   logits: [E, B, T, V]; targets: [B, T]; weights: [E].
-  Returns (scalar loss, per-exit mean loss [E], per-exit accuracy [E]).
+  Returns (scalar loss, per-exit mean cross entropy [E] and accuracy [E]; both reported
+  whatever the kind).
   """
-  nll, correct = per_exit_token_losses(logits, targets)
+  log_probs = jax.nn.log_softmax(logits, axis=-1)
+  nll = -jnp.take_along_axis(log_probs, targets[None, ..., None], axis=-1)[..., 0]
   per_exit = nll.mean(axis=(1, 2))
-  return jnp.dot(jnp.asarray(weights), per_exit), per_exit, correct.mean(axis=(1, 2))
+  accuracy = (jnp.argmax(logits, axis=-1) == targets[None]).astype(jnp.float32).mean(
+      axis=(1, 2))
+  if kind == 'lm':
+    objective = per_exit
+  elif kind == 'distill':
+    teacher = jax.lax.stop_gradient(log_probs[-1])
+    kl = jnp.sum(jnp.exp(teacher) * (teacher - log_probs[:-1]), axis=-1).mean(axis=(1, 2))
+    objective = jnp.concatenate([kl, per_exit[-1:]])
+  else:
+    raise ValueError(f"config.train.exit_loss={kind!r}; allowed: lm, distill")
+  return jnp.dot(jnp.asarray(weights), objective), per_exit, accuracy

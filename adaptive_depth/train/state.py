@@ -30,7 +30,29 @@ def make_optimizer(train_config) -> optax.GradientTransformation:
   parts = [optax.clip_by_global_norm(t.grad_clip_norm)] if t.grad_clip_norm > 0 else []
   parts.append(optax.adamw(schedule, b1=t.b1, b2=t.b2, weight_decay=t.weight_decay,
                            mask=decay_mask))
-  return optax.chain(*parts)
+  tx = optax.chain(*parts)
+  if t.get('trainable', 'all') == 'all':
+    return tx
+  # A frozen trunk gets set_to_zero, which keeps no state: no Adam moments for it, and
+  # gradient clipping sees only the parameters that train.
+  return optax.multi_transform({'train': tx, 'frozen': optax.set_to_zero()},
+                               lambda params: trainable_labels(params, t.trainable))
+
+
+def trainable_labels(params, trainable: str) -> dict:
+  """'train' or 'frozen' per top-level group of `params` for config.train.trainable (a
+  prefix of the parameter tree, so that frozen groups' state is one empty node each)."""
+  return {k: 'train' if trainable == 'all' or k == 'exit_heads' else 'frozen' for k in params}
+
+
+def split_trainable(params: dict, trainable: str) -> tuple[dict, dict]:
+  """(what trains, what stays frozen): two dicts of top-level groups of `params`."""
+  if trainable == 'all':
+    return params, {}
+  if trainable != 'exit_heads':
+    raise ValueError(f"config.train.trainable={trainable!r}; allowed: all, exit_heads")
+  trained = {k: v for k, v in params.items() if k == 'exit_heads'}
+  return trained, {k: v for k, v in params.items() if k != 'exit_heads'}
 
 
 def decay_mask(params):

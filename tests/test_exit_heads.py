@@ -1,0 +1,280 @@
+"""Per-exit heads (exit norms, adapters), frozen-trunk training and init_from."""
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import adaptive_depth as ad
+from adaptive_depth import depth as depth_lib
+from adaptive_depth import exit_heads
+from adaptive_depth import exits
+from adaptive_depth import model as model_lib
+from adaptive_depth.data import pipeline
+from adaptive_depth.decode import adaptive_decode
+from adaptive_depth.decode import speculative
+from adaptive_depth.train import losses
+from adaptive_depth.train import state as state_lib
+from tests import numpy_reference
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+EXITS_TINY = f'{REPO / "configs" / "smollm2_exits.py"}:tiny'
+NUM_LAYERS = 4
+
+
+def _config(**overrides):
+  fields = dict(vocab_size=258, width=32, num_layers=NUM_LAYERS, num_blocks=NUM_LAYERS,
+                schedule='unshared', num_heads=2, num_kv_heads=1, head_dim=16, mlp_dim=64,
+                exit_depths=(2, 3, 4))
+  fields.update(overrides)
+  return model_lib.ModelConfig(**fields)
+
+
+TRUNK = _config()
+HEADS = _config(exit_norms=True, exit_adapter_rank=4)
+
+
+def _random(cfg, seed=0, scale=0.3):
+  """Numpy draws on eval_shape's shapes (norm scales near 1; adapters' b nonzero, so the
+  heads really act): faster than jax initialisation on a loaded machine."""
+  shapes = jax.eval_shape(lambda: model_lib.init_params(cfg, jax.random.key(0)))
+  leaves, tree = jax.tree_util.tree_flatten_with_path(shapes)
+  rng = np.random.default_rng(seed)
+  values = [(1.0 if 'norm' in jax.tree_util.keystr(path) else 0.0)
+            + scale * rng.standard_normal(x.shape).astype(np.float32) for path, x in leaves]
+  return jax.tree.unflatten(tree, [jnp.asarray(v, jnp.float32) for v in values])
+
+
+def _with_trunk(params, trunk):
+  return {**trunk, 'exit_heads': params['exit_heads']}
+
+
+def _tokens(batch=2, length=7, seed=1):
+  return jnp.asarray(np.random.default_rng(seed).integers(0, 256, (batch, length)), jnp.int32)
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+def test_without_exit_heads_the_tree_and_logits_are_unchanged():
+  params = _random(TRUNK)
+  assert set(params) == {'embed', 'blocks', 'final_norm'}
+  assert set(model_lib.param_logical_axes(TRUNK)) == set(params)
+  tokens = _tokens()
+  logits = np.asarray(model_lib.forward_train(TRUNK, params, tokens))
+  for row in range(tokens.shape[0]):
+    expected = numpy_reference.model_exit_logits(
+        params, np.asarray(tokens[row]), range(NUM_LAYERS), TRUNK.exit_depths,
+        TRUNK.norm_eps, TRUNK.rope_base)
+    np.testing.assert_allclose(logits[:, row], np.stack(expected), atol=2e-4, rtol=2e-4)
+  # Without heads, exit numbers change nothing: every exit reads through final_norm.
+  h = jax.random.normal(jax.random.key(0), (2, 3, TRUNK.width))
+  np.testing.assert_array_equal(model_lib.head_logits(TRUNK, params, h, 0),
+                                model_lib.head_logits(TRUNK, params, h))
+
+
+def test_exit_head_layout_and_logical_axes():
+  params = jax.eval_shape(lambda: model_lib.init_params(HEADS, jax.random.key(0)))
+  heads = jax.tree.map(lambda x: x.shape, params['exit_heads'])
+  assert heads == {'norm': (2, 32), 'adapter': {'a': (2, 32, 4), 'b': (2, 4, 32)}}
+  axes = model_lib.param_logical_axes(HEADS)
+  assert jax.tree.structure(axes, is_leaf=lambda x: isinstance(x, tuple)) == (
+      jax.tree.structure(params))
+  assert axes['exit_heads']['norm'] == ('exits', 'norm')
+  rules = dict(ad.base_config().sharding.rules)
+  for names in jax.tree.leaves(axes['exit_heads'], is_leaf=lambda x: isinstance(x, tuple)):
+    assert all(rules[n] is None for n in names), names  # small: replicated
+  # The trunk's leaves are exactly the trunk-only model's, initialised identically.
+  trunk = model_lib.init_params(TRUNK, jax.random.key(3))
+  with_heads = model_lib.init_params(HEADS, jax.random.key(3))
+  assert jax.tree.structure(trunk) == jax.tree.structure(
+      {k: v for k, v in with_heads.items() if k != 'exit_heads'})
+  for a, b in zip(jax.tree.leaves(trunk), jax.tree.leaves(
+      {k: v for k, v in with_heads.items() if k != 'exit_heads'})):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_last_exit_is_the_trunks_and_early_exits_use_their_heads():
+  trunk = _random(TRUNK)
+  params = _with_trunk(_random(HEADS, seed=5), trunk)
+  tokens = _tokens()
+  plain = np.asarray(model_lib.forward_train(TRUNK, trunk, tokens))
+  logits = np.asarray(model_lib.forward_train(HEADS, params, tokens))
+  np.testing.assert_array_equal(logits[-1], plain[-1])
+  assert np.abs(logits[:-1] - plain[:-1]).max() > 1e-2
+  # The Python loop, one exit at a time, agrees with the scan and ALL_EXITS.
+  for e, ref in enumerate(model_lib.reference_forward(HEADS, params, tokens)):
+    np.testing.assert_allclose(ref, logits[e], atol=1e-5, rtol=1e-5)
+  # Per-token exit numbers pick each token's own exit.
+  h = jax.random.normal(jax.random.key(0), (2, 5, HEADS.width))
+  number = jnp.asarray(np.random.default_rng(2).integers(0, 3, (2, 5)))
+  each = np.stack([model_lib.head_logits(HEADS, params, h, e) for e in range(3)])
+  picked = np.take_along_axis(each, np.asarray(number)[None, ..., None], 0)[0]
+  np.testing.assert_allclose(model_lib.head_logits(HEADS, params, h, number), picked,
+                             atol=1e-5, rtol=1e-5)
+  traced = jax.jit(lambda e: model_lib.head_logits(HEADS, params, h, e))(jnp.int32(1))
+  np.testing.assert_allclose(traced, each[1], atol=1e-5, rtol=1e-5)
+
+
+def test_fresh_heads_copied_from_the_final_norm_read_as_before():
+  trunk = _random(TRUNK)
+  heads = exit_heads.init_exit_heads(HEADS, jax.random.key(0), trunk['final_norm']['scale'])
+  tokens = _tokens()
+  np.testing.assert_allclose(
+      model_lib.forward_train(HEADS, {**trunk, 'exit_heads': heads}, tokens),
+      model_lib.forward_train(TRUNK, trunk, tokens), atol=1e-6, rtol=1e-6)
+
+
+def test_adaptive_depth_and_decode_use_the_exit_heads():
+  params = _with_trunk(_random(HEADS, seed=5), _random(TRUNK))
+  tokens = _tokens()
+  full = model_lib.forward_train(HEADS, params, tokens)
+  for e, depth in enumerate(HEADS.exit_depths):
+    out = depth_lib.forward_adaptive(HEADS, params, tokens,
+                                     exits.ExitPolicy(measure='max_prob', exit_at=depth))
+    np.testing.assert_array_equal(out.exit_depth, depth)
+    np.testing.assert_allclose(out.logits, full[e], atol=1e-5, rtol=1e-5)
+
+  # One decode step after a full-depth prefill: layers below the exit see exact K/V, so
+  # the token forced out at depth 2 gets exit 0's head on the state forward_train has.
+  prompt, next_token = tokens[:, :-1], tokens[:, -1]
+  lengths = jnp.full((2,), prompt.shape[1], jnp.int32)
+  cache, _ = adaptive_decode.prefill(HEADS, params, prompt, lengths, prompt.shape[1] + 2)
+  _, logits, exit_depth, _ = adaptive_decode.decode_step(
+      HEADS, params, cache, next_token, lengths, exits.ExitPolicy(measure='max_prob',
+                                                                  exit_at=2), lengths)
+  np.testing.assert_array_equal(exit_depth, 2)
+  np.testing.assert_allclose(logits, full[0, :, -1], atol=1e-4, rtol=1e-4)
+
+
+def test_speculative_drafts_read_an_exit_head():
+  with pytest.raises(ValueError, match='draft_depth=1.*allowed: \\[2, 3\\]'):
+    speculative.validate_args(HEADS, 1, 2)
+  speculative.validate_args(TRUNK, 1, 2)  # no heads: any depth reads the final norm
+  params = _with_trunk(_random(HEADS, seed=5), _random(TRUNK))
+  prompt = _tokens(length=5)
+  lengths = jnp.asarray([5, 3], jnp.int32)
+  out = speculative.generate_speculative(HEADS, params, prompt, lengths, max_new_tokens=6,
+                                         draft_depth=2, num_draft=2, eos_id=-1, pad_id=0)
+  # Exact whatever the draft head: the verifier's greedy tokens are full depth's.
+  tokens = prompt[0].tolist()
+  for _ in range(6):
+    logits = model_lib.forward_train(HEADS, params, jnp.asarray([tokens]))[-1, 0, -1]
+    tokens.append(int(jnp.argmax(logits)))
+  assert out.tokens[0].tolist() == tokens[5:]
+
+
+# ----------------------------------------------------------------------------- training
+
+
+@pytest.fixture(scope='module')
+def source_run(tmp_path_factory) -> str:
+  """A trained trunk: the tiny quickstart, the trunk configs/smollm2_exits.py:tiny names."""
+  workdir = str(tmp_path_factory.mktemp('source'))
+  config = ad.load_config(f'{REPO / "configs" / "quickstart.py"}:tiny')
+  config.train.progress_bar = False
+  ad.train_and_evaluate(config, workdir)
+  return workdir
+
+
+def _eval_batches(config, count=2):
+  _, make_eval, _ = pipeline.make_train_and_eval_data(
+      config.data, batch_size=config.train.batch_size, eval_batch_size=8, seed=0)
+  return [jnp.asarray(b) for b, _ in zip(make_eval(), range(count))]
+
+
+def _exit_losses(cfg, params, batches, kind):
+  """Per-exit mean token CE ('lm') or KL from the last exit ('distill'), over batches."""
+  values = []
+  for batch in batches:
+    logits = model_lib.forward_train(cfg, params, batch[:, :-1])
+    if kind == 'lm':
+      values.append(losses.multi_exit_loss(logits, batch[:, 1:], np.ones(len(logits)))[1])
+    else:
+      log_p = jax.nn.log_softmax(logits, -1)
+      values.append(jnp.sum(jnp.exp(log_p[-1]) * (log_p[-1] - log_p), -1).mean((1, 2)))
+  return np.mean(values, axis=0)
+
+
+@pytest.mark.parametrize('exit_loss', ['lm', 'distill'])
+def test_frozen_trunk_fine_tune(source_run, tmp_path, exit_loss):
+  config = ad.load_config(EXITS_TINY)
+  config.train.init_from = source_run
+  config.train.exit_loss = exit_loss
+  config.train.learning_rate = 1e-2
+  summary = ad.train_and_evaluate(config, str(tmp_path))
+  assert all(0 <= r['agreement'] <= 1 for r in summary['eval'])
+  assert summary['eval'][-1]['agreement'] == 1.0
+
+  source, tuned = ad.load(source_run), ad.load(str(tmp_path))
+  assert set(tuned.params) == set(source.params) | {'exit_heads'}
+  for key in source.params:  # the trunk is bit for bit the source's
+    for a, b in zip(jax.tree.leaves(source.params[key]), jax.tree.leaves(tuned.params[key])):
+      np.testing.assert_array_equal(a, b)
+  cfg = tuned.model_config
+  fresh = exit_heads.init_exit_heads(cfg, jax.random.key(config.seed),
+                                     source.params['final_norm']['scale'])
+  for a, b in zip(jax.tree.leaves(fresh), jax.tree.leaves(tuned.params['exit_heads'])):
+    assert np.abs(np.asarray(a) - np.asarray(b)).max() > 1e-4  # every head leaf trained
+
+  # The early exits' objective went down on held-out text (the heads started as the
+  # source's own reading, so `before` is the source model).
+  batches = _eval_batches(config)
+  before = _exit_losses(cfg, {**source.params, 'exit_heads': fresh}, batches, exit_loss)
+  after = _exit_losses(cfg, tuned.params, batches, exit_loss)
+  assert np.all(after[:-1] < before[:-1]), (before, after)
+  np.testing.assert_allclose(after[-1], before[-1], rtol=1e-6)
+
+
+def test_frozen_trunk_has_no_optimizer_state():
+  config = ad.load_config(EXITS_TINY)
+  cfg = model_lib.ModelConfig.from_config(config.model)
+  params = model_lib.init_params(cfg, jax.random.key(0))
+  state = state_lib.make_optimizer(config.train).init(params)
+  heads = model_lib.count_params(params['exit_heads'])
+  assert model_lib.count_params(state) <= 2 * heads + 8  # Adam moments + counters
+
+
+def test_init_from_mismatch_names_the_keys(source_run, tmp_path):
+  config = ad.load_config(EXITS_TINY)
+  config.train.init_from = source_run
+  config.model.mlp_dim = 96
+  with pytest.raises(ad.ConfigError) as error:
+    ad.train_and_evaluate(config, str(tmp_path / 'a'))
+  message = str(error.value)
+  assert 'config.train.init_from' in message and 'config.model.mlp_dim: 128' in message
+  assert 'width' not in message
+
+  config = ad.load_config(EXITS_TINY)
+  config.train.init_from = str(tmp_path / 'missing')
+  with pytest.raises(ad.ConfigError, match='config.train.init_from=.*no config.json'):
+    ad.train_and_evaluate(config, str(tmp_path / 'b'))
+
+  config = ad.load_config(EXITS_TINY)  # a frozen random trunk is a mistake
+  with pytest.raises(ad.ConfigError, match="trainable='exit_heads'.*config.train.init_from"):
+    ad.train_and_evaluate(config, str(tmp_path / 'c'))
+
+
+BAD_VALUES = [
+    ({'train.exit_loss': 'kl'}, 'config.train.exit_loss', 'distill'),
+    ({'train.trainable': 'trunk'}, 'config.train.trainable', 'exit_heads'),
+    ({'model.exit_adapter_rank': -1}, 'config.model.exit_adapter_rank', '-1'),
+    ({'model.exit_layers': 'last'}, 'config.model.exit_layers', 'only the last layer'),
+    ({'model.exit_norms': False, 'model.exit_adapter_rank': 0}, 'config.train.trainable',
+     'config.model.exit_norms=True'),
+    ({'model.exit_layers': '2,4', 'benchmark.speculative': '3x2'},
+     'config.benchmark.speculative', '[2]'),
+]
+
+
+@pytest.mark.parametrize('overrides,key,shown', BAD_VALUES, ids=[b[1] for b in BAD_VALUES])
+def test_config_errors(overrides, key, shown):
+  config = ad.load_config(EXITS_TINY)
+  for name, value in overrides.items():
+    group, field = name.split('.')
+    config[group][field] = value
+  with pytest.raises(ad.ConfigError) as error:
+    ad.validate(config)
+  lines = [l for l in str(error.value).splitlines() if key in l]
+  assert lines and shown in lines[0], str(error.value)
