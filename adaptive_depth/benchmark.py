@@ -13,7 +13,9 @@ batch; agreement = fraction of decode-step tokens equal to the full model's gree
 the same prefix (one teacher-forced full-depth pass over the generated text);
 sequence_agreement = fraction of positions equal to full-depth greedy generation's output.
 At batch > 1, mean_max_depth is the mean over positions of the deepest row: the depth loop
-runs until every row has exited, so that is the depth the batch pays for.
+runs until every row has exited, so that is the depth the batch pays for, and
+theoretical_speedup_synchronised is the FLOP ratio at that depth. For 'parallel' the FLOPs
+are the useful ones: its block calls also carry the empty queue slots (masked).
 """
 from __future__ import annotations
 
@@ -152,6 +154,10 @@ def run_benchmark(config, workdir: str, out_path: str,
           'agreement': float(agree),
           'sequence_agreement': float((tokens == full_tokens).mean()),
           'mean_max_depth': float(decoded.max(0).mean()),
+          # What the batch computes: every row runs until the deepest row has exited.
+          'theoretical_speedup_synchronised': float(full_flops / costs.token_flops(
+              cfg, np.broadcast_to(decoded.max(0), decoded.shape), measure, context,
+              kv=policy_name).mean()) if mode == 'early_exit' else float(full_flops / flops),
           'seconds': seconds, 'compile_seconds': compile_s, 'new_tokens': max_new,
           'prompt_len': b.prompt_len, 'measure': measure if mode == 'early_exit' else None,
           **(extra or {})}

@@ -155,3 +155,33 @@ def test_sampling_respects_top_k_and_top_p():
   np.testing.assert_allclose(counts, [0.5, 0.3, 0.15, 0.05], atol=0.04)
   assert (draw(sampling_lib.Sampling(temperature=1e-4)) == 0).all()
   assert (np.asarray(sampling_lib.next_token(logits, sampling_lib.Greedy(), keys)) == 0).all()
+
+
+@pytest.mark.parametrize('kv', generation.KV_POLICIES)
+def test_eos_stops_each_row_and_pads(setup, kv):
+  """With an EOS id, each row stops at its first EOS (pad and depth 0 after it) and the
+  tokens up to it are those of the run without EOS; rows never containing it run on."""
+  cfg, params, prompt, lengths, _ = setup
+  policy = _exiting_policy(cfg, params, prompt)
+  free = _run_with_cache(cfg, params, prompt, lengths, policy, kv, max_new=40).output
+  tokens = np.asarray(free.tokens)
+  eos = int(tokens[0, 5])  # a token row 0 emits at step 5 (maybe earlier too)
+
+  def run(p, pr, ln, pol):
+    return generation.generate_tokens(
+        cfg, p, pr, ln, max_new_tokens=40, policy=pol, sampling=sampling_lib.Greedy(),
+        rng=jax.random.key(0), eos_id=eos, pad_id=-7, kv=kv)
+
+  out = jax.jit(run)(params, prompt, lengths, policy)
+  stopped = 0
+  for row in range(len(PROMPTS)):
+    hits = np.flatnonzero(tokens[row] == eos)
+    n = int(hits[0]) + 1 if hits.size else 40
+    stopped += bool(hits.size)
+    assert int(out.num_generated[row]) == n
+    np.testing.assert_array_equal(np.asarray(out.tokens[row, :n]), tokens[row, :n])
+    np.testing.assert_array_equal(np.asarray(out.exit_depth[row, :n]),
+                                  np.asarray(free.exit_depth[row, :n]))
+    assert (np.asarray(out.tokens[row, n:]) == -7).all()
+    assert (np.asarray(out.exit_depth[row, n:]) == 0).all()
+  assert 1 <= stopped < len(PROMPTS) or stopped == len(PROMPTS)

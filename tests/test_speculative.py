@@ -190,12 +190,12 @@ def test_speculative_flops():
   rounds = 10
   tokens = 1 + rounds * (k + 1)
   want = (full + rounds * per_round) / (tokens * full)
-  assert speculative.speculative_flops(CFG, rounds, k, depth, tokens, context) == pytest.approx(
-      want)
+  got = speculative.speculative_flops(CFG, rounds, k, depth, tokens, context)
+  assert got == pytest.approx(want)
   # Every position still runs every layer once, so FLOPs never drop below full depth; the
   # k extra draft heads per k+1 tokens are the overhead (the gain is fewer sequential
   # passes over the weights, not fewer FLOPs).
-  assert 1.0 < want < 1.0 + head / full
+  assert 1.0 < got < 1.0 + head / full
   # Nothing accepted: one token per round, at well over the full-depth cost.
   assert speculative.speculative_flops(CFG, rounds, k, depth, 1 + rounds, context) > k
   per_row = speculative.speculative_flops(CFG, np.array([10, 20]), k, depth,

@@ -29,6 +29,22 @@ class GenerateOutput:
   stats: dict
 
 
+_PROGRAMS: dict = {}  # (static settings, argument structure and shapes) -> compiled program
+
+
+def _program(static, run, args):
+  """The compiled program for these static settings and argument shapes, compiling it on
+  first use: thresholds, sampling knobs, seeds and prompts of the same padded length reuse
+  it. Returns (program, compile seconds: 0.0 when reused)."""
+  spec = lambda x: (tuple(getattr(x, 'shape', ())), str(getattr(x, 'dtype', type(x))))
+  key = (static, jax.tree.structure(args), tuple(spec(x) for x in jax.tree.leaves(args)))
+  if key in _PROGRAMS:
+    return _PROGRAMS[key], 0.0
+  start = time.perf_counter()
+  _PROGRAMS[key] = jax.jit(run).lower(*args).compile()
+  return _PROGRAMS[key], time.perf_counter() - start
+
+
 def generate_from_config(model, prompts: Sequence[str], config) -> GenerateOutput:
   """`generate` with the settings of `config.generate` (what launch/generate.py runs)."""
   g = config.generate
@@ -80,11 +96,13 @@ def generate(model, prompts, *args, max_new_tokens: int = 64,
                                              pad_id=tokenizer.eos_id)
 
   if speculative is not None:
+    if not (isinstance(speculative, (tuple, list)) and len(speculative) == 2):
+      raise ValueError(f'speculative={speculative!r}: expected (draft_depth E, num_draft k)')
     draft_depth, num_draft = speculative
     speculative_lib.validate_args(cfg, draft_depth, num_draft)
-    if exit is not None or not isinstance(sampling, sampling_lib.Greedy):
-      raise ValueError('speculative=(E, k) decodes greedily at full-depth quality: leave exit='
-                       'and sampling= unset')
+    if exit is not None or not isinstance(sampling, sampling_lib.Greedy) or kv != 'propagate':
+      raise ValueError('speculative=(E, k) decodes greedily at full-depth quality: leave exit=,'
+                       ' kv= and sampling= unset')
 
   def run(params, prompt, lengths, policy, sampling, rng, classifier):
     if speculative is not None:
@@ -99,9 +117,8 @@ def generate(model, prompts, *args, max_new_tokens: int = 64,
 
   args = (model.params, jnp.asarray(prompt), jnp.asarray(lengths), policy, sampling,
           jax.random.key(seed), classifier)
-  start = time.perf_counter()
-  compiled = jax.jit(run).lower(*args).compile()
-  compile_seconds = time.perf_counter() - start
+  static = (cfg, max_new_tokens, kv, queue_capacity, speculative, tokenizer.eos_id)
+  compiled, compile_seconds = _program(static, run, args)
   start = time.perf_counter()
   out = jax.block_until_ready(compiled(*args))
   seconds = time.perf_counter() - start
@@ -109,17 +126,23 @@ def generate(model, prompts, *args, max_new_tokens: int = 64,
   counts = np.asarray(out.num_generated)
   tokens = [np.asarray(out.tokens[b, :counts[b]]).tolist() for b in range(len(prompts))]
   depths = [np.asarray(out.exit_depth[b, :counts[b]]).tolist() for b in range(len(prompts))]
-  all_depths = np.concatenate([np.asarray(d) for d in depths])
+  # The first token of each row comes from the full-depth prefill, not from the depth loop:
+  # depth statistics and FLOPs cover the decode steps (the full-depth cost when there are
+  # none).
+  decoded = np.concatenate([np.asarray(d[1:]) for d in depths] + [np.zeros(0, int)])
   context = float(np.mean(lengths)) + max_new_tokens / 2.0
   full = costs.full_depth_flops(cfg, context)
   if speculative is not None:
     spent = full * float(np.mean(speculative_lib.speculative_flops(
         cfg, np.asarray(out.rounds), num_draft, draft_depth, counts, context)))
+  elif decoded.size:
+    spent = costs.token_flops(cfg, decoded, policy.measure, context,
+                              int(np.asarray(policy.min_depth)), kv=kv).mean()
   else:
-    spent = costs.token_flops(cfg, all_depths, policy.measure, context, kv=kv).mean()
+    spent, decoded = full, np.full(1, cfg.num_layers)
   stats = {
-      'mean_depth': float(all_depths.mean()),
-      'relative_depth': float(all_depths.mean() / cfg.num_layers),
+      'mean_depth': float(decoded.mean()),
+      'relative_depth': float(decoded.mean() / cfg.num_layers),
       'relative_flops': float(spent / full),
       'tokens_per_second': float(counts.sum() / seconds),
       'seconds': seconds,

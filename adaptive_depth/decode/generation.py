@@ -1,7 +1,7 @@
 """The generation loop: prefill, then a while_loop over positions whose body is one adaptive
 decode step of the chosen KV policy, with the cache (and the policy's state) in the carry.
 
-KV policies for the layers a token skipped (DESIGN.md section 4):
+KV policies for the layers a token skipped:
   'propagate': each skipped layer computes the token's K/V from its exited state
                (adaptive_decode.decode_step).
   'parallel':  skipped tokens queue per row and catch up inside the next deep pass, so the
