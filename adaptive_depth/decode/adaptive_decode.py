@@ -42,9 +42,27 @@ class GeneratedTokens:
   num_generated: jax.Array
 
 
-def _write(cache_layer, values, positions):
-  """cache_layer: [B, S, ...]; values: [B, ...] written at positions [B]."""
-  return cache_layer.at[jnp.arange(values.shape[0]), positions].set(values)
+def write_positions(cache_layer, values, positions):
+  """cache_layer: [B, S, ...]; values: [B, T, ...] written at each row's positions [B, T].
+  Shared by every decode path (one token per row, a queue group, a speculative round)."""
+  rows = jnp.arange(values.shape[0])[:, None]
+  return cache_layer.at[rows, positions].set(values)
+
+
+def layer_merge(cache, step, positions):
+  """The merge_kv callback for loop step `step` (traced): writes a call's K/V [B, T, KV, Dh]
+  at positions [B, T] into that step's cache layer and returns the layer to attend to."""
+  k_layer = jax.lax.dynamic_index_in_dim(cache.k, step, keepdims=False)
+  v_layer = jax.lax.dynamic_index_in_dim(cache.v, step, keepdims=False)
+  return lambda k, v: (write_positions(k_layer, k, positions),
+                       write_positions(v_layer, v, positions))
+
+
+def store_kv(cache, step, k, v, positions):
+  """cache with K/V [B, T, KV, Dh] written at positions [B, T] of step `step`'s layer (the
+  same writes as layer_merge's, which XLA shares)."""
+  k_layer, v_layer = layer_merge(cache, step, positions)(k, v)
+  return Cache(k=cache.k.at[step].set(k_layer), v=cache.v.at[step].set(v_layer))
 
 
 def prefill(cfg: model_lib.ModelConfig, params, prompt, prompt_lengths, cache_len: int):
@@ -124,13 +142,10 @@ def decode_step(cfg: model_lib.ModelConfig, params, cache: Cache, token, positio
   def body(carry):
     step, h, active, exit_depth, exit_logits, h_previous, cache = carry
     block = model_lib.step_block(cfg, params, step)
-    k_layer = jax.lax.dynamic_index_in_dim(cache.k, step, keepdims=False)
-    v_layer = jax.lax.dynamic_index_in_dim(cache.v, step, keepdims=False)
-    merge = lambda k, v: (_write(k_layer, k[:, 0], position), _write(v_layer, v[:, 0], position))
-    h_new, (k, v) = model_lib.apply_block(cfg, block, h, positions, mask, merge)
+    h_new, (k, v) = model_lib.apply_block(cfg, block, h, positions, mask,
+                                          layer_merge(cache, step, positions))
     # Rows that exited ran the block on their frozen state: their K/V here is propagation.
-    cache = Cache(k=cache.k.at[step].set(_write(k_layer, k[:, 0], position)),
-                  v=cache.v.at[step].set(_write(v_layer, v[:, 0], position)))
+    cache = store_kv(cache, step, k, v, positions)
     h = jnp.where(active[:, None, None], h_new, h)
     active, exit_depth, exit_logits, h_previous = exit_check(
         cfg, params, policy, classifier, step + 1, h, h_previous, active, exit_depth,
@@ -145,10 +160,7 @@ def decode_step(cfg: model_lib.ModelConfig, params, cache: Cache, token, positio
     step, cache = carry
     block = model_lib.step_block(cfg, params, step)
     k, v = cfg.block.apply({'params': block}, h, positions, method=layers.Block.kv_only)
-    k_layer = jax.lax.dynamic_index_in_dim(cache.k, step, keepdims=False)
-    v_layer = jax.lax.dynamic_index_in_dim(cache.v, step, keepdims=False)
-    return step + 1, Cache(k=cache.k.at[step].set(_write(k_layer, k[:, 0], position)),
-                           v=cache.v.at[step].set(_write(v_layer, v[:, 0], position)))
+    return step + 1, store_kv(cache, step, k, v, positions)
 
   _, cache = jax.lax.while_loop(lambda c: c[0] < num_layers, propagate, (steps_run, cache))
   logits = final_logits(cfg, params, h[:, 0], exit_depth, exit_logits)

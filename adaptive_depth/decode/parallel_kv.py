@@ -50,12 +50,6 @@ class ExitQueue:
     return jnp.arange(self.capacity)[None, :] < self.count[:, None]
 
 
-def _write_group(cache_layer, values, positions):
-  """cache_layer: [B, S, ...]; values: [B, G, ...] written at positions [B, G]."""
-  rows = jnp.arange(values.shape[0])[:, None]
-  return cache_layer.at[rows, positions].set(values)
-
-
 def _run_layer(cfg, params, cache, step, h, positions, takes_part):
   """Layer `step` for the slots that take part. h: [B, G, D]; positions: [B, G];
   takes_part: [B, G]. Returns (h, cache) with only those slots' states and K/V changed."""
@@ -63,12 +57,9 @@ def _run_layer(cfg, params, cache, step, h, positions, takes_part):
   write_at = jnp.where(takes_part, positions, scratch)
   mask = jnp.arange(cache.k.shape[2])[None, None, :] <= positions[:, :, None]  # [B, G, S]
   block = model_lib.step_block(cfg, params, step)
-  k_layer = jax.lax.dynamic_index_in_dim(cache.k, step, keepdims=False)
-  v_layer = jax.lax.dynamic_index_in_dim(cache.v, step, keepdims=False)
-  merge = lambda k, v: (_write_group(k_layer, k, write_at), _write_group(v_layer, v, write_at))
-  h_new, (k, v) = model_lib.apply_block(cfg, block, h, positions, mask, merge)
-  k_layer, v_layer = merge(k, v)  # the same writes (XLA shares them)
-  cache = decode_lib.Cache(k=cache.k.at[step].set(k_layer), v=cache.v.at[step].set(v_layer))
+  h_new, (k, v) = model_lib.apply_block(cfg, block, h, positions, mask,
+                                        decode_lib.layer_merge(cache, step, write_at))
+  cache = decode_lib.store_kv(cache, step, k, v, write_at)
   return jnp.where(takes_part[:, :, None], h_new, h), cache
 
 

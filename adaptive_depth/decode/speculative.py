@@ -74,12 +74,6 @@ def draft_exit_number(cfg: model_lib.ModelConfig, draft_depth: int):
   return cfg.exit_depths.index(draft_depth) if draft_depth in cfg.exit_depths else None
 
 
-def _write(cache_layer, values, positions):
-  """cache_layer: [B, S, KV, Dh]; values: [B, T, KV, Dh] written at positions [B, T]."""
-  rows = jnp.arange(values.shape[0])[:, None]
-  return cache_layer.at[rows, positions].set(values)
-
-
 def _run_layers(cfg, params, cache, h, positions, first, last):
   """Layers first..last-1 (loop steps) on h [B, T, D] at positions [B, T], each writing its
   K/V into the cache before attending (so position t sees itself and the earlier positions
@@ -91,12 +85,9 @@ def _run_layers(cfg, params, cache, h, positions, first, last):
   def body(step, carry):
     cache, h = carry
     block = model_lib.step_block(cfg, params, step)
-    k_layer = jax.lax.dynamic_index_in_dim(cache.k, step, keepdims=False)
-    v_layer = jax.lax.dynamic_index_in_dim(cache.v, step, keepdims=False)
-    merge = lambda k, v: (_write(k_layer, k, positions), _write(v_layer, v, positions))
-    h, (k, v) = model_lib.apply_block(cfg, block, h, positions, mask, merge)
-    cache = adaptive_decode.Cache(k=cache.k.at[step].set(_write(k_layer, k, positions)),
-                                  v=cache.v.at[step].set(_write(v_layer, v, positions)))
+    h, (k, v) = model_lib.apply_block(cfg, block, h, positions, mask,
+                                      adaptive_decode.layer_merge(cache, step, positions))
+    cache = adaptive_decode.store_kv(cache, step, k, v, positions)
     return cache, h
 
   return jax.lax.fori_loop(first, last, body, (cache, h))
