@@ -116,8 +116,7 @@ def forward_adaptive(cfg: model_lib.ModelConfig, params, tokens, policy: exits.E
 
   def body(carry):
     step, h, active, exit_depth, confidence, h_previous = carry
-    block = model_lib.step_block(cfg, params, step)
-    h_new, _ = model_lib.apply_block(cfg, block, h, positions, mask)
+    h_new, _ = model_lib.apply_step(cfg, params, step, h, positions, mask)
     h = jnp.where(active[..., None], h_new, h)
     depth = step + 1
 

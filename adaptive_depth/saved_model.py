@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from typing import Any, Optional
@@ -24,6 +25,12 @@ class LoadedModel:
   params: Any
   tokenizer: Any
   step: int
+
+  @functools.cached_property
+  def decode_params(self):
+    """params in the per-block layout decoding runs fastest on (model.per_block_layout),
+    made once per model: a second copy of the block weights."""
+    return model_lib.per_block_layout(self.params)
 
 
 def load_run_config(workdir: str) -> ml_collections.ConfigDict:

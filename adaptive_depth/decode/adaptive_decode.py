@@ -71,15 +71,16 @@ def prefill(cfg: model_lib.ModelConfig, params, prompt, prompt_lengths, cache_le
   batch, prompt_len = prompt.shape
   positions = model_lib.default_positions(prompt)
   mask = layers.causal_mask(positions, positions)
+  kv_shape = (cfg.num_layers, batch, cache_len, cfg.num_kv_heads, cfg.head_dim)
+  empty = Cache(k=jnp.zeros(kv_shape, cfg.compute_dtype), v=jnp.zeros(kv_shape, cfg.compute_dtype))
 
-  def step(h, one_block):
-    h, (k, v) = model_lib.apply_block(cfg, one_block, h, positions, mask)
-    return h, (k, v)
+  def step(step, carry):
+    h, cache = carry
+    h, (k, v) = model_lib.apply_step(cfg, params, step, h, positions, mask)
+    return h, store_kv(cache, step, k, v, positions)
 
-  h, (k, v) = jax.lax.scan(step, model_lib.embed(cfg, params, prompt),
-                           model_lib.all_step_blocks(cfg, params))
-  pad = [(0, 0), (0, 0), (0, cache_len - prompt_len), (0, 0), (0, 0)]
-  cache = Cache(k=jnp.pad(k, pad), v=jnp.pad(v, pad))
+  h, cache = jax.lax.fori_loop(0, cfg.num_layers, step,
+                               (model_lib.embed(cfg, params, prompt), empty))
   last = h[jnp.arange(batch), prompt_lengths - 1]
   return cache, model_lib.head_logits(cfg, params, last)
 
@@ -141,9 +142,8 @@ def decode_step(cfg: model_lib.ModelConfig, params, cache: Cache, token, positio
 
   def body(carry):
     step, h, active, exit_depth, exit_logits, h_previous, cache = carry
-    block = model_lib.step_block(cfg, params, step)
-    h_new, (k, v) = model_lib.apply_block(cfg, block, h, positions, mask,
-                                          layer_merge(cache, step, positions))
+    h_new, (k, v) = model_lib.apply_step(cfg, params, step, h, positions, mask,
+                                         layer_merge(cache, step, positions))
     # Rows that exited ran the block on their frozen state: their K/V here is propagation.
     cache = store_kv(cache, step, k, v, positions)
     h = jnp.where(active[:, None, None], h_new, h)
@@ -158,8 +158,7 @@ def decode_step(cfg: model_lib.ModelConfig, params, cache: Cache, token, positio
 
   def propagate(carry):
     step, cache = carry
-    block = model_lib.step_block(cfg, params, step)
-    k, v = cfg.block.apply({'params': block}, h, positions, method=layers.Block.kv_only)
+    k, v = model_lib.apply_step(cfg, params, step, h, positions, kv_only=True)
     return step + 1, store_kv(cache, step, k, v, positions)
 
   _, cache = jax.lax.while_loop(lambda c: c[0] < num_layers, propagate, (steps_run, cache))

@@ -115,7 +115,7 @@ def generate(model, prompts, *args, max_new_tokens: int = 64,
         sampling=sampling, rng=rng, eos_id=tokenizer.eos_id, pad_id=tokenizer.eos_id,
         classifier=classifier, kv=kv, queue_capacity=queue_capacity)
 
-  args = (model.params, jnp.asarray(prompt), jnp.asarray(lengths), policy, sampling,
+  args = (model.decode_params, jnp.asarray(prompt), jnp.asarray(lengths), policy, sampling,
           jax.random.key(seed), classifier)
   static = (cfg, max_new_tokens, kv, queue_capacity, speculative, tokenizer.eos_id)
   compiled, compile_seconds = _program(static, run, args)

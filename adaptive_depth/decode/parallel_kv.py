@@ -56,9 +56,8 @@ def _run_layer(cfg, params, cache, step, h, positions, takes_part):
   scratch = cache.k.shape[2] - 1
   write_at = jnp.where(takes_part, positions, scratch)
   mask = jnp.arange(cache.k.shape[2])[None, None, :] <= positions[:, :, None]  # [B, G, S]
-  block = model_lib.step_block(cfg, params, step)
-  h_new, (k, v) = model_lib.apply_block(cfg, block, h, positions, mask,
-                                        decode_lib.layer_merge(cache, step, write_at))
+  h_new, (k, v) = model_lib.apply_step(cfg, params, step, h, positions, mask,
+                                       decode_lib.layer_merge(cache, step, write_at))
   cache = decode_lib.store_kv(cache, step, k, v, write_at)
   return jnp.where(takes_part[:, :, None], h_new, h), cache
 

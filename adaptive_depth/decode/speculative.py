@@ -84,9 +84,8 @@ def _run_layers(cfg, params, cache, h, positions, first, last):
 
   def body(step, carry):
     cache, h = carry
-    block = model_lib.step_block(cfg, params, step)
-    h, (k, v) = model_lib.apply_block(cfg, block, h, positions, mask,
-                                      adaptive_decode.layer_merge(cache, step, positions))
+    h, (k, v) = model_lib.apply_step(cfg, params, step, h, positions, mask,
+                                     adaptive_decode.layer_merge(cache, step, positions))
     cache = adaptive_decode.store_kv(cache, step, k, v, positions)
     return cache, h
 

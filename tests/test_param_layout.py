@@ -1,0 +1,88 @@
+"""The per-block parameter layout (what decoding runs on) computes what the stacked one does.
+
+The stacked layout is itself checked against independent references (tests/test_decode.py,
+tests/test_speculative.py, tests/test_depth.py); here every decode path runs on both layouts
+of the same parameters, for an unshared model and a shared-block one with per-step LoRA.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from adaptive_depth import depth
+from adaptive_depth import exits
+from adaptive_depth import model as model_lib
+from adaptive_depth.decode import adaptive_decode
+from adaptive_depth.decode import generation
+from adaptive_depth.decode import sampling as sampling_lib
+from adaptive_depth.decode import speculative
+from tests.test_speculative import _config, _random_params
+
+PROMPTS = [[3, 7, 1], [5, 2, 9, 11, 4, 8, 1], [6], [12, 13, 14, 15, 16]]
+MAX_NEW = 24
+MODELS = {
+    'unshared': _config(),
+    # 3 blocks over 4 steps (block 1 runs twice), each step with its own LoRA delta.
+    'shared': _config(num_blocks=3, schedule='middle_cycle', lora_rank=2),
+}
+
+
+@pytest.fixture(scope='module', params=sorted(MODELS))
+def model(request):
+  cfg = MODELS[request.param]
+  params = _random_params(cfg)
+  prompt, lengths = adaptive_decode.pad_prompts(PROMPTS, pad_id=0)
+  logits = model_lib.forward_train(cfg, params, jnp.asarray(prompt))
+  # max_prob at a threshold that lets roughly half of the tokens leave early.
+  threshold = float(np.quantile(np.asarray(exits.max_prob(logits[:-1])), 0.5))
+  return cfg, params, prompt, lengths, exits.ExitPolicy(measure='max_prob', threshold=threshold)
+
+
+def test_per_block_layout_holds_each_block():
+  cfg = MODELS['shared']
+  params = _random_params(cfg)
+  per_block = model_lib.per_block_layout(params)
+  assert isinstance(per_block['blocks'], tuple) and len(per_block['blocks']) == cfg.num_blocks
+  for index, block in enumerate(per_block['blocks']):
+    jax.tree.map(lambda whole, one: np.testing.assert_array_equal(whole[index], one),
+                 params['blocks'], block)
+  assert model_lib.per_block_layout(per_block) is per_block
+  assert per_block['lora'] is params['lora'] and params['blocks'] is not per_block['blocks']
+  tokens = jnp.asarray([[3, 1, 4, 1, 5, 9]])
+  np.testing.assert_array_equal(model_lib.forward_train(cfg, per_block, tokens),
+                                model_lib.forward_train(cfg, params, tokens))
+
+
+@pytest.mark.parametrize('kv', generation.KV_POLICIES)
+def test_generation_is_the_same_on_both_layouts(model, kv):
+  cfg, params, prompt, lengths, policy = model
+  run = jax.jit(lambda p: generation.generate_tokens(
+      cfg, p, prompt, lengths, max_new_tokens=MAX_NEW, policy=policy,
+      sampling=sampling_lib.Greedy(), rng=jax.random.key(0), eos_id=-1, pad_id=0, kv=kv,
+      return_cache=True))
+  stacked, per_block = run(params), run(model_lib.per_block_layout(params))
+  depths = np.asarray(stacked.output.exit_depth)[:, 1:]
+  assert depths.min() < cfg.num_layers and depths.max() == cfg.num_layers, 'exits untested'
+  np.testing.assert_array_equal(per_block.output.tokens, stacked.output.tokens)
+  np.testing.assert_array_equal(per_block.output.exit_depth, stacked.output.exit_depth)
+  np.testing.assert_allclose(per_block.cache.k, stacked.cache.k, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(per_block.cache.v, stacked.cache.v, rtol=1e-5, atol=1e-5)
+
+
+def test_speculative_is_the_same_on_both_layouts(model):
+  cfg, params, prompt, lengths, _ = model
+  run = jax.jit(lambda p: speculative.generate_speculative(
+      cfg, p, prompt, lengths, max_new_tokens=MAX_NEW, draft_depth=2, num_draft=3, eos_id=-1,
+      pad_id=0))
+  stacked, per_block = run(params), run(model_lib.per_block_layout(params))
+  np.testing.assert_array_equal(per_block.tokens, stacked.tokens)
+  np.testing.assert_array_equal(per_block.rounds, stacked.rounds)
+
+
+def test_adaptive_forward_is_the_same_on_both_layouts(model):
+  cfg, params, prompt, _, policy = model
+  run = jax.jit(lambda p: depth.forward_adaptive(cfg, p, jnp.asarray(prompt), policy))
+  stacked, per_block = run(params), run(model_lib.per_block_layout(params))
+  assert 0 < np.asarray(stacked.exit_depth).min() < cfg.num_layers
+  np.testing.assert_array_equal(per_block.exit_depth, stacked.exit_depth)
+  np.testing.assert_allclose(per_block.logits, stacked.logits, rtol=1e-5, atol=1e-5)
