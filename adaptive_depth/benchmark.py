@@ -19,6 +19,7 @@ are the useful ones: its block calls also carry the empty queue slots (masked).
 """
 from __future__ import annotations
 
+import functools
 import json
 import statistics
 import time
@@ -105,8 +106,14 @@ def full_depth_choices(cfg: model_lib.ModelConfig, params, prompt, tokens) -> np
   """The full model's greedy choice at every generated position given the generated
   prefix: [B, N] for tokens [B, N] generated after prompt [B, P]."""
   sequence = jnp.concatenate([prompt, tokens[:, :-1]], axis=1)
-  last_exit = jax.jit(lambda s: jnp.argmax(model_lib.forward_train(cfg, params, s)[-1], -1))
-  return np.asarray(last_exit(sequence))[:, prompt.shape[1] - 1:]
+  return np.asarray(_last_exit_argmax(cfg, params, sequence))[:, prompt.shape[1] - 1:]
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _last_exit_argmax(cfg, params, sequence):
+  # params is an argument, not a closed-over constant: one compile per shape, and XLA does
+  # not constant-fold the weights.
+  return jnp.argmax(model_lib.forward_train(cfg, params, sequence)[-1], -1)
 
 
 def run_benchmark(config, workdir: str, out_path: str,

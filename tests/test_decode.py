@@ -34,11 +34,16 @@ def _run_with_cache(cfg, params, prompt, lengths, policy, kv, capacity=8, max_ne
       return_cache=True))(params, prompt, lengths, policy)
 
 
-def _exiting_policy(cfg, params, prompt):
-  """max_prob at a threshold that lets roughly half the tokens leave early."""
-  logits = model_lib.forward_train(cfg, params, jnp.asarray(prompt))
-  threshold = float(np.quantile(np.asarray(exits.max_prob(logits[:2])), 0.6))
-  return exits.ExitPolicy(measure='max_prob', threshold=threshold)
+def _exiting_policy(cfg, params, prompt, measure='max_prob'):
+  """`measure` at a threshold that lets roughly half the tokens leave early."""
+  if measure == 'saturation':  # cosine of the states after consecutive layers
+    h = model_lib.run_all_steps(cfg, params, model_lib.embed(cfg, params, jnp.asarray(prompt)),
+                                model_lib.default_positions(jnp.asarray(prompt)))
+    scores = exits.saturation(h[1:2], h[:1])
+  else:
+    scores = exits.max_prob(model_lib.forward_train(cfg, params, jnp.asarray(prompt))[:2])
+  threshold = float(np.quantile(np.asarray(scores), 0.6))
+  return exits.ExitPolicy(measure=measure, threshold=threshold)
 
 
 def _reference_greedy(cfg, params, prompt_ids, steps):
@@ -66,11 +71,14 @@ def test_never_exit_generation_equals_full_depth_greedy(setup, kv):
     assert got == want, row
 
 
-def test_early_exit_decoding_matches_masked_full_sequence_loop(setup):
+@pytest.mark.parametrize('measure', ['max_prob', 'saturation'])
+def test_early_exit_decoding_matches_masked_full_sequence_loop(setup, measure):
   """Decode with exits (KV propagated from frozen states) equals the adaptive forward over
-  the whole generated sequence with every token forced out at the depth decode chose."""
+  the whole generated sequence with every token forced out at the depth decode chose.
+  ('saturation' reads no head to decide: decode computes the exit's logits only for rows
+  that leave.)"""
   cfg, params, prompt, lengths, run = setup
-  policy = _exiting_policy(cfg, params, prompt)
+  policy = _exiting_policy(cfg, params, prompt, measure)
   out = run(params, prompt, lengths, policy)
   depths = np.asarray(out.exit_depth)
   assert 1.5 < depths.mean() < cfg.num_layers - 0.2, depths.mean()

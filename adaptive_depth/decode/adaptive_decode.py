@@ -103,11 +103,16 @@ def exit_check(cfg: model_lib.ModelConfig, params, policy: exits.ExitPolicy, cla
     active, exit_depth, exit_logits, _ = args
     score, logits = depth_lib.exit_confidence(cfg, params, policy, h, h_previous,
                                               exit_number[depth], classifier)
-    if logits is None:
-      logits = model_lib.head_logits(cfg, params, h, exit_number[depth])
     leaving = active & may_exit & depth_lib.exit_decision(policy, score[:, 0], depth,
                                                           row_position)
-    exit_logits = jnp.where(leaving[:, None], logits[:, 0], exit_logits)
+    if logits is None:  # a measure that reads no head: pay for it only when a row leaves
+      exit_logits = jax.lax.cond(
+          jnp.any(leaving),
+          lambda: jnp.where(leaving[:, None], model_lib.head_logits(
+              cfg, params, h[:, 0], exit_number[depth]), exit_logits),
+          lambda: exit_logits)
+    else:
+      exit_logits = jnp.where(leaving[:, None], logits[:, 0], exit_logits)
     return active & ~leaving, jnp.where(leaving, depth, exit_depth), exit_logits, h
 
   return jax.lax.cond(
