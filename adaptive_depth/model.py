@@ -277,7 +277,11 @@ def _add_lora(block, lora, einsum_prefix=''):
 
 
 def step_block(cfg: ModelConfig, params, step):
-  """The block parameters loop step `step` (traced) runs, with its LoRA delta if any."""
+  """The block parameters loop step `step` (traced) runs, with its LoRA delta if any, from
+  the stacked layout (`apply_step` takes either layout)."""
+  if isinstance(params['blocks'], tuple):
+    raise TypeError('step_block needs the stacked parameter layout; this is the per-block '
+                    'one (per_block_layout): use apply_step')
   block = select_block(params['blocks'], block_index(cfg.schedule, step, cfg.num_layers,
                                                      cfg.num_blocks))
   if 'lora' not in params:

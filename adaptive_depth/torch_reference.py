@@ -24,9 +24,9 @@ def load_transformers_model(source: str):
   if source.endswith('.gguf'):
     model = transformers.AutoModelForCausalLM.from_pretrained(
         os.path.dirname(os.path.abspath(source)), gguf_file=os.path.basename(source),
-        torch_dtype=torch.float32)
+        dtype=torch.float32)
   elif os.path.isdir(source):
-    model = transformers.AutoModelForCausalLM.from_pretrained(source, torch_dtype=torch.float32)
+    model = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
   else:
     raise FileNotFoundError(f'config.benchmark.transformers_source={source!r}: expected a '
                             '.gguf file or a directory with config.json')

@@ -1,4 +1,5 @@
-"""Test session set-up: one private TFDS data dir, prepared once before any test runs.
+"""Test session set-up: one private TFDS data dir, prepared before any test runs (once per
+pytest-xdist worker: each worker is its own session).
 
 Tests (and the training subprocesses they start, which inherit the environment) then never
 write into the home directory and never race to prepare the bundled dataset.

@@ -60,9 +60,12 @@ def _reference_greedy(cfg, params, prompt_ids, steps):
 
 @pytest.mark.parametrize('kv', generation.KV_POLICIES)
 def test_never_exit_generation_equals_full_depth_greedy(setup, kv):
+  """On the per-block layout `generate` decodes with (the stacked layout's decoding is
+  checked against the same kind of reference in the tests below and in
+  tests/test_param_layout.py)."""
   cfg, params, prompt, lengths, _ = setup
-  out = _run_with_cache(cfg, params, prompt, lengths, exits.ExitPolicy(measure='never'),
-                        kv).output
+  out = _run_with_cache(cfg, model_lib.per_block_layout(params), prompt, lengths,
+                        exits.ExitPolicy(measure='never'), kv).output
   assert (np.asarray(out.exit_depth) == cfg.num_layers).all()
   for row, ids in enumerate(PROMPTS):
     want = _reference_greedy(cfg, params, ids, MAX_NEW)

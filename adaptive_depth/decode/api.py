@@ -67,7 +67,9 @@ def generate(model, prompts, *args, max_new_tokens: int = 64,
   """Generates a continuation of each prompt (a batch, ragged lengths allowed).
 
   Called as generate(model, prompts, ...) with model = ad.load(workdir), or as
-  generate(params, config, prompts, ...) with a parameter pytree and its run config.
+  generate(params, config, prompts, ...) with a parameter pytree and its run config (which
+  copies the blocks into the decode layout on every call; for repeated calls keep
+  model = saved_model.from_params(params, config), which makes it once).
   exit: the early-exit policy (default: never exit).
   kv: KV policy for the layers a token skipped, one of generation.KV_POLICIES: 'propagate'
   (CALM state propagation) or 'parallel' (queued tokens catch up in the next deep pass; at
