@@ -315,7 +315,7 @@ def apply_step(cfg: ModelConfig, params, step, h, positions, mask=None, merge_kv
   def call(block, h, positions, mask):
     if kv_only:
       return cfg.block.apply({'params': block}, h, positions, method=layers.Block.kv_only)
-    return cfg.block.apply({'params': block}, h, positions, mask, merge_kv)
+    return apply_block(cfg, block, h, positions, mask, merge_kv)
 
   if not isinstance(params['blocks'], tuple):
     return call(step_block(cfg, params, step), h, positions, mask)

@@ -96,7 +96,7 @@ def dequantize(gguf, tensor) -> np.ndarray:
   """One GGUF tensor as float32 [out, in] (or [n] for vectors)."""
   try:
     values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
-  except NotImplementedError:
+  except NotImplementedError:  # the `gguf` package's refusal of a type it has no decoder for
     raise ValueError(f'GGUF tensor {tensor.name!r} has type {tensor.tensor_type.name}, which '
                      'the installed `gguf` package cannot dequantize; convert the model to '
                      'another quantization (e.g. Q8_0, F16)') from None

@@ -77,13 +77,13 @@ def check_source(config, cfg: model_lib.ModelConfig):
 
 
 def initial_state(config, cfg: model_lib.ModelConfig, tx, shardings) -> state_lib.TrainState:
-  """Step 0 of a run started from config.train.init_from, placed in `shardings`.
+  """Step 0 of a run started from config.train.init_from, placed in `shardings`, once
+  `check_source` has accepted the source (train/loop.py calls it before compiling).
 
   The trunk is the source's latest checkpoint. Exit heads are the source's when it has the
   same exits and head options, else fresh: norm scales copied from the trunk's final norm
   and adapters with a zero factor, so that every exit starts as it read in the source.
   """
-  check_source(config, cfg)
   source = saved_model.load(config.train.init_from)
   params = dict(source.params)
   source_heads = params.pop('exit_heads', None)
