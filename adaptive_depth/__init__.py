@@ -4,6 +4,7 @@
     config = ad.load_config('configs/quickstart.py')
     ad.train_and_evaluate(config, '/tmp/quickstart')
 """
+from adaptive_depth.cli import PathError, UserError
 from adaptive_depth.config_lib import ConfigError, base_config, validate
 from adaptive_depth.config_loading import load_config
 from adaptive_depth import convert  # ad.convert.from_gguf / from_hf_dir / convert

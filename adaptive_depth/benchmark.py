@@ -23,12 +23,13 @@ import functools
 import json
 import statistics
 import time
-from typing import Callable
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from adaptive_depth import config_lib
 from adaptive_depth import costs
 from adaptive_depth import exits
 from adaptive_depth import model as model_lib
@@ -38,32 +39,8 @@ from adaptive_depth.decode import generation
 from adaptive_depth.decode import sampling as sampling_lib
 from adaptive_depth.decode import speculative
 
-
-def parse_list(text: str, kind, key: str) -> list:
-  """'1,8' -> [1, 8]; a clear error naming config.benchmark.<key>."""
-  try:
-    values = [kind(x) for x in str(text).split(',') if x.strip()]
-  except ValueError:
-    raise ValueError(f'config.benchmark.{key}={text!r}: expected comma-separated '
-                     f'{kind.__name__} values') from None
-  if not values:
-    raise ValueError(f'config.benchmark.{key} is empty')
-  return values
-
-
-def parse_speculative(text: str) -> list[tuple[int, int]]:
-  """'4x4,6x3' -> [(draft_depth 4, num_draft 4), (6, 3)]; '' -> []."""
-  settings = []
-  for item in (x.strip() for x in str(text).split(',')):
-    if not item:
-      continue
-    try:
-      depth, num = item.lower().split('x')
-      settings.append((int(depth), int(num)))
-    except ValueError:
-      raise ValueError(f'config.benchmark.speculative={text!r}: expected entries like '
-                       "'4x3' (draft depth x drafted tokens), comma-separated") from None
-  return settings
+# (prompt [B, P] ids, max_new_tokens, repeats) -> (tokens [B, max_new_tokens], median seconds)
+Reference = Callable[[np.ndarray, int, int], tuple[np.ndarray, float]]
 
 
 def benchmark_prompts(tokenizer, batch: int, prompt_len: int) -> np.ndarray:
@@ -72,7 +49,9 @@ def benchmark_prompts(tokenizer, batch: int, prompt_len: int) -> np.ndarray:
       tiny_shakespeare.read_bundled_corpus())['validation'])
   ids = np.asarray(tokenizer.encode(text), np.int32)
   if len(ids) < batch * prompt_len * 2:
-    raise ValueError(f'config.benchmark.prompt_len={prompt_len} is too long for batch {batch}')
+    raise config_lib.ConfigError(f'config.benchmark.prompt_len={prompt_len} is too long for '
+                                 f'batch {batch}: the bundled validation text has {len(ids)} '
+                                 'tokens')
   starts = np.linspace(0, len(ids) - prompt_len - 1, batch).astype(int)
   return np.stack([ids[s:s + prompt_len] for s in starts])
 
@@ -117,14 +96,20 @@ def _last_exit_argmax(cfg, params, sequence):
 
 
 def run_benchmark(config, workdir: str, out_path: str,
-                  progress: Callable[[str], None] = print) -> list[dict]:
+                  progress: Callable[[str], None] = print,
+                  transformers_generate: Optional[Reference] = None) -> list[dict]:
   """Benchmarks the model in `workdir` with the settings of config.benchmark; writes the
-  rows to out_path (JSON list) and a plot next to it. Returns the rows."""
-  b = config.benchmark
-  batches = parse_list(b.batches, int, 'batches')
-  thresholds = parse_list(b.thresholds, float, 'thresholds')
-  kv_policies = parse_list(b.kv, str, 'kv')
-  spec_settings = parse_speculative(b.speculative)
+  rows to out_path (JSON list) and a plot next to it. Returns the rows.
+
+  transformers_generate: the `transformers` library's greedy generate, timed on the same
+  prompt at batch 1 as mode 'transformers' (launch/benchmark.py makes it with
+  launch/transformers_reference.py when config.benchmark.transformers_source is set).
+  """
+  b = config_lib.validate(config).benchmark
+  batches = config_lib.parse_list(b.batches, int, 'config.benchmark.batches')
+  thresholds = config_lib.parse_list(b.thresholds, float, 'config.benchmark.thresholds')
+  kv_policies = config_lib.parse_list(b.kv, str, 'config.benchmark.kv')
+  spec_settings = config_lib.parse_speculative(b.speculative)
   for kv in kv_policies:
     generation.check_kv_policy(kv, b.queue_capacity)
   model = saved_model.load(workdir)
@@ -211,8 +196,9 @@ def run_benchmark(config, workdir: str, out_path: str,
              {'draft_depth': depth, 'num_draft': num,
               'acceptance': float(np.asarray(out.accepted_drafts).sum() / max(drafted, 1))})
 
-    if b.transformers_source and batch == 1:
-      rows.append(_transformers_row(b, prompt, full_tokens, full_tps, progress))
+    if transformers_generate is not None and batch == 1:
+      rows.append(_transformers_row(transformers_generate, b, prompt, full_tokens, full_tps,
+                                    progress))
 
   with open(out_path, 'w') as f:
     json.dump(rows, f, indent=1)
@@ -222,12 +208,10 @@ def run_benchmark(config, workdir: str, out_path: str,
   return rows
 
 
-def _transformers_row(b, prompt, full_tokens, full_tps, progress) -> dict:
+def _transformers_row(transformers_generate, b, prompt, full_tokens, full_tps,
+                      progress) -> dict:
   """The `transformers` library's own greedy generate on the same checkpoint and prompt."""
-  from adaptive_depth import torch_reference
-  reference = torch_reference.load_transformers_model(b.transformers_source)
-  tokens, seconds = torch_reference.time_greedy_generate(reference, np.asarray(prompt),
-                                                         b.max_new_tokens, b.repeats)
+  tokens, seconds = transformers_generate(np.asarray(prompt), b.max_new_tokens, b.repeats)
   batch = tokens.shape[0]
   tps = batch * b.max_new_tokens / seconds
   row = {'mode': 'transformers', 'policy': 'transformers.generate (torch float32)',

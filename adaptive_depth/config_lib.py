@@ -2,12 +2,15 @@
 
 Experiment files in `configs/` start from `base_config()` and change values; `validate`
 rejects keys the schema does not know and values that cannot work, with one line per
-problem naming the key and what is allowed.
+problem naming the key and what is allowed. The parsers of list-valued settings ('1,8',
+'4x3') live here too, so the code that reads a setting and `validate` agree on its syntax.
 """
 from __future__ import annotations
 
 import ml_collections
 
+from adaptive_depth import cli
+from adaptive_depth import exits  # the measure and schedule names live with the policies
 from adaptive_depth import model as model_lib
 from adaptive_depth.data import tokenizers
 
@@ -17,8 +20,36 @@ TRAINABLE = ('all', 'exit_heads')
 STAGES = ('model', 'exit_classifier')
 
 
-class ConfigError(ValueError):
+class ConfigError(cli.UserError):
   """A config value that cannot work; the message names the key."""
+
+
+def parse_list(text: str, kind, key: str) -> list:
+  """'1,8' -> [1, 8] for key='config.benchmark.batches'; a ConfigError naming the key."""
+  try:
+    values = [kind(x) for x in str(text).split(',') if x.strip()]
+  except ValueError:
+    raise ConfigError(f'{key}={text!r}: expected comma-separated {kind.__name__} values'
+                      ) from None
+  if not values:
+    raise ConfigError(f'{key} is empty')
+  return values
+
+
+def parse_speculative(text: str, key: str = 'config.benchmark.speculative'
+                      ) -> list[tuple[int, int]]:
+  """'4x4,6x3' -> [(draft_depth 4, num_draft 4), (6, 3)]; '' -> []."""
+  settings = []
+  for item in (x.strip() for x in str(text).split(',')):
+    if not item:
+      continue
+    try:
+      depth, num = item.lower().split('x')
+      settings.append((int(depth), int(num)))
+    except ValueError:
+      raise ConfigError(f"{key}={text!r}: expected entries like '4x3' (draft depth x drafted "
+                        'tokens), comma-separated') from None
+  return settings
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -122,7 +153,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.benchmark.kv = 'propagate,parallel'
   c.benchmark.queue_capacity = 8
   c.benchmark.speculative = ''    # e.g. '4x4,6x3': draft depth x drafted tokens; '' = none
-  c.benchmark.transformers_source = ''  # a .gguf / HF dir: also time transformers' generate
+  c.benchmark.transformers_source = ''  # .gguf / HF dir: launch/benchmark.py times transformers
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1
@@ -291,10 +322,9 @@ def _exit_head_problems(c) -> list[str]:
 
 def _speculative_head_problems(speculative: str, depths) -> list[str]:
   """With per-exit heads a self-speculative draft must read an exit's own head."""
-  from adaptive_depth import benchmark  # parsing lives with the benchmark
   try:
-    drafts = benchmark.parse_speculative(speculative)
-  except ValueError:
+    drafts = parse_speculative(speculative)
+  except ConfigError:
     return []  # reported with config.benchmark.speculative
   bad = sorted({d for d, _ in drafts if d not in depths})
   if not bad:
@@ -305,7 +335,6 @@ def _speculative_head_problems(speculative: str, depths) -> list[str]:
 
 
 def _generate_problems(g) -> list[str]:
-  from adaptive_depth import exits  # the measure and schedule names live with the policies
   p = []
   if g.measure not in exits.MEASURES or g.measure == 'oracle':
     allowed = [m for m in exits.MEASURES if m != 'oracle']
@@ -317,31 +346,31 @@ def _generate_problems(g) -> list[str]:
   if g.queue_capacity < 1:
     p.append(f'config.generate.queue_capacity={g.queue_capacity}: must be >= 1')
   if g.speculative:
-    from adaptive_depth import benchmark  # the 'ExK' syntax is shared with the benchmark
     try:
-      if len(benchmark.parse_speculative(g.speculative)) != 1:
+      if len(parse_speculative(g.speculative, 'config.generate.speculative')) != 1:
         p.append(f"config.generate.speculative={g.speculative!r}: one 'ExK' setting")
-    except ValueError as e:
-      p.append(str(e).replace('config.benchmark', 'config.generate'))
+    except ConfigError as e:
+      p.append(str(e))
     if g.temperature > 0:
       p.append(f'config.generate.speculative={g.speculative!r} decodes greedily: needs '
                f'config.generate.temperature=0 (got {g.temperature})')
   if g.max_new_tokens < 1:
     p.append(f'config.generate.max_new_tokens={g.max_new_tokens}: must be >= 1')
-  if g.temperature < 0 or g.top_k < 0 or not 0 < g.top_p <= 1:
-    p.append('config.generate.temperature and config.generate.top_k must be >= 0 and '
-             f'config.generate.top_p in (0, 1]; got {g.temperature}, {g.top_k}, {g.top_p}')
+  if g.temperature < 0:
+    p.append(f'config.generate.temperature={g.temperature}: must be >= 0 (0 = greedy)')
+  if g.top_k < 0:
+    p.append(f'config.generate.top_k={g.top_k}: must be >= 0 (0 = no top-k cut)')
+  if not 0 < g.top_p <= 1:
+    p.append(f'config.generate.top_p={g.top_p}: allowed 0 < top_p <= 1 (1 = no nucleus cut)')
   return p
 
 
 def _benchmark_problems(b, num_layers: int) -> list[str]:
-  from adaptive_depth import benchmark  # parsing lives with the benchmark
-  from adaptive_depth import exits
   p = []
   for key, kind in (('batches', int), ('thresholds', float), ('kv', str)):
     try:
-      values = benchmark.parse_list(b[key], kind, key)
-    except ValueError as e:
+      values = parse_list(b[key], kind, f'config.benchmark.{key}')
+    except ConfigError as e:
       p.append(str(e))
       continue
     if key == 'batches' and min(values) < 1:
@@ -350,11 +379,11 @@ def _benchmark_problems(b, num_layers: int) -> list[str]:
     if bad:
       p.append(f'config.benchmark.kv={b.kv!r}: unknown {bad}; allowed: propagate, parallel')
   try:
-    for depth, num in benchmark.parse_speculative(b.speculative):
+    for depth, num in parse_speculative(b.speculative):
       if not 1 <= depth < num_layers or num < 1:
         p.append(f'config.benchmark.speculative={b.speculative!r}: draft depth must be in '
                  f'1..{num_layers - 1} (config.model.num_layers - 1) and drafted tokens >= 1')
-  except ValueError as e:
+  except ConfigError as e:
     p.append(str(e))
   if b.measure not in exits.MEASURES or b.measure in ('oracle', 'classifier', 'never'):
     p.append(f'config.benchmark.measure={b.measure!r}; allowed: softmax_diff, '

@@ -78,6 +78,25 @@ def exit_confidence(cfg, params, policy: exits.ExitPolicy, h, h_previous, exit_n
   return score, logits
 
 
+def checks_at(cfg: model_lib.ModelConfig, policy: exits.ExitPolicy, depth):
+  """Scalar bool: whether some token may leave at loop depth `depth` (traced), so that the
+  exit check has to run there.
+
+  Only exits below the last qualify (every token still active leaves at the last anyway).
+  A token with exit_at > 0 leaves at the first exit from exit_at on, whatever the measure
+  and min_depth; the others by confidence from min_depth on, which under measure 'never'
+  is never. exit_at is traced, so it cannot decide statically whether a program has checks:
+  with measure 'never' and exit_at 0 this scalar is false at every depth and the check's
+  lax.cond skips all head and confidence work (full depth pays one scalar test per exit).
+  """
+  is_exit, _ = _exit_lookup(cfg)
+  exit_at = jnp.asarray(policy.exit_at)  # scalar, or one per token
+  may_leave = jnp.any((exit_at > 0) & (depth >= exit_at))
+  if policy.measure != 'never':
+    may_leave |= jnp.any(exit_at <= 0) & (depth >= jnp.asarray(policy.min_depth))
+  return is_exit[depth] & (depth < cfg.num_layers) & may_leave
+
+
 def exit_decision(policy: exits.ExitPolicy, score, depth, row_positions):
   """[B, T] bool: the tokens whose score clears the threshold at this depth."""
   if policy.measure == 'never':
@@ -101,11 +120,11 @@ def forward_adaptive(cfg: model_lib.ModelConfig, params, tokens, policy: exits.E
   decaying threshold (default: positions). oracle_tokens: [B, T] the full model's argmax,
   for policy.measure == 'oracle'. classifier: exit classifier parameters.
   """
-  policy = policy.validated()
+  policy = policy.validated(cfg.exit_depths)
   positions = model_lib.default_positions(tokens) if positions is None else positions
   row_positions = positions if row_positions is None else row_positions
   mask = layers.causal_mask(positions, positions)
-  is_exit, exit_number = _exit_lookup(cfg)
+  _, exit_number = _exit_lookup(cfg)
   num_layers = cfg.num_layers
   h0 = model_lib.embed(cfg, params, tokens)
   batch_shape = tokens.shape
@@ -129,12 +148,12 @@ def forward_adaptive(cfg: model_lib.ModelConfig, params, tokens, policy: exits.E
       exit_depth = jnp.where(leaving, depth, exit_depth)
       return h, active & ~leaving, exit_depth, confidence, h
 
-    # The last depth needs no check: every token still active exits there anyway; nor do
-    # depths below min_depth (costs.token_flops charges neither). Saturation therefore
-    # compares with the state at the previous check (the embedding at the first one).
+    # Checks run only where some token may leave (checks_at): not at the last depth, where
+    # every token still active exits anyway, nor below min_depth (costs.token_flops charges
+    # neither). Saturation therefore compares with the state at the previous check (the
+    # embedding at the first one).
     h, active, exit_depth, confidence, h_previous = jax.lax.cond(
-        is_exit[depth] & (depth < num_layers) & (depth >= jnp.asarray(policy.min_depth)),
-        check, lambda args: args,
+        checks_at(cfg, policy, depth), check, lambda args: args,
         (h, active, exit_depth, confidence, h_previous))
     return step + 1, h, active, exit_depth, confidence, h_previous
 

@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from adaptive_depth import cli
+from adaptive_depth import config_lib
 from adaptive_depth import costs
 from adaptive_depth import depth as depth_lib
 from adaptive_depth import exits
@@ -100,10 +102,31 @@ def sweep(cfg, params, batches, full_argmax, measure, thresholds, *, classifier=
   return rows
 
 
+def check_measures(measures) -> list[str]:
+  """`measures` (e.g. --measures) as a list; a UserError unless each has a threshold sweep."""
+  measures = [measures] if isinstance(measures, str) else list(measures)
+  bad = [m for m in measures if m not in SWEEPS]
+  if bad or not measures:
+    raise cli.UserError(f'measures: {f"unknown {bad}" if bad else "none given"}; '
+                        f'allowed: {", ".join(SWEEPS)}')
+  return measures
+
+
 def evaluate_run(config, workdir: str, *, measures=None, num_batches: int = 0) -> dict:
-  """Evaluates the latest checkpoint in `workdir`; writes eval.json and eval.png there."""
+  """Evaluates the latest checkpoint in `workdir`; writes eval.json and eval.png there.
+
+  measures: confidence measures to sweep, of SWEEPS (default: all; 'classifier' when the
+  run has a trained exit classifier). The config and measures are checked before loading.
+  """
   start = time.perf_counter()
+  config_lib.validate(config)
+  measures = None if measures is None else check_measures(measures)
   model = saved_model.load(workdir)
+  classifier = classifier_lib.load_classifier(workdir, model_step=model.step)
+  if measures and 'classifier' in measures and classifier is None:
+    raise cli.UserError(f"measures: 'classifier' needs an exit classifier trained for this "
+                        f'model in {workdir} (configs/exit_classifier.py)')
+  measures = measures or [m for m in SWEEPS if m != 'classifier' or classifier is not None]
   cfg, params = model.model_config, model.params
   num_batches = num_batches or config.eval.num_batches or 16
   _, make_eval_data, _ = pipeline.make_train_and_eval_data(
@@ -123,8 +146,6 @@ def evaluate_run(config, workdir: str, *, measures=None, num_batches: int = 0) -
   per_exit = metrics_lib.per_exit_records(cfg.exit_depths, np.mean(exit_nll, 0),
                                           np.mean(exit_correct, 0))
 
-  classifier = classifier_lib.load_classifier(workdir, model_step=model.step)
-  measures = list(measures or [m for m in SWEEPS if m != 'classifier' or classifier is not None])
   adaptive_fn = make_adaptive_fn(cfg)  # compiles once per measure (the measure is static)
   curves = {}
   for measure in measures:

@@ -30,7 +30,8 @@ class ExitPolicy:
   schedule: 'constant', or 'decaying' (CALM):
     threshold_t = clip(0.9 * threshold + 0.1 * exp(-tau * t / max_len), 0, 1),
     with t the token's position in its own row (generation: its index among new tokens).
-  exit_at: for analysis, force every token out at exactly this depth (0 = off; traced).
+  exit_at: for analysis, force every token out at exactly this depth, whatever the measure
+    and min_depth; one of the model's exit depths, or 0 = off (traced).
   """
   measure: str = flax.struct.field(pytree_node=False, default='softmax_diff')
   schedule: str = flax.struct.field(pytree_node=False, default='constant')
@@ -50,12 +51,29 @@ class ExitPolicy:
       if isinstance(value, (int, float, np.number, np.ndarray, list)):
         object.__setattr__(self, name, np.asarray(value, dtype))
 
-  def validated(self) -> 'ExitPolicy':
+  def validated(self, exit_depths=None) -> 'ExitPolicy':
+    """Raises ValueError naming the field. exit_depths: the model's exit depths; with them
+    a concrete exit_at must be 0 or one of them (a traced exit_at cannot be checked)."""
     if self.measure not in MEASURES:
       raise ValueError(f'ExitPolicy.measure={self.measure!r}; allowed: {", ".join(MEASURES)}')
     if self.schedule not in SCHEDULES:
       raise ValueError(f'ExitPolicy.schedule={self.schedule!r}; allowed: {", ".join(SCHEDULES)}')
+    exit_at = _concrete(self.exit_at)
+    if exit_depths is not None and exit_at is not None:
+      allowed = [int(d) for d in exit_depths]
+      bad = sorted({int(d) for d in np.ravel(exit_at) if d != 0 and d not in allowed})
+      if bad:
+        raise ValueError(f'ExitPolicy.exit_at={bad[0]} is not an exit of this model; allowed: '
+                         f'0 (off) or one of its exit depths {allowed} '
+                         '(config.model.exit_layers)')
     return self
+
+
+def _concrete(value):
+  """value as a numpy array, or None when it is traced (known only when the program runs)."""
+  if isinstance(value, jax.core.Tracer):
+    return None
+  return np.asarray(value)
 
 
 def threshold_at(policy: ExitPolicy, t):

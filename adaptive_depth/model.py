@@ -130,11 +130,7 @@ def parse_exit_layers(spec: str, num_layers: int, min_exit_layer: int = 1) -> tu
       depths = [d for d in range(every, num_layers + 1, every) if d >= min_exit_layer]
     else:
       depths = [int(x) for x in spec.split(',') if x.strip()]
-      early = [d for d in depths if d < min_exit_layer]
-      if early:
-        raise ValueError(f'config.model.exit_layers={spec!r} names depth(s) {early} below '
-                         f'config.model.min_exit_layer={min_exit_layer}')
-  except ValueError:
+  except ValueError:  # the syntax only; the range has its own message below
     raise ValueError(
         f"config.model.exit_layers={spec!r} is not understood; allowed: 'all', 'last', "
         "'every:K' with K >= 1, or a comma-separated list of depths such as '2,4'") from None
@@ -142,6 +138,10 @@ def parse_exit_layers(spec: str, num_layers: int, min_exit_layer: int = 1) -> tu
   if bad:
     raise ValueError(f'config.model.exit_layers={spec!r} names depth(s) {bad} outside '
                      f'1..{num_layers} (config.model.num_layers)')
+  early = [d for d in depths if d < min_exit_layer]
+  if early:
+    raise ValueError(f'config.model.exit_layers={spec!r} names depth(s) {early} below '
+                     f'config.model.min_exit_layer={min_exit_layer}')
   return tuple(sorted(set(depths) | {num_layers}))
 
 

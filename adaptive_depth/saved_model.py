@@ -10,6 +10,7 @@ from typing import Any, Optional
 import ml_collections
 
 from adaptive_depth import checkpoint as checkpoint_lib
+from adaptive_depth import cli
 from adaptive_depth import config_lib
 from adaptive_depth import model as model_lib
 from adaptive_depth import sharding
@@ -37,7 +38,7 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
   """The config a run in `workdir` was trained with (WORKDIR/config.json), validated."""
   path = os.path.join(workdir, 'config.json')
   if not os.path.exists(path):
-    raise FileNotFoundError(f'{path} not found: is {workdir!r} a training workdir?')
+    raise cli.PathError(f'{path} not found: is {workdir!r} a training workdir?')
   with open(path) as f:
     saved = json.load(f)
   config = config_lib.base_config()
@@ -71,6 +72,10 @@ def from_params(params, config: ml_collections.ConfigDict) -> LoadedModel:
 def load(workdir: str, step: Optional[int] = None, mesh_config=None) -> LoadedModel:
   """Restores the parameters of the latest (or the given) checkpoint step in `workdir`.
 
+  Only the parameters are read: a training run's optimizer state stays on disk (see
+  checkpoint.Checkpoints.restore_params), so loading takes the model's memory, not three
+  times it.
+
   mesh_config: where to place them ({'data', 'fsdp', 'tensor'} sizes); by default all local
   devices on the data axis, whatever mesh the run trained on (parameters replicated).
   """
@@ -78,15 +83,16 @@ def load(workdir: str, step: Optional[int] = None, mesh_config=None) -> LoadedMo
   cfg = model_lib.ModelConfig.from_config(config.model)
   mesh = sharding.make_mesh(mesh_config or {'data': -1, 'fsdp': 1, 'tensor': 1})
   rules = tuple(tuple(r) for r in config.sharding.rules)
-  tx = state_lib.make_optimizer(config.train)
-  abstract, shardings = state_lib.state_shardings(cfg, tx, mesh, rules)
+  abstract, shardings = state_lib.param_shardings(cfg, mesh, rules)
   checkpoints = checkpoint_lib.Checkpoints(os.path.join(workdir, 'checkpoints'),
                                            async_save=False)
-  step = checkpoints.latest_step() if step is None else step
-  if step is None:
-    raise FileNotFoundError(f'no checkpoint in {checkpoints.directory}')
-  state = checkpoints.restore_state_only(
-      step, checkpoint_lib.abstract_with_shardings(abstract, shardings))
-  checkpoints.close()
-  return LoadedModel(config=config, model_config=cfg, params=state.params,
+  try:
+    step = checkpoints.latest_step() if step is None else step
+    if step is None:
+      raise cli.PathError(f'no checkpoint in {checkpoints.directory}')
+    params = checkpoints.restore_params(
+        step, checkpoint_lib.abstract_with_shardings(abstract, shardings))
+  finally:
+    checkpoints.close()
+  return LoadedModel(config=config, model_config=cfg, params=params,
                      tokenizer=tokenizers.from_config(config.data), step=int(step))

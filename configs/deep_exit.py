@@ -42,5 +42,5 @@ def get_config(variant: str = ''):
     config.eval.num_batches = 2
     config.checkpoint.every_steps = 10
   elif variant:
-    raise ValueError(f"configs/deep_exit.py: unknown variant {variant!r}; allowed: '', 'tiny'")
+    raise config_lib.ConfigError(f"configs/deep_exit.py: unknown variant {variant!r}; allowed: '', 'tiny'")
   return config

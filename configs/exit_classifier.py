@@ -16,5 +16,5 @@ def get_config(variant: str = ''):
     config.classifier.num_steps = 10
     config.classifier.batch_size = 4
   elif variant:
-    raise ValueError(f"configs/exit_classifier.py: unknown variant {variant!r}; allowed: 'tiny'")
+    raise config_lib.ConfigError(f"configs/exit_classifier.py: unknown variant {variant!r}; allowed: 'tiny'")
   return config

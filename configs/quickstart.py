@@ -30,5 +30,5 @@ def get_config(variant: str = ''):
     config.eval.num_batches = 4
     config.checkpoint.every_steps = 10
   elif variant:
-    raise ValueError(f"configs/quickstart.py: unknown variant {variant!r}; allowed: '', 'tiny'")
+    raise config_lib.ConfigError(f"configs/quickstart.py: unknown variant {variant!r}; allowed: '', 'tiny'")
   return config

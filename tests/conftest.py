@@ -1,12 +1,21 @@
-"""Test session set-up: one private TFDS data dir, prepared before any test runs (once per
-pytest-xdist worker: each worker is its own session).
+"""Test session set-up.
 
-Tests (and the training subprocesses they start, which inherit the environment) then never
-write into the home directory and never race to prepare the bundled dataset.
+* One private TFDS data dir, prepared before any test runs (once per pytest-xdist worker:
+  each worker is its own session). Tests (and the subprocesses they start, which inherit
+  the environment) then never write into the home directory and never race to prepare the
+  bundled dataset.
+* XLA compiles with most optimisations off (`jax_disable_most_optimizations`, here and in
+  every subprocess through the environment). The test models are tiny: their programs
+  spend far more time in XLA's optimisation passes than running, and the passes change
+  speed, not results. Tests marked `pretrained` (a real 135M-parameter model, where running
+  time dominates) compile with the optimisations on.
 """
 import os
 
-import pytest
+os.environ.setdefault('JAX_DISABLE_MOST_OPTIMIZATIONS', '1')
+
+import jax  # noqa: E402  (after the environment it reads)
+import pytest  # noqa: E402
 
 
 @pytest.fixture(scope='session', autouse=True)
@@ -21,3 +30,17 @@ def private_tfds_data_dir(tmp_path_factory):
     os.environ.pop('TFDS_DATA_DIR', None)
   else:
     os.environ['TFDS_DATA_DIR'] = previous
+
+
+@pytest.fixture(scope='module', autouse=True)
+def optimised_compiles_for_real_models(request):
+  """Programs of the real pretrained model run long enough for XLA's passes to pay (a
+  module marked `pretrained`, module-scoped so that its module fixtures are covered too)."""
+  if request.node.get_closest_marker('pretrained') is None:
+    yield
+    return
+  name = 'jax_disable_most_optimizations'
+  previous = jax.config.values[name]
+  jax.config.update(name, False)
+  yield
+  jax.config.update(name, previous)

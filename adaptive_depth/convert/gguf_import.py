@@ -13,6 +13,7 @@ import re
 
 import numpy as np
 
+from adaptive_depth import cli
 from adaptive_depth import model as model_lib
 from adaptive_depth.convert import layout
 from adaptive_depth.data import bpe
@@ -109,7 +110,10 @@ def from_gguf(path: str, progress: layout.Progress = None) -> layout.Imported:
   at the file itself for the tokenizer (launch/convert.py writes a tokenizer.json)."""
   gguf = _import_gguf()
   if not os.path.isfile(path):
-    raise FileNotFoundError(f'GGUF file {path!r} does not exist')
+    raise cli.PathError(f'GGUF file {path!r} does not exist')
+  with open(path, 'rb') as f:  # the gguf package's own refusal does not name the file
+    if f.read(4) != b'GGUF':
+      raise cli.UserError(f'{path}: not a GGUF file (it does not start with the GGUF magic)')
   say = progress or (lambda message: None)
   say(f'reading {path}')
   reader = gguf.GGUFReader(path)

@@ -14,6 +14,7 @@ import re
 
 import numpy as np
 
+from adaptive_depth import cli
 from adaptive_depth import model as model_lib
 from adaptive_depth.convert import layout
 from adaptive_depth.data import bpe
@@ -106,17 +107,17 @@ def from_hf_dir(path: str, progress: layout.Progress = None) -> layout.Imported:
   say = progress or (lambda message: None)
   config_path = os.path.join(path, 'config.json')
   if not os.path.isfile(config_path):
-    raise FileNotFoundError(f'{config_path} not found: is {path!r} a Hugging Face model '
+    raise cli.PathError(f'{config_path} not found: is {path!r} a Hugging Face model '
                             'directory?')
   with open(config_path, encoding='utf-8') as f:
     arch = architecture(json.load(f), config_path)
   files = sorted(glob.glob(os.path.join(path, '*.safetensors')))
   if not files:
-    raise FileNotFoundError(f'no *.safetensors in {path} (PyTorch .bin checkpoints are not '
+    raise cli.PathError(f'no *.safetensors in {path} (PyTorch .bin checkpoints are not '
                             'supported: re-save with safe_serialization=True)')
   tokenizer_file = os.path.abspath(os.path.join(path, 'tokenizer.json'))
   if not os.path.isfile(tokenizer_file):
-    raise FileNotFoundError(f'{tokenizer_file} not found: only fast (tokenizer.json) '
+    raise cli.PathError(f'{tokenizer_file} not found: only fast (tokenizer.json) '
                             'tokenizers are supported')
   say(f'reading {path}: {arch.family}, {arch.num_layers} layers, width {arch.width}')
   tokenizer = bpe.load(tokenizer_file)

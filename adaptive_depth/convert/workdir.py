@@ -4,7 +4,9 @@ scripts read like a training run's:
     DIR/config.json          the run config (the format train/loop.py writes)
     DIR/config.py            get_config() returning that config (for --config=DIR/config.py)
     DIR/tokenizer.json       the BPE tokenizer (config.data.tokenizer_file points here)
-    DIR/checkpoints/0/       a full TrainState: the parameters and a fresh optimizer state
+    DIR/checkpoints/0/       the parameters alone (checkpoint item `params`): no optimizer
+                             state, which a run started from DIR with
+                             config.train.init_from=DIR creates for itself
 """
 from __future__ import annotations
 
@@ -18,7 +20,6 @@ from adaptive_depth import checkpoint as checkpoint_lib
 from adaptive_depth import config_lib
 from adaptive_depth import metrics as metrics_lib
 from adaptive_depth.convert import layout
-from adaptive_depth.train import state as state_lib
 
 _CONFIG_PY = '''"""Config of a model imported by launch/convert.py from {source}.
 
@@ -60,12 +61,9 @@ def save_workdir(imported: layout.Imported, workdir: str, *, source: str = '',
   say(f'wrote {tokenizer_file}, config.json and config.py')
 
   start = time.perf_counter()
-  tx = state_lib.make_optimizer(config.train)
   params = jax.tree.map(jnp.asarray, imported.params)
-  state = state_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                               opt_state=tx.init(params))
   checkpoints = checkpoint_lib.Checkpoints(checkpoint_dir, keep=1, async_save=False)
-  checkpoints.save(0, state, {'imported_from': source}, force=True)
+  checkpoints.save_params(0, params, {'imported_from': source})
   checkpoints.wait()
   checkpoints.close()
   say(f'wrote checkpoint {checkpoint_dir}/0 in {time.perf_counter() - start:.1f}s')

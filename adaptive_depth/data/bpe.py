@@ -9,7 +9,11 @@
     `tokenizer.ggml.pre` (how text is split before merging), the bos/eos ids and
     `tokenizer.chat_template`.
 Both become a `tokenizers.Tokenizer`; `BPETokenizer` gives it the surface of
-`ByteTokenizer` (name, vocab_size, bos_id, eos_id, encode, decode).
+`ByteTokenizer` (name, vocab_size, bos_id, eos_id, add_bos_token, encode, decode).
+
+Whether `encode` puts BOS in front is the file's own setting, as Hugging Face's tokenizers
+apply it: a tokenizer.json whose post-processor adds a leading special token, or whose
+tokenizer_config.json says `add_bos_token: true`; a GGUF file's `tokenizer.ggml.add_bos_token`.
 
 Needs the `tokenizers` package (and `gguf` for GGUF files):
 pip install 'adaptive_depth[pretrained]'.
@@ -50,8 +54,9 @@ def _require_tokenizers():
 class BPETokenizer:
   """A byte-level BPE tokenizer with `ByteTokenizer`'s surface.
 
-  encode adds no BOS/EOS (the packer and the prompt decide; `add_bos_token` says whether
-  the model was trained with a BOS in front); special tokens written in the text, such as
+  encode puts `bos_id` in front when `add_bos_token` (the file's setting: the model was
+  trained with BOS there, so prompts and training records need it) and never adds EOS (the
+  packer appends it after each record); special tokens written in the text, such as
   '<|im_start|>', are matched whole. decode drops special tokens, as ByteTokenizer does.
   """
 
@@ -67,12 +72,13 @@ class BPETokenizer:
                          f'{source!r} (vocabulary of {self.vocab_size}); set config.data.{key}')
     self.bos_id, self.eos_id = int(bos_id), int(eos_id)
     self.chat_template = chat_template
-    self.add_bos_token = add_bos_token
+    self.add_bos_token = bool(add_bos_token)
     self.source = source
 
   def encode(self, text: str) -> list[int]:
-    """text -> ids [num_tokens], without BOS/EOS."""
-    return self.tokenizer.encode(text, add_special_tokens=False).ids
+    """text -> ids [num_tokens]: BOS first when add_bos_token, never EOS."""
+    ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+    return [self.bos_id] + ids if self.add_bos_token else ids
 
   def decode(self, ids: Iterable[int]) -> str:
     """ids [num_tokens] -> text; special tokens are dropped, invalid UTF-8 becomes U+FFFD."""
@@ -98,8 +104,18 @@ class BPETokenizer:
         bos_token=token(self.bos_id), eos_token=token(self.eos_id))
 
   def save(self, path: str) -> None:
-    """Writes the vocabulary, merges and pre-tokenizer as a Hugging Face tokenizer.json."""
-    self.tokenizer.save(path)
+    """Writes the vocabulary, merges and pre-tokenizer as a Hugging Face tokenizer.json.
+
+    When BOS is added, the file's post-processor says so (as Llama's tokenizer.json does), so
+    that the file alone, read back by `load` or by Hugging Face tokenizers, adds it too.
+    """
+    tokenizer = self.tokenizer
+    if self.add_bos_token and leading_special_id(tokenizer) != self.bos_id:
+      tokenizer = hf_tokenizers.Tokenizer.from_str(tokenizer.to_str())  # the cached one stays
+      bos = tokenizer.id_to_token(self.bos_id)
+      tokenizer.post_processor = hf_tokenizers.processors.TemplateProcessing(
+          single=f'{bos} $A', pair=f'{bos} $A {bos}:1 $B:1', special_tokens=[(bos, self.bos_id)])
+    tokenizer.save(path)
 
   def __repr__(self) -> str:
     return f'BPETokenizer({self.source!r}, vocab_size={self.vocab_size})'
@@ -157,8 +173,12 @@ def _from_tokenizer_json(path):
   folder = os.path.dirname(path)
   read = lambda name: _read_json(os.path.join(folder, name))
   tok_config, model_config = read('tokenizer_config.json'), read('config.json')
+  post_bos = leading_special_id(tokenizer)
+  # Either place may say it: the post-processor is what `tokenizers` (and transformers 5)
+  # run; add_bos_token is what transformers' Llama tokenizers rebuild their post-processor
+  # from.
   own = {'chat_template': tok_config.get('chat_template') or '',
-         'add_bos_token': bool(tok_config.get('add_bos_token', False))}
+         'add_bos_token': post_bos is not None or bool(tok_config.get('add_bos_token', False))}
   if not isinstance(own['chat_template'], str):  # a list of named templates: take 'default'
     own['chat_template'] = next((t['template'] for t in own['chat_template']
                                  if t.get('name') == 'default'), '')
@@ -170,11 +190,22 @@ def _from_tokenizer_json(path):
     token = tok_config.get(f'{key}_token')
     token = token.get('content') if isinstance(token, dict) else token
     token_id = tokenizer.token_to_id(token) if token else None
+    if token_id is None and key == 'bos':
+      token_id = post_bos  # the token the post-processor puts in front
     if token_id is None:
       token_id = model_config.get(f'{key}_token_id')
       token_id = token_id[0] if isinstance(token_id, list) else token_id
     own[f'{key}_id'] = None if token_id is None else int(token_id)
   return tokenizer, own
+
+
+def leading_special_id(tokenizer):
+  """The id of the special token `tokenizer`'s post-processor puts in front of every text
+  (Llama's BOS), or None. Asked of the post-processor itself, so every kind counts
+  (TemplateProcessing, nested in a Sequence or not, Roberta's and BERT's)."""
+  plain = tokenizer.encode('a', add_special_tokens=False).ids
+  full = tokenizer.encode('a', add_special_tokens=True).ids
+  return full[0] if len(full) > len(plain) and full[:1] != plain[:1] else None
 
 
 def _read_json(path) -> dict:

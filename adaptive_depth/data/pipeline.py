@@ -2,9 +2,9 @@
 
 Flow: `load_text_source` gives random access to the text records of a TFDS split (read
 from ArrayRecord files, so no TensorFlow); `PackedBatches` visits the records in a seeded
-per-epoch order, tokenizes them lazily one at a time, appends EOS to each, and cuts the
-concatenated token stream into rows of `seq_len + 1` tokens. `make_train_and_eval_data`
-wires both from `config.data`.
+per-epoch order, tokenizes them lazily one at a time (`encode` puts BOS in front when the
+tokenizer adds it), appends EOS to each, and cuts the concatenated token stream into rows
+of `seq_len + 1` tokens. `make_train_and_eval_data` wires both from `config.data`.
 """
 from __future__ import annotations
 
@@ -103,7 +103,8 @@ class PackedBatches(Iterator[np.ndarray]):
 
   Records are read in a per-epoch order (a permutation drawn from
   `np.random.default_rng([seed, epoch])`, or index order without shuffling), each is
-  tokenized and followed by `tokenizer.eos_id`, and the concatenated stream is cut into rows
+  tokenized (with BOS first when the tokenizer adds it, so every record starts as the model's
+  prompts do) and followed by `tokenizer.eos_id`, and the concatenated stream is cut into rows
   of `seq_len + 1` tokens (the consumer splits them into inputs row[:-1] and targets
   row[1:]). Rows are grouped into global batches of `batch_size`; host `shard_index` gets
   its contiguous `batch_size // num_shards` rows of every global batch. Every host walks the
@@ -160,7 +161,8 @@ class PackedBatches(Iterator[np.ndarray]):
     return int(self._order[position])
 
   def _read_next_record(self) -> bool:
-    """Appends the next record's tokens + EOS to `pending`; False once the data ends."""
+    """Appends the next record's tokens ([BOS] text) + EOS to `pending`; False once the
+    data ends."""
     if self._cursor == self._num_records:
       if not self._repeat:
         return False

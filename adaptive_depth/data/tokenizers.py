@@ -1,7 +1,9 @@
 """Tokenizers that turn text records into integer token ids.
 
 Every tokenizer exposes the same small surface (see `Tokenizer`) so the packing
-pipeline and the model only need `vocab_size`, `eos_id` and `encode`.
+pipeline and the model only need `vocab_size`, `eos_id` and `encode`. `encode` gives the
+ids a model reads for a text, BOS included when the tokenizer's file says the model was
+trained with BOS in front (`add_bos_token`), so prompts and training records agree.
 `config.data.tokenizer` selects one by name: 'byte' (the default, no files) or 'bpe',
 a byte-level BPE read from `config.data.tokenizer_file` (a Hugging Face tokenizer.json
 or a GGUF file's embedded vocabulary; see `bpe.py`). `from_config(config.data)` builds
@@ -21,6 +23,7 @@ class Tokenizer(Protocol):
   vocab_size: int
   bos_id: int
   eos_id: int
+  add_bos_token: bool  # whether encode puts bos_id in front
 
   def encode(self, text: str) -> list[int]:
     ...
@@ -40,6 +43,7 @@ class ByteTokenizer:
   bos_id = 256
   eos_id = 257
   vocab_size = 258
+  add_bos_token = False  # the byte models here are trained without BOS
 
   def encode(self, text: str) -> list[int]:
     """Returns the UTF-8 bytes of `text` as ids, shape [num_bytes].

@@ -91,13 +91,12 @@ def exit_check(cfg: model_lib.ModelConfig, params, policy: exits.ExitPolicy, cla
   """The confidence check at loop depth `depth` (traced) for one token per row.
 
   h, h_previous: [B, 1, D]; active, exit_depth: [B]; exit_logits: [B, V]; may_exit: [B] bool
-  or True (a row whose exit is refused keeps going). Depths that are not exits, below
-  policy.min_depth, or the last depth pass everything through unchanged.
+  or True (a row whose exit is refused keeps going). Depths where no row may leave (see
+  depth.checks_at: not an exit, the last depth, below policy.min_depth, or anywhere under
+  measure 'never' unless policy.exit_at forces the exit) pass everything through unchanged.
   Returns (active, exit_depth, exit_logits, h_previous).
   """
-  if policy.measure == 'never':  # static: full depth pays for no checks at all
-    return active, exit_depth, exit_logits, h_previous
-  is_exit, exit_number = depth_lib._exit_lookup(cfg)
+  _, exit_number = depth_lib._exit_lookup(cfg)
 
   def check(args):
     active, exit_depth, exit_logits, _ = args
@@ -115,9 +114,10 @@ def exit_check(cfg: model_lib.ModelConfig, params, policy: exits.ExitPolicy, cla
       exit_logits = jnp.where(leaving[:, None], logits[:, 0], exit_logits)
     return active & ~leaving, jnp.where(leaving, depth, exit_depth), exit_logits, h
 
-  return jax.lax.cond(
-      is_exit[depth] & (depth < cfg.num_layers) & (depth >= jnp.asarray(policy.min_depth)),
-      check, lambda args: args, (active, exit_depth, exit_logits, h_previous))
+  # Under measure 'never' the check only opens where exit_at forces the exit, so full depth
+  # computes no head or confidence (exit_at is traced: the test itself has to stay).
+  return jax.lax.cond(depth_lib.checks_at(cfg, policy, depth), check, lambda args: args,
+                      (active, exit_depth, exit_logits, h_previous))
 
 
 def final_logits(cfg: model_lib.ModelConfig, params, h, exit_depth, exit_logits):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from typing import Any, Optional, Sequence
 
@@ -9,6 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from adaptive_depth import cli
+from adaptive_depth import config_lib
 from adaptive_depth import costs
 from adaptive_depth import exits
 from adaptive_depth import saved_model
@@ -16,6 +19,7 @@ from adaptive_depth.decode import adaptive_decode as decode_lib
 from adaptive_depth.decode import generation
 from adaptive_depth.decode import sampling as sampling_lib
 from adaptive_depth.decode import speculative as speculative_lib
+from adaptive_depth.train import classifier as classifier_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,36 +49,113 @@ def _program(static, run, args):
   return _PROGRAMS[key], time.perf_counter() - start
 
 
-def generate_from_config(model, prompts: Sequence[str], config) -> GenerateOutput:
-  """`generate` with the settings of `config.generate` (what launch/generate.py runs)."""
+def _prompt_ids(prompts, tokenizer, vocab_size: int) -> list[list[int]]:
+  """Token ids per prompt. Strings go through the tokenizer (with the BOS it adds, if
+  any); token id lists are used as given, as transformers' generate does."""
+  form = ('prompts must be a list of strings (a batch), e.g. ["To be"], or a list of token '
+          'id lists / 1-D integer arrays, e.g. [[1, 84, 111]]')
+  if not isinstance(prompts, (list, tuple)):
+    raise TypeError(f'{form}; got {type(prompts).__name__}')
+  if not prompts:
+    raise ValueError(f'prompts is empty: {form}')
+  is_text = [isinstance(p, str) for p in prompts]
+  if all(is_text):
+    for row, text in enumerate(prompts):
+      if not text:
+        raise ValueError(f'prompts[{row}] is an empty string: every prompt needs text')
+    return [tokenizer.encode(text) for text in prompts]
+  if any(is_text):
+    raise TypeError(f'prompts mixes strings and token ids: {form}, not both')
+  token_lists = []
+  for row, ids in enumerate(prompts):
+    try:
+      array = np.asarray(ids) if isinstance(ids, (list, tuple, np.ndarray)) else None
+    except ValueError:  # ragged nesting
+      array = None
+    if array is not None and array.ndim == 1 and not array.size:
+      raise ValueError(f'prompts[{row}] is empty: every prompt needs at least one token id')
+    if array is None or array.ndim != 1 or not np.issubdtype(array.dtype, np.integer):
+      raise TypeError(f'prompts[{row}]={ids!r}: {form}')
+    outside = array[(array < 0) | (array >= vocab_size)]
+    if outside.size:
+      raise ValueError(f'prompts[{row}] holds token id {int(outside[0])}; allowed: '
+                       f'0..{vocab_size - 1} (the model\'s vocab_size - 1)')
+    token_lists.append(array.tolist())
+  return token_lists
+
+
+def _speculative_setting(speculative) -> tuple[int, int]:
+  """speculative as (draft_depth, num_draft) Python ints (hashable: it keys the compiled
+  program), from any 2-sequence of ints."""
+  is_int = lambda x: isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+  is_pair = (isinstance(speculative, (list, tuple)) or
+             isinstance(speculative, np.ndarray) and speculative.ndim == 1)
+  if not (is_pair and len(speculative) == 2 and all(is_int(x) for x in speculative)):
+    raise ValueError(f'speculative={speculative!r}: expected two ints (draft_depth E, '
+                     'num_draft k), e.g. (2, 3)')
+  return int(speculative[0]), int(speculative[1])
+
+
+def generate_from_config(model, prompts, config, *, workdir: Optional[str] = None
+                         ) -> GenerateOutput:
+  """`generate` with the settings of `config.generate` (what launch/generate.py runs);
+  the config is validated first, so bad settings are refused before anything compiles.
+
+  config.generate.measure='classifier' reads the exit classifier that the
+  configs/exit_classifier.py stage trained for this model into WORKDIR/exit_classifier/
+  (where evaluation finds it too): pass `workdir`.
+  """
+  config_lib.validate(config)
   g = config.generate
+  if g.speculative:
+    return generate(model, prompts, max_new_tokens=g.max_new_tokens,
+                    speculative=config_lib.parse_speculative(g.speculative)[0])
   policy = exits.ExitPolicy(measure=g.measure, schedule=g.schedule, threshold=g.threshold,
                             tau=g.tau, min_depth=g.min_depth)
   sampling = (sampling_lib.Greedy() if g.temperature == 0 else
               sampling_lib.Sampling(temperature=g.temperature, top_k=g.top_k, top_p=g.top_p))
-  if g.speculative:
-    from adaptive_depth import benchmark  # the shared 'ExK' parser
-    return generate(model, prompts, max_new_tokens=g.max_new_tokens,
-                    speculative=benchmark.parse_speculative(g.speculative)[0])
+  classifier = _saved_classifier(model, workdir) if g.measure == 'classifier' else None
   return generate(model, prompts, max_new_tokens=g.max_new_tokens, exit=policy, kv=g.kv,
-                  queue_capacity=g.queue_capacity, sampling=sampling, seed=g.seed)
+                  queue_capacity=g.queue_capacity, sampling=sampling, seed=g.seed,
+                  classifier=classifier)
+
+
+def _saved_classifier(model, workdir: Optional[str]):
+  """The exit classifier parameters saved in `workdir` for this model."""
+  train_it = ('train it with python launch/train.py --config=configs/exit_classifier.py '
+              f'--workdir={workdir or "DIR"}')
+  if workdir is None:
+    raise cli.UserError("config.generate.measure='classifier' reads the exit classifier "
+                        "saved in the model's workdir: pass generate_from_config(..., "
+                        f'workdir=DIR) ({train_it})')
+  # A model made from a parameter pytree has no checkpoint step to match the classifier to.
+  step = model.step if isinstance(model, saved_model.LoadedModel) and model.step >= 0 else None
+  classifier = classifier_lib.load_classifier(workdir, model_step=step)
+  if classifier is None:
+    path = os.path.abspath(os.path.join(workdir, classifier_lib.CLASSIFIER_DIR, 'params'))
+    raise cli.PathError(f"config.generate.measure='classifier': no exit classifier at "
+                        f'{path}; {train_it}')
+  return classifier
 
 
 def generate(model, prompts, *args, max_new_tokens: int = 64,
              exit: Optional[exits.ExitPolicy] = None, kv: str = 'propagate',
              queue_capacity: int = 8, sampling: Any = None, seed: int = 0,
-             classifier=None, speculative: Optional[tuple[int, int]] = None) -> GenerateOutput:
+             classifier=None, speculative: Optional[Sequence[int]] = None) -> GenerateOutput:
   """Generates a continuation of each prompt (a batch, ragged lengths allowed).
 
   Called as generate(model, prompts, ...) with model = ad.load(workdir), or as
   generate(params, config, prompts, ...) with a parameter pytree and its run config (which
   copies the blocks into the decode layout on every call; for repeated calls keep
   model = saved_model.from_params(params, config), which makes it once).
+  prompts: a list of strings (tokenized, with the BOS the tokenizer adds, if any), or a
+  list of token id lists / 1-D integer arrays, used as given (nothing added).
   exit: the early-exit policy (default: never exit).
   kv: KV policy for the layers a token skipped, one of generation.KV_POLICIES: 'propagate'
   (CALM state propagation) or 'parallel' (queued tokens catch up in the next deep pass; at
   most queue_capacity per row). sampling: Greedy() (default) or
-  Sampling(temperature, top_k, top_p). speculative=(E, k): greedy self-speculative decoding
+  Sampling(temperature, top_k, top_p). classifier: exit classifier parameters, for
+  exit.measure == 'classifier'. speculative=(E, k): greedy self-speculative decoding
   instead (draft k tokens with the first E layers, verify at full depth; exact).
   """
   if not isinstance(model, saved_model.LoadedModel):
@@ -84,22 +165,23 @@ def generate(model, prompts, *args, max_new_tokens: int = 64,
     model, prompts = saved_model.from_params(model, prompts), args[0]
   elif args:
     raise TypeError(f'generate(model, prompts, ...): unexpected positional arguments {args}')
-  if isinstance(prompts, str):
-    raise TypeError('prompts must be a list of strings (a batch), e.g. ["To be"]')
+  cfg, tokenizer = model.model_config, model.tokenizer
+  token_lists = _prompt_ids(prompts, tokenizer, cfg.vocab_size)
   generation.check_kv_policy(kv, queue_capacity)
   if max_new_tokens < 1:
     raise ValueError(f'max_new_tokens={max_new_tokens}: must be >= 1')
-  cfg, tokenizer = model.model_config, model.tokenizer
-  policy = (exit or exits.ExitPolicy(measure='never')).validated()
+  policy = (exit or exits.ExitPolicy(measure='never')).validated(cfg.exit_depths)
   if policy.schedule == 'decaying':
     policy = policy.replace(max_len=max_new_tokens)
+  if policy.measure == 'classifier' and classifier is None:
+    raise ValueError("ExitPolicy.measure='classifier' needs classifier= (the parameters "
+                     'configs/exit_classifier.py trains)')
   sampling = sampling or sampling_lib.Greedy()
-  prompt, lengths = decode_lib.pad_prompts([tokenizer.encode(p) for p in prompts],
-                                             pad_id=tokenizer.eos_id)
+  sampling_lib.check_sampling(sampling)
+  prompt, lengths = decode_lib.pad_prompts(token_lists, pad_id=tokenizer.eos_id)
 
   if speculative is not None:
-    if not (isinstance(speculative, (tuple, list)) and len(speculative) == 2):
-      raise ValueError(f'speculative={speculative!r}: expected (draft_depth E, num_draft k)')
+    speculative = _speculative_setting(speculative)
     draft_depth, num_draft = speculative
     speculative_lib.validate_args(cfg, draft_depth, num_draft)
     if exit is not None or not isinstance(sampling, sampling_lib.Greedy) or kv != 'propagate':
@@ -126,8 +208,9 @@ def generate(model, prompts, *args, max_new_tokens: int = 64,
   seconds = time.perf_counter() - start
 
   counts = np.asarray(out.num_generated)
-  tokens = [np.asarray(out.tokens[b, :counts[b]]).tolist() for b in range(len(prompts))]
-  depths = [np.asarray(out.exit_depth[b, :counts[b]]).tolist() for b in range(len(prompts))]
+  batch = len(token_lists)
+  tokens = [np.asarray(out.tokens[b, :counts[b]]).tolist() for b in range(batch)]
+  depths = [np.asarray(out.exit_depth[b, :counts[b]]).tolist() for b in range(batch)]
   # The first token of each row comes from the full-depth prefill, not from the depth loop:
   # depth statistics and FLOPs cover the decode steps (the full-depth cost when there are
   # none).
@@ -138,8 +221,14 @@ def generate(model, prompts, *args, max_new_tokens: int = 64,
     spent = full * float(np.mean(speculative_lib.speculative_flops(
         cfg, np.asarray(out.rounds), num_draft, draft_depth, counts, context)))
   elif decoded.size:
-    spent = costs.token_flops(cfg, decoded, policy.measure, context,
-                              int(np.asarray(policy.min_depth)), kv=kv).mean()
+    # Checks run from exit_at on when it forces the exit (depth.checks_at), and a forced
+    # exit under measure 'never' still reads its exit's head.
+    exit_at, min_depth = np.asarray(policy.exit_at), np.asarray(policy.min_depth)
+    first_check = int(np.min(np.where(exit_at > 0, exit_at, min_depth)))
+    spent = costs.token_flops(cfg, decoded, policy.measure, context, first_check, kv=kv)
+    if policy.measure == 'never':
+      spent = spent + np.where(decoded < cfg.num_layers, costs.head_flops(cfg), 0.0)
+    spent = spent.mean()
   else:
     spent, decoded = full, np.full(1, cfg.num_layers)
   stats = {
@@ -149,7 +238,7 @@ def generate(model, prompts, *args, max_new_tokens: int = 64,
       'tokens_per_second': float(counts.sum() / seconds),
       'seconds': seconds,
       'compile_seconds': compile_seconds,
-      'batch': len(prompts),
+      'batch': batch,
   }
   return GenerateOutput(texts=[tokenizer.decode(t) for t in tokens], tokens=tokens,
                         exit_depths=depths, stats=stats)

@@ -52,6 +52,8 @@ def generate_tokens(cfg: model_lib.ModelConfig, params, prompt, prompt_lengths, 
   Returns GeneratedTokens, or a GenerationResult when return_cache.
   """
   check_kv_policy(kv, queue_capacity)
+  policy = policy.validated(cfg.exit_depths)  # exit_at is checked when it is concrete
+  sampling_lib.check_sampling(sampling)
   batch = prompt.shape[0]
   cache, logits = decode_lib.prefill(cfg, params, prompt, prompt_lengths,
                                      prompt.shape[1] + max_new_tokens + 1)

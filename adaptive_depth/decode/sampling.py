@@ -9,6 +9,7 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 @flax.struct.dataclass
@@ -23,6 +24,26 @@ class Sampling:
   temperature: Any = 1.0
   top_k: Any = 0
   top_p: Any = 1.0
+
+
+def check_sampling(sampling) -> None:
+  """Raises ValueError naming the field and its allowed range, before anything compiles.
+  Traced knobs cannot be checked and pass through."""
+  if isinstance(sampling, Greedy):
+    return
+  if not isinstance(sampling, Sampling):
+    raise ValueError(f'sampling={sampling!r}; allowed: adaptive_depth.Greedy() or '
+                     'adaptive_depth.Sampling(temperature=..., top_k=..., top_p=...)')
+  limits = (('temperature', lambda x: x >= 0, '>= 0 (0 = greedy)'),
+            ('top_k', lambda x: (x >= 0) & (x == np.round(x)), 'an int >= 0 (0 = all)'),
+            ('top_p', lambda x: (x > 0) & (x <= 1), 'in (0, 1] (1.0 = all)'))
+  for name, ok, allowed in limits:
+    value = getattr(sampling, name)
+    if isinstance(value, jax.core.Tracer):
+      continue
+    array = np.asarray(value)
+    if not np.issubdtype(array.dtype, np.number) or not np.all(ok(array)):
+      raise ValueError(f'Sampling.{name}={value!r}: must be {allowed}')
 
 
 def next_token(logits, sampling, rng):

@@ -80,9 +80,10 @@ def initial_state(config, cfg: model_lib.ModelConfig, tx, shardings) -> state_li
   """Step 0 of a run started from config.train.init_from, placed in `shardings`, once
   `check_source` has accepted the source (train/loop.py calls it before compiling).
 
-  The trunk is the source's latest checkpoint. Exit heads are the source's when it has the
-  same exits and head options, else fresh: norm scales copied from the trunk's final norm
-  and adapters with a zero factor, so that every exit starts as it read in the source.
+  The trunk is the parameters of the source's latest checkpoint (its optimizer state, if it
+  has one, is not read: the run starts a fresh one). Exit heads are the source's when it has
+  the same exits and head options, else fresh: norm scales copied from the trunk's final
+  norm and adapters with a zero factor, so that every exit starts as it read in the source.
   """
   source = saved_model.load(config.train.init_from)
   params = dict(source.params)

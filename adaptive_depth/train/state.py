@@ -22,7 +22,7 @@ class TrainState:
 
 def make_optimizer(train_config) -> optax.GradientTransformation:
   """AdamW with linear warmup then cosine decay to final_lr_fraction, after global-norm
-  clipping. Weight decay applies to matrices only (not norms' scales)."""
+  clipping. Weight decay applies to weights only (not norm scales or biases; decay_mask)."""
   t = train_config
   schedule = optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=t.learning_rate, warmup_steps=t.warmup_steps,
@@ -55,15 +55,43 @@ def split_trainable(params: dict, trainable: str) -> tuple[dict, dict]:
   return trained, {k: v for k, v in params.items() if k != 'exit_heads'}
 
 
+# What a parameter is, by its name in the tree (layers.py, model.py, exit_heads.py): norm
+# scales ('scale' under a norm, or the exits' stacked 'norm' scales) and biases ('q_bias',
+# ...) set offsets and gains, which decay would pull towards 0 rather than regularise.
+# Everything else (projection kernels, embeddings, LoRA and adapter factors) is a weight and
+# decays. The rank cannot tell them apart: stacking over blocks makes scales 2-D and q/k/v
+# biases 3-D ([num_blocks, heads, head_dim]).
+def _decays(path) -> bool:
+  # Dict keys only: a parameter still boxed with its logical axes adds a `.value` step.
+  names = [str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey)]
+  leaf = names[-1] if names else ''
+  is_bias = leaf == 'bias' or leaf.endswith('_bias')
+  is_norm = leaf == 'scale' or any('norm' in name for name in names)
+  return not (is_bias or is_norm)
+
+
 def decay_mask(params):
-  """True for the parameters weight decay applies to: every matrix, but no norm scale
-  (stacked norm scales are 2-D [num_blocks, D], so the rank alone cannot tell)."""
-  return jax.tree_util.tree_map_with_path(
-      lambda path, p: jnp.ndim(p) >= 2 and 'norm' not in jax.tree_util.keystr(path), params)
+  """True for the parameters weight decay applies to, decided by name (see `_decays`):
+  kernels, embeddings and low-rank factors decay; norm scales and biases do not."""
+  return jax.tree_util.tree_map_with_path(lambda path, _: _decays(path), params)
 
 
 def _is_box(x):
   return isinstance(x, nn.LogicallyPartitioned)
+
+
+def _abstract_and_shardings(boxed_fn, mesh, rules):
+  """(abstract unboxed tree, NamedShardings) of what boxed_fn(rng) returns."""
+  abstract_boxed = jax.eval_shape(boxed_fn, jax.random.key(0))
+
+  def leaf_sharding(x):
+    if _is_box(x):
+      spec = sharding.logical_to_spec(x.names, x.value.shape, rules, mesh)
+      return jax.sharding.NamedSharding(mesh, spec)
+    return sharding.replicated(mesh)
+
+  shardings = jax.tree.map(leaf_sharding, abstract_boxed, is_leaf=_is_box)
+  return nn.unbox(abstract_boxed), shardings
 
 
 def state_shardings(cfg: model_lib.ModelConfig, tx, mesh, rules):
@@ -76,17 +104,13 @@ def state_shardings(cfg: model_lib.ModelConfig, tx, mesh, rules):
     params = model_lib._init_boxed(cfg, rng)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
-  abstract_boxed = jax.eval_shape(boxed_state, jax.random.key(0))
+  return _abstract_and_shardings(boxed_state, mesh, rules)
 
-  def leaf_sharding(x):
-    if _is_box(x):
-      spec = sharding.logical_to_spec(x.names, x.value.shape, rules, mesh)
-      return jax.sharding.NamedSharding(mesh, spec)
-    return sharding.replicated(mesh)
 
-  shardings = jax.tree.map(leaf_sharding, abstract_boxed, is_leaf=_is_box)
-  abstract = nn.unbox(abstract_boxed)
-  return abstract, shardings
+def param_shardings(cfg: model_lib.ModelConfig, mesh, rules):
+  """(abstract unboxed parameters, their NamedShardings): what state_shardings gives for
+  `.params`, without building an optimizer (loading a model for inference needs no more)."""
+  return _abstract_and_shardings(lambda rng: model_lib._init_boxed(cfg, rng), mesh, rules)
 
 
 def create_state(cfg: model_lib.ModelConfig, tx, rng, shardings) -> TrainState:

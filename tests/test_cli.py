@@ -1,0 +1,374 @@
+"""Tests of the command line: every user error is one short line naming the key or path,
+with exit status 2 and no traceback, while a crash keeps its traceback; the import structure
+of the library (no cycles, no PyTorch); and the launch-side transformers timing."""
+from __future__ import annotations
+
+import ast
+import collections
+import json
+import os
+import pathlib
+import subprocess
+import sys
+from typing import NamedTuple
+
+import numpy as np
+import pytest
+
+import adaptive_depth as ad
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TINY = 'configs/quickstart.py:tiny'
+MAX_LINES = 3
+_PARITY = 'pip install -e ".[parity]"'
+
+# Runs each launch script's main through cli.run once per case, all in one interpreter
+# (imports take seconds, a case milliseconds): a script's flags are removed before the next
+# script defines its own. Each case's stderr is captured at the file descriptor. The crash
+# case runs last and uncaught, so the interpreter itself prints the traceback.
+_HARNESS = r'''
+import importlib.util, json, os, sys, tempfile, traceback
+from absl import flags
+import adaptive_depth as ad
+from adaptive_depth import cli
+scripts, crash = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+sys.path.insert(0, 'launch')  # as when a script runs: its directory comes first
+
+def load(script):
+  for name in set(flags.FLAGS) - builtin_flags:  # the previous script's, overrides too
+    delattr(flags.FLAGS, name)
+  spec = importlib.util.spec_from_file_location(f'launch_{script}', f'launch/{script}.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+def run(module, argv):
+  sys.argv = list(argv)  # config_flags reads its overrides from sys.argv
+  flags.FLAGS.unparse_flags()
+  cli.run(module.main, argv=argv)
+
+builtin_flags = set(flags.FLAGS)
+results = {}
+for script, cases in scripts.items():
+  module = load(script)
+  for name, argv in cases.items():
+    with tempfile.TemporaryFile('w+') as err:
+      sys.stderr.flush()
+      saved = os.dup(2)
+      os.dup2(err.fileno(), 2)
+      try:
+        run(module, argv)
+        status = 0
+      except SystemExit as e:
+        status = e.code
+      except BaseException:
+        traceback.print_exc()
+        status = 'crash'
+      finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+      err.seek(0)
+      results[f'{script}-{name}'] = {'status': status, 'stderr': err.read()}
+print(json.dumps(results), flush=True)
+
+def broken(*args, **kwargs):
+  raise RuntimeError('a bug, not a user error')
+setattr(ad, crash['patch'], broken)
+run(load(crash['script']), crash['argv'])
+'''
+
+
+def _workdirs(root: pathlib.Path) -> dict:
+  """Paths a user may get wrong: missing, empty, a run config without checkpoints, files
+  that are no model."""
+  empty, config_only = root / 'empty', root / 'config_only'
+  empty.mkdir()
+  config_only.mkdir()
+  (config_only / 'config.json').write_text(ad.load_config(str(REPO / TINY)).to_json())
+  (root / 'notes.txt').write_text('not a model\n')
+  (root / 'fake.gguf').write_text('not a model\n')
+  return {'missing': str(root / 'missing'), 'empty': str(empty),
+          'config_only': str(config_only), 'not_gguf': str(root / 'notes.txt'),
+          'fake_gguf': str(root / 'fake.gguf'), 'missing_gguf': str(root / 'missing.gguf'),
+          'out': str(root / 'missing' / 'bench.json')}
+
+
+class _Case(NamedTuple):
+  argv: list  # after the script's path
+  names: list  # what the message must name
+  marks: tuple = ()
+
+
+def _cases(p: dict) -> dict:
+  """script -> {case name: _Case}, for the paths `p` of _workdirs."""
+  config, nowhere = f'--config={TINY}', f'--workdir={p["missing"]}'
+  prompt = '--prompt=To be'
+
+  def workdirs(*argv):
+    return {
+        'missing_workdir': _Case([*argv, nowhere], [p['missing']]),
+        'empty_workdir': _Case([*argv, f'--workdir={p["empty"]}'], [p['empty']]),
+        'no_checkpoint': _Case([*argv, f'--workdir={p["config_only"]}'], [p['config_only']]),
+    }
+
+  return {
+      'train': {
+          'misspelt_key': _Case([config, nowhere, '--config.train.num_stepz=3'],
+                                ['config.train.num_stepz', 'num_steps']),
+          'bad_value': _Case([config, nowhere, '--config.model.num_heads=5'],
+                             ['config.model.num_heads', '5']),
+          'exit_layers_range': _Case([config, nowhere, '--config.model.exit_layers=0,9'],
+                                     ['config.model.exit_layers', '[0, 9]', '1..4']),
+          'unknown_config_file': _Case(['--config=configs/nope.py', nowhere],
+                                       ['configs/nope.py']),
+          'unparsable_value': _Case([config, nowhere, '--config.train.batch_size=many'],
+                                    ['config.train.batch_size', 'many']),
+          'missing_flag': _Case([config], ['--workdir']),
+          'unknown_flag': _Case([config, nowhere, '--worksdir=x'], ['worksdir']),
+          'positional_argument': _Case([config, nowhere, 'extra'], ['extra']),
+      },
+      'generate': {
+          'empty_prompt': _Case([config, nowhere, '--prompt='], ['--prompt']),
+          'speculative_syntax': _Case([config, nowhere, prompt,
+                                       '--config.generate.speculative=3y4'],
+                                      ['config.generate.speculative', '3y4']),
+          'unknown_kv': _Case([config, nowhere, prompt, '--config.generate.kv=nope'],
+                              ['config.generate.kv', 'nope', 'propagate']),
+          'top_p_zero': _Case([config, nowhere, prompt, '--config.generate.top_p=0'],
+                              ['config.generate.top_p', '0 < top_p <= 1']),
+          'negative_temperature': _Case([config, nowhere, prompt,
+                                         '--config.generate.temperature=-1'],
+                                        ['config.generate.temperature', '-1']),
+          **workdirs(config, prompt),
+      },
+      'evaluate': {
+          'unknown_measure': _Case([config, nowhere, '--measures=nonsense'],
+                                   ['measures', 'nonsense', 'max_prob']),
+          'bad_eval_value': _Case([config, nowhere, '--config.eval.batch_size=0'],
+                                  ['config.eval.batch_size']),
+          **workdirs(config),
+      },
+      'benchmark': {
+          'bad_list': _Case([config, nowhere, f'--out={p["out"]}',
+                             '--config.benchmark.batches=1,x'],
+                            ['config.benchmark.batches', '1,x']),
+          **workdirs(config, f'--out={p["out"]}'),
+      },
+      'convert': {
+          'not_gguf': _Case([f'--from={p["not_gguf"]}', nowhere], [p['not_gguf']]),
+          'fake_gguf': _Case([f'--from={p["fake_gguf"]}', nowhere], [p['fake_gguf']]),
+          'missing_gguf': _Case([f'--from={p["missing_gguf"]}', nowhere], [p['missing_gguf']]),
+          'missing_flag': _Case([f'--from={p["not_gguf"]}'], ['--workdir']),
+      },
+  }
+
+
+# Run last, uncaught: evaluate_run patched to fail as a bug would.
+_CRASH = {'script': 'evaluate', 'patch': 'evaluate_run', 'argv': [f'--config={TINY}']}
+
+
+def _env() -> dict:
+  env = dict(os.environ)
+  env['JAX_PLATFORMS'] = 'cpu'
+  env.pop('XLA_FLAGS', None)
+  return env
+
+
+@pytest.fixture(scope='module')
+def launched(tmp_path_factory):
+  """{'paths': the paths the cases name, 'cases': {'script-case': {status, stderr}},
+  'returncode', 'stderr'}: every case of every launch script, in one interpreter."""
+  paths = _workdirs(tmp_path_factory.mktemp('cli'))
+  scripts = {script: {name: [f'launch/{script}.py', *case.argv] for name, case in cases.items()}
+             for script, cases in _cases(paths).items()}
+  crash = {**_CRASH, 'argv': [f'launch/{_CRASH["script"]}.py', *_CRASH['argv'],
+                              f'--workdir={paths["missing"]}']}
+  result = subprocess.run(
+      [sys.executable, '-c', _HARNESS, json.dumps(scripts), json.dumps(crash)], cwd=REPO,
+      env=_env(), capture_output=True, text=True, timeout=300)
+  lines = result.stdout.strip().splitlines()
+  assert lines, f'no results; stderr:\n{result.stderr[-3000:]}'
+  return {'paths': paths, 'cases': json.loads(lines[-1]), 'returncode': result.returncode,
+          'stderr': result.stderr}
+
+
+def _case_params():
+  placeholders = collections.defaultdict(str)  # the paths exist once the fixture runs
+  return [pytest.param(script, name, marks=case.marks, id=f'{script}-{name}')
+          for script, cases in _cases(placeholders).items() for name, case in cases.items()]
+
+
+@pytest.mark.parametrize('script,name', _case_params())
+def test_user_error_is_one_line_and_exit_status_2(launched, script, name):
+  result = launched['cases'][f'{script}-{name}']
+  stderr = result['stderr']
+  case = _cases(launched['paths'])[script][name]
+  assert result['status'] == 2, stderr[-3000:]
+  assert 'Traceback' not in stderr, stderr[-3000:]
+  lines = stderr.strip().splitlines()
+  assert 1 <= len(lines) <= MAX_LINES, stderr
+  assert all(line.startswith('error: ') for line in lines), stderr
+  for word in case.names:
+    assert word in stderr, f'{word!r} not in {stderr!r}'
+
+
+def test_a_crash_keeps_its_traceback(launched):
+  # The harness's last case: evaluate_run raises a RuntimeError, which cli.run lets through.
+  assert launched['returncode'] == 1, launched['stderr'][-3000:]
+  assert 'Traceback (most recent call last)' in launched['stderr']
+  assert 'RuntimeError: a bug, not a user error' in launched['stderr']
+
+
+# ----------------------------------------------------------------------------- import structure
+
+
+def _module_files() -> dict:
+  """'adaptive_depth.decode.api' -> its file, for every module and package of the library."""
+  files = {}
+  for path in sorted((REPO / 'adaptive_depth').rglob('*.py')):
+    parts = path.relative_to(REPO).with_suffix('').parts
+    files['.'.join(parts[:-1] if parts[-1] == '__init__' else parts)] = path
+  return files
+
+
+def _imports(name: str, path: pathlib.Path, modules) -> tuple[set, set]:
+  """(explicit, implicit) imports of module `name`, in functions too: `import a.b.c` and
+  `from a.b import c` (c a module) need a.b.c, and run the packages a and a.b first
+  (implicit); `from a.b import f` (f a name) needs a.b's namespace (explicit)."""
+  package = name.split('.') if path.name == '__init__.py' else name.split('.')[:-1]
+  explicit, implicit = set(), set()
+  for node in ast.walk(ast.parse(path.read_text())):
+    if isinstance(node, ast.Import):
+      targets = [a.name for a in node.names]
+    elif isinstance(node, ast.ImportFrom):
+      base = node.module or ''
+      if node.level:
+        base = '.'.join(package[:len(package) - node.level + 1] + ([base] if base else []))
+      targets = [f'{base}.{a.name}' if f'{base}.{a.name}' in modules else base
+                 for a in node.names]
+    else:
+      continue
+    for target in targets:
+      explicit.add(target)
+      parts = target.split('.')
+      implicit.update('.'.join(parts[:i]) for i in range(1, len(parts)))
+  return explicit, implicit
+
+
+def _import_graph() -> dict:
+  """module -> the library modules whose code runs for it to import. A module's own parent
+  packages are mid-import when it runs, so they count only when it needs their namespace."""
+  files = _module_files()
+  graph = {}
+  for name, path in files.items():
+    explicit, implicit = _imports(name, path, files)
+    ancestors = {'.'.join(name.split('.')[:i]) for i in range(1, name.count('.') + 1)}
+    graph[name] = {m for m in explicit | (implicit - ancestors) if m in files and m != name}
+  return graph
+
+
+def _cycles(graph: dict) -> list[str]:
+  cycles, state, stack = [], {}, []
+
+  def visit(module):
+    state[module] = 'open'
+    stack.append(module)
+    for dep in sorted(graph[module]):
+      if state.get(dep) == 'open':
+        cycles.append(' -> '.join(stack[stack.index(dep):] + [dep]))
+      elif dep not in state:
+        visit(dep)
+    stack.pop()
+    state[module] = 'done'
+
+  for module in sorted(graph):
+    if module not in state:
+      visit(module)
+  return cycles
+
+
+def test_the_library_has_no_import_cycle():
+  graph = _import_graph()
+  assert 'adaptive_depth.config_lib' in graph and graph['adaptive_depth.config_lib']
+  assert _cycles(graph) == []
+
+
+def test_the_library_imports_no_pytorch_and_no_launch_code():
+  files = _module_files()
+  for name, path in files.items():
+    explicit, implicit = _imports(name, path, files)
+    roots = {m.split('.')[0] for m in explicit | implicit}
+    assert not roots & {'torch', 'transformers', 'launch', 'configs', 'transformers_reference'}, (
+        name, roots)
+
+
+# Imports each library module first, in one interpreter: before each, every library module is
+# dropped from sys.modules and the package is replaced by an empty one with the same path, so
+# only that module's own imports run, in its order (a cycle breaks some order). The TFDS
+# builder module stays: it registers a dataset name once per interpreter, and imports nothing
+# from the library.
+_IMPORT_EACH_FIRST = r'''
+import importlib, json, os, sys, traceback, types
+names, keep = json.loads(sys.argv[1]), 'adaptive_depth.data.tiny_shakespeare'
+failures = {}
+for first in names:
+  for name in [n for n in sys.modules if n.split('.')[0] == 'adaptive_depth' and n != keep]:
+    del sys.modules[name]
+  if first != 'adaptive_depth':
+    sys.modules['adaptive_depth'] = types.ModuleType('adaptive_depth')
+    sys.modules['adaptive_depth'].__path__ = [os.path.abspath('adaptive_depth')]
+  try:
+    importlib.import_module(first)
+  except Exception:
+    failures[first] = traceback.format_exc(limit=-3)
+print(json.dumps(failures))
+'''
+
+
+def test_every_module_imports_first_in_a_fresh_interpreter():
+  names = ['adaptive_depth.config_lib', *_module_files()]  # config_lib first of all
+  result = subprocess.run([sys.executable, '-c', _IMPORT_EACH_FIRST, json.dumps(names)],
+                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  failures = json.loads(result.stdout.strip().splitlines()[-1])
+  assert not failures, '\n'.join(f'{k}:\n{v}' for k, v in failures.items())
+
+
+# ----------------------------------------------------------------------------- transformers timing
+
+
+@pytest.fixture
+def transformers_reference(monkeypatch):
+  monkeypatch.syspath_prepend(str(REPO / 'launch'))
+  import transformers_reference as module  # pylint: disable=g-import-not-at-top
+  return module
+
+
+@pytest.mark.pretrained
+def test_transformers_greedy_generate_is_timed_on_the_prompt(tmp_path, transformers_reference):
+  torch = pytest.importorskip('torch', reason=f'needs torch: {_PARITY}')
+  transformers = pytest.importorskip('transformers', reason=f'needs transformers: {_PARITY}')
+  torch.set_num_threads(1)  # 2 cores shared with XLA: more threads only contend
+  torch.manual_seed(0)
+  model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+      vocab_size=48, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+      eos_token_id=0))
+  model.save_pretrained(tmp_path)  # config.json + model.safetensors
+  generate = transformers_reference.greedy_generate(str(tmp_path))
+  prompt = np.array([[5, 9, 11, 3], [7, 7, 2, 30]], np.int32)
+  tokens, seconds = generate(prompt, 5, 2)
+  assert tokens.shape == (2, 5) and seconds > 0
+  # Greedy: each token is the argmax of the model's logits after the prompt and the tokens
+  # before it, all 5 of them (no early stop at the end-of-sequence id).
+  with torch.no_grad():
+    logits = model.eval()(torch.as_tensor(np.concatenate([prompt, tokens], 1), dtype=torch.long)
+                       ).logits.numpy()
+  np.testing.assert_array_equal(tokens, logits[:, prompt.shape[1] - 1:-1].argmax(-1))
+
+
+def test_transformers_source_must_be_a_model(tmp_path, transformers_reference):
+  # Checked before torch loads: a wrong path fails fast, with or without the parity extra.
+  with pytest.raises(ad.PathError, match=r"config\.benchmark\.transformers_source=.*\.gguf"):
+    transformers_reference.load_transformers_model(str(tmp_path))

@@ -1,0 +1,73 @@
+"""Tiny models and references shared by the tests: configs, random parameters, and full-depth
+greedy decoding by re-running the whole sequence (no KV cache), the reference every decode
+path is checked against."""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from adaptive_depth import model as model_lib
+
+NUM_LAYERS = 4
+
+
+def config(**overrides) -> model_lib.ModelConfig:
+  """A 4-step byte-vocabulary model with an exit after every step (overrides: any field)."""
+  fields = dict(vocab_size=258, width=48, num_layers=NUM_LAYERS, num_blocks=NUM_LAYERS,
+                schedule='unshared', num_heads=2, num_kv_heads=1, head_dim=24, mlp_dim=96,
+                exit_depths=tuple(range(1, NUM_LAYERS + 1)))
+  fields.update(overrides)
+  return model_lib.ModelConfig(**fields)
+
+
+def random_params(cfg: model_lib.ModelConfig, seed: int = 0, scale: float = 0.3):
+  """Non-trivial values everywhere, so no term hides at its initialisation: norm scales
+  around 1, every other leaf N(0, scale^2) (LoRA 'b' factors and exit-head adapters
+  included, so relaxed models and exit heads really act). Drawn with numpy on eval_shape's
+  shapes: initialising with jax ops compiles a program per leaf shape."""
+  shapes = jax.eval_shape(lambda: model_lib.init_params(cfg, jax.random.key(0)))
+  leaves, tree = jax.tree_util.tree_flatten_with_path(shapes)
+  rng = np.random.default_rng(seed)
+  values = [(1.0 if 'norm' in jax.tree_util.keystr(path) else 0.0)
+            + scale * rng.standard_normal(x.shape).astype(np.float32) for path, x in leaves]
+  return jax.tree.unflatten(tree, [jnp.asarray(v, jnp.float32) for v in values])
+
+
+def padded_prompts(prompts) -> tuple[np.ndarray, np.ndarray]:
+  """Ragged prompts (lists of ids) -> left-aligned [B, P] int32 (pad 0) and lengths [B]."""
+  lengths = np.asarray([len(p) for p in prompts], np.int32)
+  prompt = np.zeros((len(prompts), lengths.max()), np.int32)
+  for row, ids in enumerate(prompts):
+    prompt[row, :len(ids)] = ids
+  return prompt, lengths
+
+
+def greedy_reference(cfg: model_lib.ModelConfig, params, prompts, steps: int) -> np.ndarray:
+  """Full-depth greedy continuation of each ragged prompt, [B, steps]: for every new token
+  the whole sequence goes through forward_train (train mode, no cache) and each row reads
+  the last exit's argmax at its own last position. Rows never interact, so one batch serves
+  all of them; the loop runs on device (one program, one transfer)."""
+  prompt, lengths = padded_prompts(prompts)
+  buffer = np.zeros((len(prompts), prompt.shape[1] + steps), np.int32)
+  buffer[:, :prompt.shape[1]] = prompt
+  return np.asarray(_greedy_program(cfg, steps)(params, jnp.asarray(buffer),
+                                                jnp.asarray(lengths)))
+
+
+@functools.lru_cache(maxsize=None)
+def _greedy_program(cfg, steps):
+  def run(params, buffer, lengths):
+    rows = jnp.arange(buffer.shape[0])
+
+    def step(i, carry):
+      buffer, out = carry
+      logits = model_lib.forward_train(cfg, params, buffer)[-1]  # [B, L, V]
+      new = jnp.argmax(logits[rows, lengths + i - 1], -1).astype(jnp.int32)
+      return buffer.at[rows, lengths + i].set(new), out.at[:, i].set(new)
+
+    out = jnp.zeros((buffer.shape[0], steps), jnp.int32)
+    return jax.lax.fori_loop(0, steps, step, (buffer, out))[1]
+  return jax.jit(run)
