@@ -55,6 +55,21 @@ def dense(x, w, in_dims: int = 1):
   return flat.reshape(*lead, *out)
 
 
+def row_lora_delta(x, factors, in_dims: int, out_shape):
+  """Unmerged low-rank delta with factors of its own for each row: (x @ a[b]) @ b[b].
+
+  x: [B, T, *in] (the last `in_dims` axes are contracted); factors {'a': [B, I, r],
+  'b': [B, r, O]} with I = prod(in), O = prod(out_shape) -> [B, T, *out_shape]. Rows at
+  different loop steps share one call of the block's weights this way, which a delta merged
+  into the kernel (one kernel per step) would not allow.
+  """
+  batch, length = x.shape[:2]
+  flat = x.reshape(batch, length, -1)
+  low = jnp.einsum('bti,bir->btr', flat, factors['a'].astype(x.dtype))
+  out = jnp.einsum('btr,bro->bto', low, factors['b'].astype(x.dtype))
+  return out.reshape(batch, length, *out_shape)
+
+
 def rms_norm(x, scale, eps: float, dtype):
   """x / rms(x) * scale over the last axis, in float32. x: [..., D]; scale: broadcastable to
   x (e.g. [D], or [..., D] with one scale per exit) -> [..., D] in `dtype`."""
@@ -150,31 +165,38 @@ class Attention(nn.Module):
   def _cast(self, w):
     return jnp.asarray(w, self.config.dtype)
 
-  def _project(self, x, name):
-    """x: [B, T, D] -> [B, T, N, Dh] through projection `name` (q, k or v), plus its bias."""
+  def _project(self, x, name, row_lora=None):
+    """x: [B, T, D] -> [B, T, N, Dh] through projection `name` (q, k or v), plus its bias
+    (and the per-row LoRA delta, when row_lora holds factors; see row_lora_delta)."""
     out = dense(x, self._cast(getattr(self, name)))
+    if row_lora is not None:
+      out = out + row_lora_delta(x, row_lora[name], 1, out.shape[2:])
     if self.config.qkv_bias:
       out = out + self._cast(getattr(self, f'{name}_bias'))
     return out
 
-  def project_kv(self, x, positions):
+  def project_kv(self, x, positions, row_lora=None):
     """x: [B, T, D] (normed) -> rotated k, v: [B, T, KV, Dh]."""
-    k = self._project(x, 'k')
-    v = self._project(x, 'v')
+    k = self._project(x, 'k', row_lora)
+    v = self._project(x, 'v', row_lora)
     return apply_rope(k, positions, self.config.rope_base), v
 
-  def __call__(self, x, positions, mask, merge_kv: Optional[Callable] = None):
+  def __call__(self, x, positions, mask, merge_kv: Optional[Callable] = None, row_lora=None):
     """x: [B, T, D] normed input; positions: [B, T]; mask: [B, T, S].
 
     merge_kv: optional function (k, v) -> (k_all, v_all) [B, S, KV, Dh] that writes this
     call's K/V into a cache and returns what to attend to. Without it the call attends to
-    its own tokens (S = T). Returns (out [B, T, D], (k, v) [B, T, KV, Dh] of this call).
+    its own tokens (S = T). row_lora: optional per-row LoRA factors {q, k, v, o} (see
+    row_lora_delta). Returns (out [B, T, D], (k, v) [B, T, KV, Dh] of this call).
     """
-    q = apply_rope(self._project(x, 'q'), positions, self.config.rope_base)
-    own_kv = self.project_kv(x, positions)
+    q = apply_rope(self._project(x, 'q', row_lora), positions, self.config.rope_base)
+    own_kv = self.project_kv(x, positions, row_lora)
     k, v = own_kv if merge_kv is None else merge_kv(*own_kv)
     out = attend(q, k, v, mask)
-    return dense(out, self._cast(self.o), in_dims=2), own_kv
+    projected = dense(out, self._cast(self.o), in_dims=2)
+    if row_lora is not None:
+      projected = projected + row_lora_delta(out, row_lora['o'], 2, projected.shape[2:])
+    return projected, own_kv
 
 
 class SwiGLU(nn.Module):
@@ -182,7 +204,8 @@ class SwiGLU(nn.Module):
   config: BlockConfig
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, row_lora=None):
+    """row_lora: optional per-row LoRA factors {gate, up, down} (see row_lora_delta)."""
     c = self.config
     init = _dense_init(c.init_std)
     out_init = _dense_init(c.init_std * c.residual_init_scale)
@@ -193,8 +216,13 @@ class SwiGLU(nn.Module):
     down = self.param('down', nn.with_logical_partitioning(out_init, ('mlp', 'embed')),
                       (c.mlp_dim, c.width), jnp.float32)
     cast = lambda w: jnp.asarray(w, c.dtype)
-    hidden = jax.nn.silu(dense(x, cast(gate))) * dense(x, cast(up))
-    return dense(hidden, cast(down))
+    def project(x, w, name):
+      out = dense(x, cast(w))
+      if row_lora is not None:
+        out = out + row_lora_delta(x, row_lora[name], 1, out.shape[2:])
+      return out
+    hidden = jax.nn.silu(project(x, gate, 'gate')) * project(x, up, 'up')
+    return project(hidden, down, 'down')
 
 
 class Block(nn.Module):
@@ -208,17 +236,24 @@ class Block(nn.Module):
     self.mlp_norm = RMSNorm(eps=c.norm_eps, dtype=c.dtype)
     self.mlp = SwiGLU(c)
 
-  def __call__(self, h, positions, mask, merge_kv=None):
-    """h: [B, T, D] residual stream. Returns (h_out [B, T, D], (k, v) [B, T, KV, Dh])."""
-    attn_out, own_kv = self.attn(self.attn_norm(h), positions, mask, merge_kv)
+  def __call__(self, h, positions, mask, merge_kv=None, row_lora=None):
+    """h: [B, T, D] residual stream. Returns (h_out [B, T, D], (k, v) [B, T, KV, Dh]).
+
+    row_lora: optional {'attn': ..., 'mlp': ...} LoRA factors with a leading [B] axis, one
+    set per row, applied unmerged (each row may run a different loop step of this block).
+    """
+    lora = row_lora or {}
+    attn_out, own_kv = self.attn(self.attn_norm(h), positions, mask, merge_kv,
+                                 lora.get('attn'))
     h = h + attn_out.astype(h.dtype)
-    h = h + self.mlp(self.mlp_norm(h)).astype(h.dtype)
+    h = h + self.mlp(self.mlp_norm(h), lora.get('mlp')).astype(h.dtype)
     return h, own_kv
 
-  def kv_only(self, h, positions):
+  def kv_only(self, h, positions, row_lora=None):
     """K/V of this block for residual state h, without the rest of the block.
 
     This is what CALM's state propagation costs per skipped layer: one norm and two
     projections. h: [B, T, D] -> (k, v) [B, T, KV, Dh].
     """
-    return self.attn.project_kv(self.attn_norm(h), positions)
+    lora = (row_lora or {}).get('attn')
+    return self.attn.project_kv(self.attn_norm(h), positions, lora)

@@ -402,3 +402,26 @@ def reference_forward(cfg: ModelConfig, params, tokens) -> list:
       outputs.append(head_logits(cfg, params, h, len(outputs)))
   return outputs
 
+
+
+def apply_block_rows(cfg: ModelConfig, params, block_number: int, steps, h, positions,
+                     mask=None, merge_kv=None, kv_only=False):
+  """Block `block_number` (static) on every row, each row with the LoRA delta of its own
+  loop step, applied unmerged (x @ W + (x @ A[s]) @ B[s]): rows at different steps of the
+  same block share one call of its weights (the depth-wise batching engine's tick).
+
+  steps: [B] int, the loop step each row runs (only its LoRA factors depend on it; the
+  caller makes sure every row's step runs `block_number`). h: [B, T, D]. Returns
+  Block(h, positions, mask, merge_kv) -> (h [B, T, D], (k, v) [B, T, KV, Dh]), or with
+  kv_only the K/V the block computes from h. Either parameter layout.
+  """
+  blocks = params['blocks']
+  block = (blocks[block_number] if isinstance(blocks, tuple)
+           else select_block(blocks, block_number))
+  row_lora = None
+  if 'lora' in params:
+    row_lora = jax.tree.map(lambda f: jnp.take(f, steps, axis=0), params['lora'])
+  if kv_only:
+    return cfg.block.apply({'params': block}, h, positions, row_lora,
+                           method=layers.Block.kv_only)
+  return cfg.block.apply({'params': block}, h, positions, mask, merge_kv, row_lora)

@@ -11,13 +11,14 @@ from adaptive_depth import exits
 from adaptive_depth import model as model_lib
 from adaptive_depth.train import classifier as classifier_lib
 from tests import numpy_reference as ref
-from tests.test_model import randomize, small_config
+from tests import tiny_models
+from tests.test_model import small_config
 
 
 @pytest.fixture(scope='module')
 def setup():
   cfg = small_config(num_layers=5)
-  params = randomize(model_lib.init_params(cfg, jax.random.key(0)), scale=0.2)
+  params = tiny_models.random_params(cfg, scale=0.2)
   tokens = jax.random.randint(jax.random.key(1), (3, 12), 0, cfg.vocab_size)
   adaptive = jax.jit(lambda p, t, pol: depth.forward_adaptive(cfg, p, t, pol))
   return cfg, params, tokens, adaptive
@@ -131,11 +132,11 @@ def test_decaying_threshold_uses_each_rows_own_position(setup):
   logits = model_lib.forward_train(cfg, params, tokens)
   score = np.asarray(exits.softmax_diff(logits[0]))  # first exit
   policy = exits.ExitPolicy(measure='softmax_diff', schedule='decaying', threshold=0.0,
-                            tau=3.0, max_len=12)
+                            tau=1.0, max_len=12)
   # Rows at different offsets in their own sequences get different thresholds.
   row_positions = jnp.asarray(np.arange(12)[None] + np.array([[0], [20], [40]]))
   out = depth.forward_adaptive(cfg, params, tokens, policy, row_positions=row_positions)
-  thresholds = np.clip(0.1 * np.exp(-3.0 * np.asarray(row_positions) / 12), 0, 1)
+  thresholds = np.clip(0.1 * np.exp(-1.0 * np.asarray(row_positions) / 12), 0, 1)
   np.testing.assert_array_equal(np.asarray(out.exit_depth) == 1, score >= thresholds)
   assert (score >= thresholds).any() and not (score >= thresholds).all()
 
@@ -188,7 +189,7 @@ def test_oracle_exits_where_the_exit_agrees(setup):
 
 def test_relaxed_recursion_matches_numpy_with_merged_lora():
   cfg = small_config(schedule='cycle', num_blocks=2, num_layers=4, lora_rank=3)
-  params = randomize(model_lib.init_params(cfg, jax.random.key(0)), scale=0.2)
+  params = tiny_models.random_params(cfg, scale=0.2)
   tokens = jax.random.randint(jax.random.key(1), (1, 7), 0, cfg.vocab_size)
   logits = model_lib.forward_train(cfg, params, tokens)
   # Numpy: per step, the shared block plus that step's A @ B, then a plain unshared model.

@@ -9,6 +9,7 @@ from adaptive_depth import config_lib
 from adaptive_depth import layers
 from adaptive_depth import model as model_lib
 from tests import numpy_reference as ref
+from tests import tiny_models
 
 
 def small_config(**overrides):
@@ -22,15 +23,6 @@ def small_config(**overrides):
   for key, value in overrides.items():
     c.model[key] = value
   return model_lib.ModelConfig.from_config(c.model)
-
-
-def randomize(params, seed=0, scale=0.3):
-  """Non-trivial values everywhere (norm scales around 1), so no term hides at its init."""
-  leaves, tree = jax.tree_util.tree_flatten_with_path(params)
-  keys = jax.random.split(jax.random.key(seed), len(leaves))
-  new = [(1.0 if 'norm' in jax.tree_util.keystr(path) else 0.0)
-         + scale * jax.random.normal(k, x.shape) for (path, x), k in zip(leaves, keys)]
-  return jax.tree.unflatten(tree, new)
 
 
 @pytest.mark.parametrize('num_heads,num_kv_heads', [(4, 4), (4, 2), (6, 1)])
@@ -67,7 +59,7 @@ def test_rope_is_relative():
     ('middle_sequence', 4, 6)])
 def test_scanned_model_matches_numpy_loop(schedule, num_blocks, num_layers):
   cfg = small_config(schedule=schedule, num_blocks=num_blocks, num_layers=num_layers)
-  params = randomize(model_lib.init_params(cfg, jax.random.key(0)))
+  params = tiny_models.random_params(cfg)
   tokens = jax.random.randint(jax.random.key(3), (2, 9), 0, cfg.vocab_size)
   logits = model_lib.forward_train(cfg, params, tokens)
   assert logits.shape == (num_layers, 2, 9, cfg.vocab_size)
@@ -86,7 +78,7 @@ def test_scanned_model_matches_numpy_loop(schedule, num_blocks, num_layers):
 def test_untied_head_and_exit_subset():
   cfg = small_config(tie_embeddings=False, exit_layers='2,3')
   assert cfg.exit_depths == (2, 3, 4)
-  params = randomize(model_lib.init_params(cfg, jax.random.key(0)))
+  params = tiny_models.random_params(cfg)
   assert params['lm_head']['kernel'].shape == (32, 40)
   tokens = jax.random.randint(jax.random.key(3), (1, 6), 0, cfg.vocab_size)
   logits = model_lib.forward_train(cfg, params, tokens)

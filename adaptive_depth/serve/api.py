@@ -1,0 +1,229 @@
+"""`serve(model, prompts, ...)`: continuous batching over the depth-wise batching engine.
+
+The host keeps a queue of requests; between chunks of device ticks it collects the
+requests that finished and admits waiting ones into the freed slots (prefill, then insert).
+Programs are compiled ahead of time and kept per shape: one `generate` and one `insert` per
+(slots, cache_len), one `prefill` per padded prompt length; exit policy values, prompts,
+refills and chunk lengths are arguments, not constants, so they compile nothing new.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from adaptive_depth import costs
+from adaptive_depth import exits
+from adaptive_depth import saved_model
+from adaptive_depth.decode import adaptive_decode as decode_lib
+from adaptive_depth.decode import api as decode_api
+from adaptive_depth.serve import engine as engine_lib
+
+PROMPT_MULTIPLE = 16  # prompts are padded to a multiple of this: one prefill per multiple
+
+
+@dataclasses.dataclass(frozen=True)
+class ServeOutput:
+  """Per request, in the order given: texts, tokens (the generated ids) and exit_depths
+  (the first token comes from the full-depth prefill). stats: tokens_per_second (compiles
+  excluded), seconds, compile_seconds, ticks, slot_utilisation (fraction of slot-ticks spent
+  on a live token), mean_depth and relative_flops (decode steps, against full depth)."""
+  texts: list
+  tokens: list
+  exit_depths: list
+  stats: dict
+
+
+class Engine:
+  """The slot table of one model with its compiled programs: `prefill`, `insert`,
+  `generate` (JetStream's engine API shape), for (slots, cache_len) fixed at construction.
+
+  exit: the exit policy (default: never exit); its values (threshold, min_depth, ...) are
+  traced, so `generate(state, ticks, exit=other)` with the same measure reuses the program.
+  """
+
+  def __init__(self, model: saved_model.LoadedModel, *, slots: int, cache_len: int,
+               exit: Optional[exits.ExitPolicy] = None, kv: str = 'propagate'):
+    cfg = model.model_config
+    check_engine_args(cfg, slots=slots, cache_len=cache_len, kv=kv)
+    self.model, self.cfg, self.slots, self.cache_len = model, cfg, slots, cache_len
+    self.policy = self._checked_policy(exit)
+    self.eos_id = model.tokenizer.eos_id
+    self.params = model.decode_params
+    self.compile_seconds = 0.0
+    self.compiles = 0  # programs this engine compiled (tests count them)
+    self._programs = {}
+
+  def _checked_policy(self, policy):
+    policy = (policy or exits.ExitPolicy(measure='never')).validated(self.cfg.exit_depths)
+    if policy.measure not in engine_lib.MEASURES:
+      raise ValueError(f'ExitPolicy.measure={policy.measure!r} is not supported by the engine; '
+                       f'allowed: {", ".join(engine_lib.MEASURES)}')
+    return policy
+
+  def _compiled(self, name, run, args):
+    spec = lambda x: (tuple(getattr(x, 'shape', ())), str(getattr(x, 'dtype', type(x))))
+    key = (name, jax.tree.structure(args), tuple(spec(x) for x in jax.tree.leaves(args)))
+    if key not in self._programs:
+      start = time.perf_counter()
+      self._programs[key] = jax.jit(run).lower(*args).compile()
+      self.compile_seconds += time.perf_counter() - start
+      self.compiles += 1
+    return self._programs[key]
+
+  def init_decode_state(self) -> engine_lib.DecodeState:
+    """Every slot free."""
+    return engine_lib.empty_state(self.cfg, self.slots, self.cache_len)
+
+  def prefill(self, prompt_ids: Sequence[int]) -> engine_lib.Prefix:
+    """One prompt (token ids) at full depth, padded to a multiple of PROMPT_MULTIPLE."""
+    prompt, lengths = decode_lib.pad_prompts([list(prompt_ids)], pad_id=self.eos_id,
+                                             multiple=PROMPT_MULTIPLE)
+    if prompt.shape[1] > self.cache_len:
+      raise ValueError(f'a prompt of {len(prompt_ids)} tokens (padded to {prompt.shape[1]}) '
+                       f'does not fit cache_len={self.cache_len}')
+    cfg, cache_len = self.cfg, self.cache_len
+    run = lambda params, prompt, length: engine_lib.prefill(cfg, params, prompt, length,
+                                                            cache_len)
+    args = (self.params, jnp.asarray(prompt[0]), jnp.asarray(lengths[0]))
+    return self._compiled('prefill', run, args)(*args)
+
+  def insert(self, prefix: engine_lib.Prefix, state: engine_lib.DecodeState, slot: int, *,
+             request: int, max_new_tokens: int) -> engine_lib.DecodeState:
+    """state with `prefix` admitted into `slot` as request id `request`."""
+    if not 0 <= slot < self.slots:
+      raise ValueError(f'slot={slot}; allowed: 0..{self.slots - 1}')
+    cfg = self.cfg
+    run = lambda params, prefix, state, slot, request, max_new, eos: engine_lib.insert(
+        cfg, params, prefix, state, slot, request, max_new, eos)
+    args = (self.params, prefix, state, np.int32(slot), np.int32(request),
+            np.int32(max_new_tokens), np.int32(self.eos_id))
+    return self._compiled('insert', run, args)(*args)
+
+  def generate(self, state: engine_lib.DecodeState, num_ticks: int,
+               exit: Optional[exits.ExitPolicy] = None) -> engine_lib.DecodeState:
+    """state advanced by up to num_ticks ticks (fewer when no slot is live)."""
+    policy = self.policy if exit is None else self._checked_policy(exit)
+    cfg = self.cfg
+    run = lambda params, state, policy, ticks, eos: engine_lib.generate(
+        cfg, params, state, policy, ticks, eos)
+    args = (self.params, state, policy, np.int32(num_ticks), np.int32(self.eos_id))
+    return self._compiled('generate', run, args)(*args)
+
+
+def check_engine_args(cfg, *, slots, cache_len, kv):
+  """Raises ValueError naming the argument (before anything compiles)."""
+  if kv not in engine_lib.KV_POLICIES:
+    raise ValueError(f'kv={kv!r}; allowed: {", ".join(engine_lib.KV_POLICIES)}')
+  if not isinstance(slots, (int, np.integer)) or slots < 1:
+    raise ValueError(f'slots={slots!r}: must be an int >= 1')
+  if not isinstance(cache_len, (int, np.integer)) or cache_len < 2:
+    raise ValueError(f'cache_len={cache_len!r}: must be an int >= 2')
+  message = engine_lib.schedule_error(cfg)
+  if message:
+    raise ValueError(message)
+
+
+def _max_new_list(max_new_tokens, count: int) -> list[int]:
+  values = (list(max_new_tokens) if isinstance(max_new_tokens, (list, tuple, np.ndarray))
+            else [max_new_tokens] * count)
+  if len(values) != count:
+    raise ValueError(f'max_new_tokens has {len(values)} entries for {count} prompts: give '
+                     'one int, or one per prompt')
+  for i, value in enumerate(values):
+    if not isinstance(value, (int, np.integer)) or value < 1:
+      raise ValueError(f'max_new_tokens={value!r} (request {i}): must be an int >= 1')
+  return [int(v) for v in values]
+
+
+def serve(model: saved_model.LoadedModel, prompts, *, slots: int = 4,
+          max_new_tokens: Union[int, Sequence[int]] = 64,
+          exit: Optional[exits.ExitPolicy] = None, kv: str = 'propagate',
+          cache_len: Optional[int] = None, chunk_ticks: int = 16,
+          engine: Optional[Engine] = None) -> ServeOutput:
+  """Greedy generation for a stream of requests through `slots` slots of the depth-wise
+  batching engine. prompts: strings or token id lists (as ad.generate takes them);
+  max_new_tokens: one int or one per prompt; exit: the exit policy (default: never exit);
+  cache_len: positions per slot (default: the longest prompt plus its max_new_tokens, rounded
+  up to a multiple of 16); chunk_ticks: ticks per device loop between host refills.
+  engine: an Engine to reuse (its slots and cache_len then rule).
+  """
+  cfg, tokenizer = model.model_config, model.tokenizer
+  token_lists = decode_api._prompt_ids(prompts, tokenizer, cfg.vocab_size)
+  max_new = _max_new_list(max_new_tokens, len(token_lists))
+  if not isinstance(chunk_ticks, (int, np.integer)) or chunk_ticks < 1:
+    raise ValueError(f'chunk_ticks={chunk_ticks!r}: must be an int >= 1')
+  needed = max(len(t) + m for t, m in zip(token_lists, max_new))
+  if cache_len is None and engine is None:
+    cache_len = -(-needed // PROMPT_MULTIPLE) * PROMPT_MULTIPLE
+  if engine is None:
+    engine = Engine(model, slots=slots, cache_len=cache_len, exit=exit, kv=kv)
+  else:
+    check_engine_args(cfg, slots=engine.slots, cache_len=engine.cache_len, kv=kv)
+  for i, (ids, m) in enumerate(zip(token_lists, max_new)):
+    if len(ids) + m > engine.cache_len:
+      raise ValueError(f'prompts[{i}] has {len(ids)} tokens and max_new_tokens={m}: '
+                       f'{len(ids) + m} positions do not fit cache_len={engine.cache_len}')
+  policy = engine._checked_policy(exit)
+
+  compile_before = engine.compile_seconds
+  start = time.perf_counter()
+  state = engine.init_decode_state()
+  waiting = list(range(len(token_lists)))
+  occupant = [None] * engine.slots  # request id per slot, None when free
+  results = {}
+
+  def collect(state):
+    host = jax.device_get({'done': state.done, 'request': state.request, 'count': state.count,
+                           'tokens': state.tokens, 'depths': state.exit_depth})
+    for slot, request in enumerate(occupant):
+      if request is not None and host['done'][slot] and host['request'][slot] == request:
+        n = int(host['count'][slot])
+        results[request] = (host['tokens'][slot, :n].tolist(),
+                            host['depths'][slot, :n].tolist())
+        occupant[slot] = None
+
+  while waiting or any(r is not None for r in occupant):
+    for slot in range(engine.slots):
+      if occupant[slot] is None and waiting:
+        request = waiting.pop(0)
+        prefix = engine.prefill(token_lists[request])
+        state = engine.insert(prefix, state, slot, request=request,
+                              max_new_tokens=max_new[request])
+        occupant[slot] = request
+    state = engine.generate(state, chunk_ticks, exit=policy)
+    collect(state)
+  ticks, live_slot_ticks = (int(x) for x in jax.device_get((state.ticks, state.live_slot_ticks)))
+  compile_seconds = engine.compile_seconds - compile_before
+  seconds = time.perf_counter() - start - compile_seconds
+
+  tokens = [results[i][0] for i in range(len(token_lists))]
+  depths = [results[i][1] for i in range(len(token_lists))]
+  stats = _stats(cfg, policy, token_lists, max_new, depths)
+  stats.update(tokens_per_second=sum(map(len, tokens)) / max(seconds, 1e-9), seconds=seconds,
+               compile_seconds=compile_seconds, ticks=ticks, slots=engine.slots,
+               slot_utilisation=live_slot_ticks / max(ticks * engine.slots, 1))
+  return ServeOutput(texts=[tokenizer.decode(t) for t in tokens], tokens=tokens,
+                     exit_depths=depths, stats=stats)
+
+
+def _stats(cfg, policy, token_lists, max_new, depths) -> dict:
+  """Mean depth and FLOPs against full depth over the decode steps (the first token of a
+  request comes from the full-depth prefill), counted as ad.generate counts them."""
+  decoded = np.concatenate([np.asarray(d[1:], int) for d in depths] + [np.zeros(0, int)])
+  context = float(np.mean([len(t) for t in token_lists]) + np.mean(max_new) / 2.0)
+  full = costs.full_depth_flops(cfg, context)
+  if not decoded.size:
+    return {'mean_depth': float(cfg.num_layers), 'relative_depth': 1.0, 'relative_flops': 1.0}
+  exit_at, min_depth = np.asarray(policy.exit_at), np.asarray(policy.min_depth)
+  first_check = int(np.min(np.where(exit_at > 0, exit_at, min_depth)))
+  spent = costs.token_flops(cfg, decoded, policy.measure, context, first_check, kv='propagate')
+  if policy.measure == 'never':
+    spent = spent + np.where(decoded < cfg.num_layers, costs.head_flops(cfg), 0.0)
+  return {'mean_depth': float(decoded.mean()),
+          'relative_depth': float(decoded.mean() / cfg.num_layers),
+          'relative_flops': float(spent.mean() / full)}

@@ -1,0 +1,281 @@
+"""The depth-wise batching engine on device: a fixed table of slots, each at its own depth.
+
+For a model whose loop reuses shared blocks (schedule 'cycle' with B blocks dividing
+num_layers, or a single block), tokens at different loop steps call the same weights, so
+one call of each block serves every slot, whatever step each slot is at. Per-step LoRA
+deltas are applied unmerged, with each slot's own factors (model.apply_block_rows).
+
+One tick runs the B blocks once: sub-step b applies block b to every slot, each at its own
+position and loop step (step_i + b). A slot's step is a multiple of B at every tick start,
+so sub-step b runs block b for all slots at once. Exit checks happen only at loop
+boundaries (after block B-1): a slot that left in the middle of a loop would start its next
+token at block 0 while the others continue at block b + 1, and one call per block per tick
+would no longer serve all slots. A single-block model (B = 1) checks after every step.
+
+A slot that exits emits its token (greedy), writes the K/V of the steps it skipped from its
+frozen state (KV policy 'propagate', as adaptive_decode.decode_step does) and starts its
+request's next token at step 0. A request that reaches EOS or its max_new_tokens is done and
+its slot stops (the host refills it: continuous batching).
+
+The interface has the shape of JetStream's engine API: `prefill` a prompt into a Prefix,
+`insert` a prefix into a slot of the DecodeState, `generate` advances the DecodeState by a
+chunk of ticks in one `lax.while_loop`. Shapes depend only on (slots, cache_len); policy
+values, prompts and refills are traced, so a threshold sweep or a refill compiles nothing.
+"""
+from __future__ import annotations
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from adaptive_depth import depth as depth_lib
+from adaptive_depth import exits
+from adaptive_depth import model as model_lib
+from adaptive_depth.decode import adaptive_decode as decode_lib
+
+KV_POLICIES = ('propagate',)
+# Measures the engine can decide with (the classifier and the oracle need inputs the
+# engine does not carry yet).
+MEASURES = tuple(m for m in exits.MEASURES if m not in ('classifier', 'oracle'))
+
+
+@flax.struct.dataclass
+class Prefix:
+  """A prompt run at full depth. k, v: [num_layers, cache_len, KV, Dh] (one cache row);
+  first_token: scalar int32 (greedy, from the full-depth logits); length: scalar int32
+  prompt length (the first token's position)."""
+  k: jax.Array
+  v: jax.Array
+  first_token: jax.Array
+  length: jax.Array
+
+
+@flax.struct.dataclass
+class DecodeState:
+  """The slot table (S slots). Per slot: the request it serves (-1: never used), the token
+  being computed (its input token, position, loop step at the tick start, hidden state
+  h [S, D], state at its previous exit check h_previous [S, D] for 'saturation'), its row of
+  the cache (k, v [num_layers, S, cache_len, KV, Dh], one layer per loop step), what it has
+  emitted (tokens, exit_depth [S, cache_len]; count [S]) out of max_new [S], live (still
+  decoding) and done (finished, waiting for the host to collect it). Counters: ticks run and
+  live_slot_ticks (slot-ticks spent on a live token)."""
+  cache: decode_lib.Cache
+  h: jax.Array
+  h_previous: jax.Array
+  token: jax.Array
+  position: jax.Array
+  step: jax.Array
+  request: jax.Array
+  tokens: jax.Array
+  exit_depth: jax.Array
+  count: jax.Array
+  max_new: jax.Array
+  live: jax.Array
+  done: jax.Array
+  ticks: jax.Array
+  live_slot_ticks: jax.Array
+
+
+def schedule_error(cfg: model_lib.ModelConfig):
+  """A message saying why the engine cannot run this model's schedule, or None."""
+  blocks, layers_ = cfg.num_blocks, cfg.num_layers
+  cyclic = layers_ % blocks == 0 and (
+      model_lib.block_table(cfg) == np.arange(layers_) % blocks).all()
+  if not cyclic or (cfg.schedule != 'cycle' and blocks != 1):
+    return (f'config.model.schedule={cfg.schedule!r} with num_blocks={blocks} and '
+            f'num_layers={layers_}: the engine serves shared-block models only, allowed: '
+            "schedule 'cycle' with num_blocks dividing num_layers, or a single block")
+  off_boundary = [d for d in cfg.exit_depths if d % blocks]
+  if off_boundary:
+    return (f'config.model.exit_layers gives exit depths {off_boundary} that are not loop '
+            f'boundaries (multiples of num_blocks={blocks}): the engine checks exits only '
+            'after the last block of a loop')
+  return None
+
+
+def empty_state(cfg: model_lib.ModelConfig, slots: int, cache_len: int) -> DecodeState:
+  """Every slot free (not live, not done)."""
+  kv_shape = (cfg.num_layers, slots, cache_len, cfg.num_kv_heads, cfg.head_dim)
+  zeros = lambda shape, dtype=jnp.int32: jnp.zeros(shape, dtype)
+  hidden = zeros((slots, cfg.width), cfg.compute_dtype)
+  return DecodeState(
+      cache=decode_lib.Cache(k=zeros(kv_shape, cfg.compute_dtype),
+                             v=zeros(kv_shape, cfg.compute_dtype)),
+      h=hidden, h_previous=hidden, token=zeros((slots,)), position=zeros((slots,)),
+      step=zeros((slots,)), request=jnp.full((slots,), -1, jnp.int32),
+      tokens=zeros((slots, cache_len)), exit_depth=zeros((slots, cache_len)),
+      count=zeros((slots,)), max_new=zeros((slots,)), live=zeros((slots,), bool),
+      done=zeros((slots,), bool), ticks=zeros(()), live_slot_ticks=zeros(()))
+
+
+def prefill(cfg: model_lib.ModelConfig, params, prompt, length, cache_len: int) -> Prefix:
+  """prompt: [P] int32 left-aligned (P padded; pad tokens sit at positions the mask hides
+  until real tokens overwrite them); length: scalar int32."""
+  cache, logits = decode_lib.prefill(cfg, params, prompt[None], length[None], cache_len)
+  return Prefix(k=cache.k[:, 0], v=cache.v[:, 0],
+                first_token=jnp.argmax(logits[0], -1).astype(jnp.int32), length=length)
+
+
+def insert(cfg: model_lib.ModelConfig, params, prefix: Prefix, state: DecodeState, slot,
+           request, max_new, eos_id) -> DecodeState:
+  """state with request `request` (scalar int32) admitted into slot `slot` (scalar int32).
+
+  The slot's whole cache row is overwritten with the prefix's (zeros past the prompt), so
+  nothing of a previous occupant can be read; no other slot changes. The first token
+  (depth num_layers, from the prefill) is already emitted; the request is done at once
+  when it is EOS or max_new is 1.
+  """
+  first = prefix.first_token
+  h = model_lib.embed(cfg, params, first[None, None])[0, 0]
+  finished = (first == eos_id) | (max_new <= 1)
+  set_row = lambda field, value: field.at[slot].set(value)
+  tokens_row = jnp.zeros(state.tokens.shape[1], jnp.int32).at[0].set(first)
+  depth_row = jnp.zeros(state.tokens.shape[1], jnp.int32).at[0].set(cfg.num_layers)
+  return state.replace(
+      cache=decode_lib.Cache(k=state.cache.k.at[:, slot].set(prefix.k),
+                             v=state.cache.v.at[:, slot].set(prefix.v)),
+      h=set_row(state.h, h), h_previous=set_row(state.h_previous, h),
+      token=set_row(state.token, first), position=set_row(state.position, prefix.length),
+      step=set_row(state.step, 0), request=set_row(state.request, request),
+      tokens=set_row(state.tokens, tokens_row), exit_depth=set_row(state.exit_depth, depth_row),
+      count=set_row(state.count, 1), max_new=set_row(state.max_new, max_new),
+      live=set_row(state.live, ~finished), done=set_row(state.done, finished))
+
+
+def _run_blocks(cfg, params, state: DecodeState) -> tuple[jax.Array, decode_lib.Cache]:
+  """One pass over the B blocks for every slot, each at its own position and step.
+  Returns (h [S, D] after the pass, cache with each slot's K/V written at
+  [step_i + b, i, position_i])."""
+  slots, cache_len = state.token.shape[0], state.cache.k.shape[2]
+  rows = jnp.arange(slots)
+  positions = state.position[:, None]
+  mask = (jnp.arange(cache_len)[None, :] <= state.position[:, None])[:, None, :]  # [S, 1, C]
+  h, cache = state.h[:, None], state.cache
+  for block in range(cfg.num_blocks):
+    steps = state.step + block
+
+    def merge_kv(k, v, steps=steps):
+      # Each slot attends to its own cache row at its own step's layer, with this call's
+      # K/V written at its position first.
+      k_rows = cache.k[steps, rows].at[rows, state.position].set(k[:, 0])
+      v_rows = cache.v[steps, rows].at[rows, state.position].set(v[:, 0])
+      return k_rows, v_rows
+
+    h, (k, v) = model_lib.apply_block_rows(cfg, params, block, steps, h, positions, mask,
+                                           merge_kv)
+    cache = decode_lib.Cache(k=cache.k.at[steps, rows, state.position].set(k[:, 0]),
+                             v=cache.v.at[steps, rows, state.position].set(v[:, 0]))
+  return h[:, 0], cache
+
+
+def _propagate(cfg, params, cache, h, position, leaving, exit_depth):
+  """KV policy 'propagate': for each slot in `leaving` [S], the K/V of every step it skipped
+  (exit_depth <= s < num_layers) computed from its frozen state h [S, D], written at its
+  position. Without LoRA the frozen state gives one block the same K/V at every step that
+  runs it, so each block's K/V is computed once and written to all its remaining steps."""
+  slots = h.shape[0]
+  rows = jnp.arange(slots)
+  positions = position[:, None]
+
+  def write(cache, step, k, v):
+    wanted = (leaving & (step >= exit_depth))[:, None, None]
+    k = jnp.where(wanted, k[:, 0], cache.k[step, rows, position])
+    v = jnp.where(wanted, v[:, 0], cache.v[step, rows, position])
+    return decode_lib.Cache(k=cache.k.at[step, rows, position].set(k),
+                            v=cache.v.at[step, rows, position].set(v))
+
+  def kv_at(block, step):
+    steps = jnp.full((slots,), step, jnp.int32)
+    return model_lib.apply_block_rows(cfg, params, block, steps, h[:, None], positions,
+                                      kv_only=True)
+
+  blocks, loops = cfg.num_blocks, cfg.num_layers // cfg.num_blocks
+  if 'lora' not in params:
+    for block in range(blocks):
+      k, v = kv_at(block, block)
+      for loop in range(loops):
+        cache = write(cache, loop * blocks + block, k, v)
+    return cache
+
+  def one_loop(loop, cache):  # every step has LoRA factors of its own
+    for block in range(blocks):
+      step = loop * blocks + block
+      cache = write(cache, step, *kv_at(block, step))
+    return cache
+
+  return jax.lax.fori_loop(0, loops, one_loop, cache)
+
+
+def tick(cfg: model_lib.ModelConfig, params, state: DecodeState, policy: exits.ExitPolicy,
+         eos_id) -> DecodeState:
+  """One pass of the shared blocks over all slots, then each slot's own exit decision."""
+  num_layers = cfg.num_layers
+  live = state.live
+  h_new, cache = _run_blocks(cfg, params, state)
+  h = jnp.where(live[:, None], h_new, state.h)
+  depth = state.step + cfg.num_blocks  # [S], a loop boundary for every slot
+  _, exit_number = depth_lib._exit_lookup(cfg)
+  number = exit_number[depth]
+  # The t of the decaying threshold: the emitted token's index among new tokens, minus one
+  # (as generation.generate_tokens counts it); its N: the request's own max_new.
+  row_position = state.count - 1
+  if policy.schedule == 'decaying':
+    policy = policy.replace(max_len=state.max_new.astype(jnp.float32))
+  checks = live & depth_lib.checks_at(cfg, policy, depth)
+
+  def check(_):
+    score, logits = depth_lib.exit_confidence(cfg, params, policy, h, state.h_previous, number)
+    leaving = checks & depth_lib.exit_decision(policy, score, depth, row_position)
+    if logits is None:  # the measure read no head; only leaving slots need one
+      logits = model_lib.head_logits(cfg, params, h, number)
+    return leaving, logits
+
+  no_check = lambda _: (jnp.zeros_like(live), jnp.zeros((live.shape[0], cfg.vocab_size),
+                                                        jnp.float32))
+  leaving, exit_logits = jax.lax.cond(jnp.any(checks), check, no_check, None)
+  h_previous = jnp.where(checks[:, None], h, state.h_previous)
+  at_bottom = live & (depth == num_layers)
+  logits = jax.lax.cond(jnp.any(at_bottom),
+                        lambda: jnp.where(at_bottom[:, None],
+                                          model_lib.head_logits(cfg, params, h), exit_logits),
+                        lambda: exit_logits)
+  cache = jax.lax.cond(jnp.any(leaving),
+                       lambda c: _propagate(cfg, params, c, h, state.position, leaving, depth),
+                       lambda c: c, cache)
+
+  # Slots whose token is finished emit it and start the next one at step 0.
+  finishing = leaving | at_bottom
+  new_token = jnp.argmax(logits, -1).astype(jnp.int32)
+  rows = jnp.arange(live.shape[0])
+  slot_write = lambda buffer, value: buffer.at[rows, state.count].set(
+      jnp.where(finishing, value, buffer[rows, state.count]))
+  tokens = slot_write(state.tokens, new_token)
+  exit_depth = slot_write(state.exit_depth, depth)
+  count = state.count + finishing
+  done_now = finishing & ((new_token == eos_id) | (count >= state.max_new))
+  next_input = finishing & ~done_now
+  h_next = model_lib.embed(cfg, params, new_token[:, None])[:, 0]
+  h = jnp.where(next_input[:, None], h_next, h)
+  return state.replace(
+      cache=cache, h=h, h_previous=jnp.where(next_input[:, None], h_next, h_previous),
+      token=jnp.where(next_input, new_token, state.token),
+      position=state.position + next_input,
+      step=jnp.where(next_input, 0, jnp.where(live & ~finishing, depth, state.step)),
+      tokens=tokens, exit_depth=exit_depth, count=count, live=live & ~done_now,
+      done=state.done | done_now, ticks=state.ticks + 1,
+      live_slot_ticks=state.live_slot_ticks + jnp.sum(live))
+
+
+def generate(cfg: model_lib.ModelConfig, params, state: DecodeState, policy: exits.ExitPolicy,
+             num_ticks, eos_id) -> DecodeState:
+  """Up to num_ticks (traced) ticks on device; stops early when no slot is live."""
+  def cond(carry):
+    done_ticks, state = carry
+    return (done_ticks < num_ticks) & jnp.any(state.live)
+
+  def body(carry):
+    done_ticks, state = carry
+    return done_ticks + 1, tick(cfg, params, state, policy, eos_id)
+
+  return jax.lax.while_loop(cond, body, (jnp.int32(0), state))[1]
