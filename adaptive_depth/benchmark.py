@@ -38,6 +38,7 @@ from adaptive_depth.data import tiny_shakespeare
 from adaptive_depth.decode import generation
 from adaptive_depth.decode import sampling as sampling_lib
 from adaptive_depth.decode import speculative
+from adaptive_depth.train import classifier as classifier_lib
 
 # (prompt [B, P] ids, max_new_tokens, repeats) -> (tokens [B, max_new_tokens], median seconds)
 Reference = Callable[[np.ndarray, int, int], tuple[np.ndarray, float]]
@@ -115,6 +116,8 @@ def run_benchmark(config, workdir: str, out_path: str,
   model = saved_model.load(workdir)
   cfg, params = model.model_config, model.params
   decode_params = model.decode_params  # the layout decoding runs fastest on
+  classifier = (classifier_lib.require_classifier(workdir, model_step=model.step)
+                if b.measure == 'classifier' else None)
   for depth, num in spec_settings:
     speculative.validate_args(cfg, depth, num)
   max_new, measure = b.max_new_tokens, b.measure
@@ -128,11 +131,11 @@ def run_benchmark(config, workdir: str, out_path: str,
     prompt = jnp.asarray(benchmark_prompts(model.tokenizer, batch, b.prompt_len))
     lengths = jnp.full((batch,), b.prompt_len, jnp.int32)
 
-    def generate(params, policy, kv):
+    def generate(params, policy, kv, classifier=None):
       return generation.generate_tokens(
           cfg, params, prompt, lengths, max_new_tokens=max_new, policy=policy,
           sampling=sampling_lib.Greedy(), rng=jax.random.key(0), eos_id=-1, pad_id=0, kv=kv,
-          queue_capacity=b.queue_capacity)
+          queue_capacity=b.queue_capacity, classifier=classifier)
 
     def record(mode, policy_name, threshold, out, compile_s, seconds, flops, extra=None):
       tokens = np.asarray(out.tokens)
@@ -174,11 +177,12 @@ def run_benchmark(config, workdir: str, out_path: str,
     rows[-1]['realized_speedup'] = 1.0
 
     for kv in kv_policies:
-      compiled, compile_s = _compile(lambda p, pol, kv=kv: generate(p, pol, kv), (
-          decode_params, exits.ExitPolicy(measure=measure, threshold=thresholds[0])))
+      compiled, compile_s = _compile(lambda p, pol, c, kv=kv: generate(p, pol, kv, c), (
+          decode_params, exits.ExitPolicy(measure=measure, threshold=thresholds[0]),
+          classifier))
       for threshold in thresholds:  # the threshold is traced: one program serves them all
         policy = exits.ExitPolicy(measure=measure, threshold=threshold)
-        out, seconds = _time(compiled, (decode_params, policy), b.repeats)
+        out, seconds = _time(compiled, (decode_params, policy, classifier), b.repeats)
         depths = np.asarray(out.exit_depth)[:, 1:]
         flops = costs.token_flops(cfg, depths, measure, context, kv=kv).mean()
         record('early_exit', kv, threshold, out, compile_s, seconds, flops)

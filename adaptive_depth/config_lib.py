@@ -385,9 +385,10 @@ def _benchmark_problems(b, num_layers: int) -> list[str]:
                  f'1..{num_layers - 1} (config.model.num_layers - 1) and drafted tokens >= 1')
   except ConfigError as e:
     p.append(str(e))
-  if b.measure not in exits.MEASURES or b.measure in ('oracle', 'classifier', 'never'):
+  if b.measure not in exits.MEASURES or b.measure in ('oracle', 'never'):
     p.append(f'config.benchmark.measure={b.measure!r}; allowed: softmax_diff, '
-             'softmax_diff_approx, max_prob, neg_entropy, saturation')
+             'softmax_diff_approx, max_prob, neg_entropy, saturation, classifier (the exit '
+             'classifier trained in the workdir)')
   for key in ('prompt_len', 'max_new_tokens', 'repeats', 'queue_capacity'):
     if b[key] < 1:
       p.append(f'config.benchmark.{key}={b[key]}: must be >= 1')

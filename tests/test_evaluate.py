@@ -22,9 +22,15 @@ def trained(tmp_path_factory):
   return workdir
 
 
-def test_classifier_stage_then_evaluate(trained):
+@pytest.fixture(scope='module')
+def classifier_summary(trained):
+  """The exit classifier stage, run once on the trained model."""
   clf_config = ad.load_config(os.path.join(REPO, 'configs/exit_classifier.py:tiny'))
-  summary = ad.train_and_evaluate(clf_config, trained)
+  return ad.train_and_evaluate(clf_config, trained)
+
+
+def test_classifier_stage_then_evaluate(trained, classifier_summary):
+  summary = classifier_summary
   assert np.isfinite(summary['final_loss'])
   # The model's own config and checkpoints are untouched by the second stage.
   assert json.load(open(os.path.join(trained, 'config.json')))['stage'] == 'model'
@@ -109,6 +115,28 @@ def test_benchmark_launch_script(trained, tmp_path):
       assert r['mean_depth'] == 1.0 and r['theoretical_speedup'] > 2
     else:  # parallel: the 9th of 15 decode steps finds the queue (capacity 8) full
       assert r['mean_depth'] == (14 * 1 + 6) / 15
+
+
+def test_benchmark_exits_on_the_saved_classifier(trained, classifier_summary, tmp_path):
+  """measure 'classifier' reads the classifier saved in the workdir: at threshold 0 every
+  decode step leaves at the first exit, at a threshold above 1 none leaves."""
+  from adaptive_depth import benchmark
+  config = ad.load_config(os.path.join(REPO, 'configs/recursive.py:tiny'), {
+      'benchmark.measure': 'classifier', 'benchmark.batches': '1', 'benchmark.kv': 'propagate',
+      'benchmark.thresholds': '0.0,1.01', 'benchmark.max_new_tokens': 8,
+      'benchmark.prompt_len': 8, 'benchmark.repeats': 1, 'benchmark.speculative': ''})
+  rows = benchmark.run_benchmark(config, trained, str(tmp_path / 'bench.json'),
+                                 progress=lambda _: None)
+  early = {r['threshold']: r for r in rows if r['mode'] == 'early_exit'}
+  assert early[0.0]['measure'] == 'classifier' and early[0.0]['mean_depth'] == 1.0
+  assert early[1.01]['mean_depth'] == 6.0 and early[1.01]['sequence_agreement'] == 1.0
+  empty = tmp_path / 'no_classifier'
+  empty.mkdir()
+  for name in ('config.json', 'checkpoints'):
+    os.symlink(os.path.join(trained, name), empty / name)
+  with pytest.raises(ad.PathError, match='no exit classifier.*exit_classifier.py'):
+    benchmark.run_benchmark(config, str(empty), str(tmp_path / 'b2.json'),
+                            progress=lambda _: None)
 
 
 def test_generate_api_forms_and_speculative(trained):

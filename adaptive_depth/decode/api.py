@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from typing import Any, Optional, Sequence
 
@@ -130,12 +129,7 @@ def _saved_classifier(model, workdir: Optional[str]):
                         f'workdir=DIR) ({train_it})')
   # A model made from a parameter pytree has no checkpoint step to match the classifier to.
   step = model.step if isinstance(model, saved_model.LoadedModel) and model.step >= 0 else None
-  classifier = classifier_lib.load_classifier(workdir, model_step=step)
-  if classifier is None:
-    path = os.path.abspath(os.path.join(workdir, classifier_lib.CLASSIFIER_DIR, 'params'))
-    raise cli.PathError(f"config.generate.measure='classifier': no exit classifier at "
-                        f'{path}; {train_it}')
-  return classifier
+  return classifier_lib.require_classifier(workdir, model_step=step)
 
 
 def generate(model, prompts, *args, max_new_tokens: int = 64,

@@ -23,6 +23,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
+from adaptive_depth import cli
 from adaptive_depth import exit_heads
 from adaptive_depth import exits
 from adaptive_depth import metrics as metrics_lib
@@ -129,3 +130,15 @@ def load_classifier(workdir: str, model_step: Optional[int] = None) -> Optional[
       raise ValueError(f'{path} was trained on the model at step {trained_on}, but the model '
                        f'is at step {model_step}: re-run configs/exit_classifier.py')
   return ocp.StandardCheckpointer().restore(path)
+
+
+def require_classifier(workdir: str, model_step: Optional[int] = None) -> dict:
+  """load_classifier for a measure that cannot run without it: a missing classifier is a
+  user error naming the path and the command that trains it."""
+  classifier = load_classifier(workdir, model_step=model_step)
+  if classifier is None:
+    path = os.path.abspath(os.path.join(workdir, CLASSIFIER_DIR, 'params'))
+    raise cli.PathError(f"measure 'classifier': no exit classifier at {path}; train it with "
+                        'python launch/train.py --config=configs/exit_classifier.py '
+                        f'--workdir={workdir}')
+  return classifier

@@ -1,0 +1,203 @@
+"""The depth-wise batching engine (adaptive_depth.serve) against batch-1 decoding.
+
+Two tiny shared-block models: one block looped 4 times with an exit after every step, and
+two blocks cycled twice with per-step LoRA and exits at depths 2 and 4. Every request the
+engine serves through 4 slots must equal the same request decoded alone by ad.generate
+(same exit policy, KV policy 'propagate'), token for token and depth for depth.
+"""
+import contextlib
+
+import jax
+import numpy as np
+import pytest
+
+import adaptive_depth as ad
+from adaptive_depth import exits
+from adaptive_depth import saved_model
+from adaptive_depth.data import tokenizers
+from adaptive_depth.decode import adaptive_decode
+from adaptive_depth.serve import Engine, serve
+from tests import tiny_models
+
+NUM_REQUESTS = 24
+REFERENCE_MAX_NEW = 12  # every reference call decodes this many, then is cut to its request's
+
+
+def _model(**overrides):
+  cfg = tiny_models.config(**overrides)
+  params = tiny_models.random_params(cfg, scale=0.4)
+  return saved_model.LoadedModel(config=None, model_config=cfg, params=params,
+                                 tokenizer=tokenizers.ByteTokenizer(), step=-1)
+
+
+# Thresholds chosen so that both models exit at a real mix of depths.
+MODELS = {
+    'one_block': (dict(num_blocks=1, schedule='cycle'),
+                  exits.ExitPolicy(measure='max_prob', threshold=0.5)),
+    'two_blocks_lora': (dict(num_blocks=2, schedule='cycle', lora_rank=2, exit_depths=(2, 4)),
+                        exits.ExitPolicy(measure='max_prob', threshold=0.4)),
+}
+
+
+@pytest.fixture(scope='module', params=sorted(MODELS))
+def case(request):
+  """(model, exit policy, an Engine of 4 slots the tests share: its programs compile once)."""
+  overrides, policy = MODELS[request.param]
+  model = _model(**overrides)
+  return model, policy, Engine(model, slots=4, cache_len=32, exit=policy)
+
+
+def _requests(seed=0, count=NUM_REQUESTS):
+  """Ragged prompts (1..15 tokens: one padded length) and ragged max_new_tokens (1..12)."""
+  rng = np.random.default_rng(seed)
+  prompts = [rng.integers(0, 256, rng.integers(1, 16)).tolist() for _ in range(count)]
+  return prompts, rng.integers(1, REFERENCE_MAX_NEW + 1, count).tolist()
+
+
+def _alone(model, prompt, max_new, policy):
+  """The request decoded alone (batch 1) by ad.generate; one compiled program serves every
+  call (same padded prompt length and max_new), cut to the request's length (greedy without
+  EOS is prefix-consistent)."""
+  out = ad.generate(model, [prompt], max_new_tokens=REFERENCE_MAX_NEW, exit=policy,
+                    kv='propagate')
+  return out.tokens[0][:max_new], out.exit_depths[0][:max_new]
+
+
+@contextlib.contextmanager
+def _backend_compiles():
+  """Counts XLA compilations inside the block: yields a list that grows by one per compile."""
+  events = []
+  listener = lambda name, *_, **__: (
+      events.append(name) if name == '/jax/core/compile/backend_compile_duration' else None)
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    yield events
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+
+
+def test_stream_equals_each_request_decoded_alone(case):
+  model, policy, engine = case
+  prompts, max_new = _requests()
+  out = serve(model, prompts, max_new_tokens=max_new, exit=policy, chunk_ticks=5,
+              engine=engine)
+  for i, (prompt, m) in enumerate(zip(prompts, max_new)):
+    tokens, depths = _alone(model, prompt, m, policy)
+    assert out.tokens[i] == tokens, i
+    assert out.exit_depths[i] == depths, i
+    assert out.texts[i] == model.tokenizer.decode(tokens)
+  decoded_depths = {d for depths in out.exit_depths for d in depths[1:]}
+  assert len(decoded_depths) >= 2 and min(decoded_depths) < model.model_config.num_layers, (
+      'the policy must make a real mix of depths', decoded_depths)
+  stats = out.stats
+  assert stats['mean_depth'] < model.model_config.num_layers
+  assert 0 < stats['slot_utilisation'] <= 1 and stats['ticks'] > 0
+  # Depth-wise batching: fewer ticks than decoding the requests one after another would take
+  # (every request needs its loop steps, in ticks, one request at a time).
+  steps_per_tick = model.model_config.num_blocks
+  serial_ticks = sum(sum(d // steps_per_tick for d in depths[1:]) for depths in out.exit_depths)
+  assert stats['ticks'] < serial_ticks
+
+
+def test_never_exit_equals_full_depth_greedy(case):
+  model, _, engine = case
+  cfg = model.model_config
+  prompts, max_new = _requests(seed=1, count=8)
+  out = serve(model, prompts, max_new_tokens=max_new, exit=exits.ExitPolicy(measure='never'),
+              engine=engine)
+  want = tiny_models.greedy_reference(cfg, model.params, prompts, max(max_new))
+  for i, m in enumerate(max_new):
+    assert out.tokens[i] == want[i, :m].tolist(), i
+    assert out.exit_depths[i] == [cfg.num_layers] * m, i
+  assert out.stats['relative_flops'] == pytest.approx(1.0)
+
+
+def test_requests_are_isolated(case):
+  """Changing one request changes no other request's tokens or depths; a request admitted
+  into a slot whose cache row holds large garbage (a previous occupant's, or ours) decodes as
+  if alone."""
+  model, policy, engine = case
+  prompts, max_new = _requests(seed=2, count=10)
+  first = serve(model, prompts, max_new_tokens=max_new, exit=policy, chunk_ticks=3,
+                engine=engine)
+  changed = list(prompts)
+  changed[3] = [(t + 1) % 256 for t in prompts[3]] + [7]
+  second = serve(model, changed, max_new_tokens=max_new, exit=policy, chunk_ticks=3,
+                 engine=engine)
+  assert second.tokens[3] != first.tokens[3] or second.exit_depths[3] != first.exit_depths[3]
+  for i in range(len(prompts)):
+    if i != 3:
+      assert second.tokens[i] == first.tokens[i], i
+      assert second.exit_depths[i] == first.exit_depths[i], i
+
+  state = engine.init_decode_state()
+  garbage = lambda x: x + 1e3 * np.random.default_rng(0).standard_normal(x.shape, np.float32)
+  state = state.replace(cache=adaptive_decode.Cache(k=garbage(state.cache.k),
+                                                    v=garbage(state.cache.v)),
+                        h=garbage(state.h))
+  admitted = (0, 5, 6, 9)
+  for slot, request in enumerate(admitted):
+    state = engine.insert(engine.prefill(prompts[request]), state, slot, request=request,
+                          max_new_tokens=REFERENCE_MAX_NEW)
+  state = engine.generate(state, 10 * REFERENCE_MAX_NEW)
+  assert np.asarray(state.done).all()
+  for slot, request in enumerate(admitted):
+    tokens, depths = _alone(model, prompts[request], REFERENCE_MAX_NEW, policy)
+    count = int(state.count[slot])
+    assert np.asarray(state.tokens[slot, :count]).tolist() == tokens, request
+    assert np.asarray(state.exit_depth[slot, :count]).tolist() == depths, request
+
+
+def test_one_compile_per_shape_thresholds_and_refills_compile_nothing():
+  model, policy = _model(**MODELS['one_block'][0]), MODELS['one_block'][1]
+  prompts, max_new = _requests(seed=3, count=6)
+  engine = Engine(model, slots=2, cache_len=32, exit=policy)
+  serve(model, prompts, max_new_tokens=max_new, exit=policy, engine=engine)
+  assert engine.compiles == 3  # prefill (one padded length), insert, generate
+  other_prompts, other_max_new = _requests(seed=4, count=7)
+  with _backend_compiles() as compiles:
+    for threshold, min_depth in ((0.3, 1), (0.8, 2)):
+      swept = policy.replace(threshold=threshold, min_depth=min_depth)
+      out = serve(model, other_prompts, max_new_tokens=other_max_new, exit=swept,
+                  engine=engine, chunk_ticks=2)
+      eos = model.tokenizer.eos_id
+      for tokens, m in zip(out.tokens, other_max_new):  # max_new tokens, or fewer ending in EOS
+        assert len(tokens) == m or (len(tokens) < m and tokens[-1] == eos), (tokens, m)
+  assert compiles == [] and engine.compiles == 3
+
+
+BAD_INPUTS = [
+    (dict(prompts=[]), 'prompts is empty'),
+    (dict(prompts=[[1, 2], []]), r'prompts\[1\] is empty'),
+    (dict(prompts=['ab', '']), r'prompts\[1\] is an empty string'),
+    (dict(slots=0), 'slots=0'),
+    (dict(max_new_tokens=0), 'max_new_tokens=0'),
+    (dict(max_new_tokens=[3, 0]), 'max_new_tokens=0'),
+    (dict(max_new_tokens=[3]), 'max_new_tokens has 1 entries for 2 prompts'),
+    (dict(kv='parallel'), "kv='parallel'; allowed: propagate"),
+    (dict(cache_len=16, max_new_tokens=10), r'prompts\[1\] has 7 tokens and max_new_tokens=10'),
+    (dict(exit=exits.ExitPolicy(measure='oracle')), "measure='oracle'.*allowed"),
+    (dict(chunk_ticks=0), 'chunk_ticks=0'),
+]
+
+
+@pytest.mark.parametrize('kwargs, message', BAD_INPUTS)
+def test_bad_input_is_refused_before_compiling(kwargs, message):
+  model = _model(num_blocks=1, schedule='cycle')
+  args = dict(prompts=[[1, 2, 3], [4, 5, 6, 7, 8, 9, 10]], max_new_tokens=4)
+  args.update(kwargs)
+  with _backend_compiles() as compiles, pytest.raises(ValueError, match=message):
+    serve(model, args.pop('prompts'), **args)
+  assert compiles == []
+
+
+@pytest.mark.parametrize('overrides, message', [
+    (dict(), r"config.model.schedule='unshared' with num_blocks=4.*allowed: schedule 'cycle'"),
+    (dict(num_blocks=2, schedule='sequence'), r"config.model.schedule='sequence'"),
+    (dict(num_blocks=2, schedule='cycle'), r'exit depths \[1, 3\] that are not loop boundaries'),
+])
+def test_models_the_engine_cannot_run_are_refused(overrides, message):
+  model = _model(**overrides)
+  with _backend_compiles() as compiles, pytest.raises(ValueError, match=message):
+    serve(model, [[1, 2, 3]], max_new_tokens=4)
+  assert compiles == []
