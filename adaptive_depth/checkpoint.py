@@ -22,6 +22,8 @@ from typing import Any, Optional
 import jax
 import orbax.checkpoint as ocp
 
+from adaptive_depth import cli
+
 STATE, PARAMS, DATA = 'state', 'params', 'data'
 
 
@@ -44,8 +46,7 @@ class Checkpoints:
   def items(self, step: int) -> set[str]:
     """The items checkpoint `step` holds ('state' for a training run, 'params' for an
     imported model; 'data' in both)."""
-    folder = os.path.join(self.directory, str(step))
-    return {name for name in (STATE, PARAMS, DATA) if os.path.isdir(os.path.join(folder, name))}
+    return checkpoint_items(self.directory, step)
 
   def save(self, step: int, state, data_state: dict, *, force: bool = False) -> bool:
     """Starts saving `step` (returns at once when asynchronous)."""
@@ -102,20 +103,32 @@ class Checkpoints:
     return restored['params']
 
   def _require_state(self, step: int):
-    items = self.items(step)
-    if STATE not in items:
-      what = ('parameters only (a model written by launch/convert.py)' if PARAMS in items
-              else f'no train state (items: {sorted(items) or "none"})')
-      raise ValueError(
-          f'checkpoint {step} in {self.directory} holds {what}, not a train state to resume; '
-          'start a run from it with config.train.init_from set to its workdir and a new '
-          'workdir')
+    require_train_state(self.directory, step)
 
   def wait(self):
     self._manager.wait_until_finished()
 
   def close(self):
     self._manager.close()
+
+
+def checkpoint_items(directory: str, step: int) -> set[str]:
+  """The items checkpoint `step` under `directory` holds, read from the file system."""
+  folder = os.path.join(directory, str(step))
+  return {name for name in (STATE, PARAMS, DATA) if os.path.isdir(os.path.join(folder, name))}
+
+
+def require_train_state(directory: str, step: int):
+  """A user error unless checkpoint `step` under `directory` holds a train state to resume
+  (a model written by launch/convert.py holds parameters only)."""
+  items = checkpoint_items(directory, step)
+  if STATE not in items:
+    what = ('parameters only (a model written by launch/convert.py)' if PARAMS in items
+            else f'no train state (items: {sorted(items) or "none"})')
+    raise cli.UserError(
+        f'checkpoint {step} in {os.path.abspath(directory)} holds {what}, not a train state '
+        'to resume; start a run from it with config.train.init_from set to its workdir and a '
+        'new workdir')
 
 
 def partial_restore_kwargs() -> dict:

@@ -33,6 +33,11 @@ class PathError(UserError, FileNotFoundError):
   """A path the user gave that does not exist or does not hold what is needed."""
 
 
+class MissingPackageError(UserError, ImportError):
+  """An optional package that what the user asked for needs; the message says what to
+  install."""
+
+
 def run(main: Callable[[list], None], argv: Optional[Sequence[str]] = None):
   """`absl.app.run(main)` for a launch script: user errors become one line and status 2.
 
@@ -86,21 +91,44 @@ def _parse_flags(argv):
   problem = _config_flag_problem(argv, check_overrides=False)
   if problem is not None:  # config_flags defers a missing file's error to the first access
     _fail(problem)
+  _load_config_flags()
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)
   return rest
 
 
+def _load_config_flags():
+  """Reads every config flag's value now: config_flags keeps an OSError raised while a
+  config file loads (a PathError, e.g. a file the config looks up is missing) and raises it
+  again, wrapped, on first access. A user error in that chain becomes one line here."""
+  for name in list(flags.FLAGS):
+    if flags.FLAGS[name].parser.flag_type() != 'config object':
+      continue
+    try:
+      flags.FLAGS[name].value.keys()  # the first access to the loaded config
+    except Exception as e:  # pylint: disable=broad-except
+      user_error = _user_error_in_chain(e)
+      if user_error is None:
+        raise
+      _fail(user_error)
+
+
+def _user_error_in_chain(error: BaseException) -> Optional[UserError]:
+  """The first UserError among error and its causes / contexts, or None."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    if isinstance(error, UserError):
+      return error
+    seen.add(id(error))
+    error = error.__cause__ or error.__context__
+  return None
+
+
 def _flag_error_message(error: flags.Error) -> str:
-  """absl's message, or that of the user error deepest in its chain: config_flags re-raises
-  an error from inside a config file with that file's traceback pasted into the message."""
-  message = str(error)
-  cause = error.__cause__ or error.__context__
-  while cause is not None:
-    if isinstance(cause, UserError):
-      message = str(cause)
-    cause = cause.__cause__ or cause.__context__
-  return message
+  """absl's message, or that of a user error in its chain: config_flags re-raises an error
+  from inside a config file with that file's traceback pasted into the message."""
+  user_error = _user_error_in_chain(error)
+  return str(error if user_error is None else user_error)
 
 
 def _config_flag_problem(argv, check_overrides: bool) -> Optional[str]:

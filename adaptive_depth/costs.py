@@ -80,6 +80,20 @@ def token_flops(cfg: model_lib.ModelConfig, exit_depth, measure: str, context: f
   return cost
 
 
+def policy_token_flops(cfg: model_lib.ModelConfig, exit_depth, policy, context: float,
+                       kv: str = 'none') -> np.ndarray:
+  """token_flops for tokens decoded under an exits.ExitPolicy (concrete values): checks run
+  from exit_at on when it forces the exit, else from min_depth (depth.checks_at), and an exit
+  forced under measure 'never' still reads its exit's head."""
+  exit_depth = np.asarray(exit_depth)
+  exit_at, min_depth = np.asarray(policy.exit_at), np.asarray(policy.min_depth)
+  first_check = int(np.min(np.where(exit_at > 0, exit_at, min_depth)))
+  spent = token_flops(cfg, exit_depth, policy.measure, context, first_check, kv=kv)
+  if policy.measure == 'never':
+    spent = spent + np.where(exit_depth < cfg.num_layers, head_flops(cfg), 0.0)
+  return spent
+
+
 def full_depth_flops(cfg: model_lib.ModelConfig, context: float) -> float:
   """A token through every layer and the final head, with no checks."""
   return cfg.num_layers * block_flops(cfg, context) + head_flops(cfg)

@@ -107,8 +107,8 @@ def check_measures(measures) -> list[str]:
   measures = [measures] if isinstance(measures, str) else list(measures)
   bad = [m for m in measures if m not in SWEEPS]
   if bad or not measures:
-    raise cli.UserError(f'measures: {f"unknown {bad}" if bad else "none given"}; '
-                        f'allowed: {", ".join(SWEEPS)}')
+    problem = f'unknown {bad}' if bad else 'none given'
+    raise cli.UserError(f'measures (--measures): {problem}; allowed: {", ".join(SWEEPS)}')
   return measures
 
 
@@ -124,8 +124,8 @@ def evaluate_run(config, workdir: str, *, measures=None, num_batches: int = 0) -
   model = saved_model.load(workdir)
   classifier = classifier_lib.load_classifier(workdir, model_step=model.step)
   if measures and 'classifier' in measures and classifier is None:
-    raise cli.UserError(f"measures: 'classifier' needs an exit classifier trained for this "
-                        f'model in {workdir} (configs/exit_classifier.py)')
+    raise cli.UserError("measures (--measures): 'classifier' needs an exit classifier trained "
+                        f'for this model in {workdir} (configs/exit_classifier.py)')
   measures = measures or [m for m in SWEEPS if m != 'classifier' or classifier is not None]
   cfg, params = model.model_config, model.params
   num_batches = num_batches or config.eval.num_batches or 16

@@ -403,7 +403,6 @@ def reference_forward(cfg: ModelConfig, params, tokens) -> list:
   return outputs
 
 
-
 def apply_block_rows(cfg: ModelConfig, params, block_number: int, steps, h, positions,
                      mask=None, merge_kv=None, kv_only=False):
   """Block `block_number` (static) on every row, each row with the LoRA delta of its own

@@ -103,6 +103,8 @@ def test_weight_decay_skips_biases_and_norm_scales():
     (True, {'bos_token': '<s>', 'eos_token': '</s>', 'add_bos_token': True}),
     (True, None),  # the post-processor alone says so
     (False, {'bos_token': '<s>', 'eos_token': '</s>'}),
+    # tokenizer_config.json alone says so: transformers runs the file's post-processor
+    (False, {'bos_token': '<s>', 'eos_token': '</s>', 'add_bos_token': True}),
 ])
 def test_bpe_encode_adds_bos_as_transformers_does(tmp_path, post_bos, config):
   transformers = _transformers()
@@ -115,11 +117,10 @@ def test_bpe_encode_adds_bos_as_transformers_does(tmp_path, post_bos, config):
     assert (ours.encode(text)[:1] == [0]) == (post_bos or text.startswith('<s>')), text
 
 
-def test_bpe_add_bos_token_in_tokenizer_config_alone(tmp_path):
-  # No post-processor, but tokenizer_config.json says so: transformers' Llama tokenizers
-  # rebuild their post-processor from the flag, so the model was trained with BOS.
-  path = _tiny_tokenizer(tmp_path, post_bos=False, config={
-      'bos_token': '<s>', 'eos_token': '</s>', 'add_bos_token': True})
+@pytest.mark.pretrained
+def test_bpe_tokenizer_saved_alone_keeps_adding_bos(tmp_path):
+  path = _tiny_tokenizer(tmp_path, post_bos=True, config={'bos_token': '<s>',
+                                                          'eos_token': '</s>'})
   tokenizer = data_lib.get_tokenizer('bpe', path)
   plain = tokenizer.tokenizer.encode('the fox', add_special_tokens=False).ids
   assert tokenizer.encode('the fox') == [0] + plain
@@ -168,6 +169,7 @@ def test_gguf_add_bos_token_as_transformers_does(tmp_path, add_bos):
     assert ours.encode(text) == theirs(text).input_ids, text
 
 
+@pytest.mark.pretrained
 def test_packed_stream_starts_records_with_bos(tmp_path):
   path = _tiny_tokenizer(tmp_path, post_bos=True, config=None)
   tokenizer = data_lib.get_tokenizer('bpe', path, eos_id=1)
@@ -287,6 +289,7 @@ def _bytes_under(folder) -> int:
              for f in files)
 
 
+@pytest.mark.pretrained
 def test_converted_workdir_holds_parameters_only_and_trains(tmp_path, array_reads):
   imported = _imported(tmp_path)
   workdir = str(tmp_path / 'converted')

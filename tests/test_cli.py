@@ -88,10 +88,16 @@ def _workdirs(root: pathlib.Path) -> dict:
   (config_only / 'config.json').write_text(ad.load_config(str(REPO / TINY)).to_json())
   (root / 'notes.txt').write_text('not a model\n')
   (root / 'fake.gguf').write_text('not a model\n')
+  # A config file that looks up a file it cannot find when it loads (as
+  # configs/smollm2_exits.py does with the SmolLM2 GGUF on a machine without it).
+  (root / 'needs_file.py').write_text(
+      'from adaptive_depth import cli\n\n\ndef get_config():\n'
+      f'  raise cli.PathError({str(root / "weights.gguf")!r} + " not found")\n')
   return {'missing': str(root / 'missing'), 'empty': str(empty),
           'config_only': str(config_only), 'not_gguf': str(root / 'notes.txt'),
           'fake_gguf': str(root / 'fake.gguf'), 'missing_gguf': str(root / 'missing.gguf'),
-          'out': str(root / 'missing' / 'bench.json')}
+          'out': str(root / 'missing' / 'bench.json'),
+          'needs_file': str(root / 'needs_file.py'), 'weights': str(root / 'weights.gguf')}
 
 
 class _Case(NamedTuple):
@@ -125,6 +131,8 @@ def _cases(p: dict) -> dict:
           'unparsable_value': _Case([config, nowhere, '--config.train.batch_size=many'],
                                     ['config.train.batch_size', 'many']),
           'missing_flag': _Case([config], ['--workdir']),
+          'config_file_cannot_load': _Case([f'--config={p["needs_file"]}', nowhere],
+                                           [p['weights']]),
           'unknown_flag': _Case([config, nowhere, '--worksdir=x'], ['worksdir']),
           'positional_argument': _Case([config, nowhere, 'extra'], ['extra']),
       },
@@ -144,7 +152,7 @@ def _cases(p: dict) -> dict:
       },
       'evaluate': {
           'unknown_measure': _Case([config, nowhere, '--measures=nonsense'],
-                                   ['measures', 'nonsense', 'max_prob']),
+                                   ['--measures', 'nonsense', 'max_prob']),
           'bad_eval_value': _Case([config, nowhere, '--config.eval.batch_size=0'],
                                   ['config.eval.batch_size']),
           **workdirs(config),

@@ -8,11 +8,13 @@ engine serves through 4 slots must equal the same request decoded alone by ad.ge
 import contextlib
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import adaptive_depth as ad
 from adaptive_depth import exits
+from adaptive_depth import model as model_lib
 from adaptive_depth import saved_model
 from adaptive_depth.data import tokenizers
 from adaptive_depth.decode import adaptive_decode
@@ -74,6 +76,38 @@ def _backend_compiles():
     yield events
   finally:
     jax.monitoring.unregister_event_duration_listener(listener)
+
+
+def test_block_rows_apply_each_rows_own_lora_step():
+  """One call of a shared block with per-row (unmerged) LoRA factors equals, row by row,
+  model.apply_step at that row's step (LoRA merged into the kernel)."""
+  cfg = tiny_models.config(num_blocks=2, schedule='cycle', lora_rank=2, exit_depths=(2, 4))
+  params = tiny_models.random_params(cfg, scale=0.4)
+  h = jnp.asarray(np.random.default_rng(0).standard_normal((3, 1, cfg.width)), jnp.float32)
+  positions = jnp.asarray([[0], [5], [2]], jnp.int32)
+  steps = (1, 3, 1)  # all run block 1, with different LoRA factors
+
+  @jax.jit  # one program: eager ops would compile one by one
+  def both(params, h, positions):
+    rows = model_lib.apply_block_rows(cfg, params, 1, jnp.asarray(steps), h, positions,
+                                      jnp.ones((3, 1, 1), bool))[0]
+    rows_kv = model_lib.apply_block_rows(cfg, params, 1, jnp.asarray(steps), h, positions,
+                                         kv_only=True)
+    one = lambda x, row: x[row:row + 1]
+    alone = [(model_lib.apply_step(cfg, params, step, one(h, row), one(positions, row),
+                                   jnp.ones((1, 1, 1), bool))[0],
+              model_lib.apply_step(cfg, params, step, one(h, row), one(positions, row),
+                                   kv_only=True)) for row, step in enumerate(steps)]
+    return rows, rows_kv, alone
+
+  rows, (k, v), alone = both(params, h, positions)
+  for row, (want, (want_k, want_v)) in enumerate(alone):
+    for got, wanted in ((rows, want), (k, want_k), (v, want_v)):
+      np.testing.assert_allclose(got[row:row + 1], wanted, rtol=1e-5, atol=1e-4)
+  # The steps' factors really differ: row 1 at step 1 instead of 3 would give another state.
+  other_step = jax.jit(lambda p, h, pos: model_lib.apply_step(
+      cfg, p, 1, h[1:2], pos[1:2], jnp.ones((1, 1, 1), bool))[0])(params, h, positions)
+  assert np.abs(np.asarray(other_step) - np.asarray(rows[1:2])).max() > 1e-2
 
 
 def test_stream_equals_each_request_decoded_alone(case):

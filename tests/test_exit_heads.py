@@ -1,4 +1,5 @@
 """Per-exit heads (exit norms, adapters), frozen-trunk training and init_from."""
+import dataclasses
 import pathlib
 
 import jax
@@ -17,33 +18,19 @@ from adaptive_depth.decode import speculative
 from adaptive_depth.train import losses
 from adaptive_depth.train import state as state_lib
 from tests import numpy_reference
+from tests import tiny_models
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 EXITS_TINY = f'{REPO / "configs" / "smollm2_exits.py"}:tiny'
-NUM_LAYERS = 4
+NUM_LAYERS = tiny_models.NUM_LAYERS
 
 
-def _config(**overrides):
-  fields = dict(vocab_size=258, width=32, num_layers=NUM_LAYERS, num_blocks=NUM_LAYERS,
-                schedule='unshared', num_heads=2, num_kv_heads=1, head_dim=16, mlp_dim=64,
-                exit_depths=(2, 3, 4))
-  fields.update(overrides)
-  return model_lib.ModelConfig(**fields)
+TRUNK = tiny_models.config(width=32, head_dim=16, mlp_dim=64, exit_depths=(2, 3, 4))
+HEADS = dataclasses.replace(TRUNK, exit_norms=True, exit_adapter_rank=4)
 
 
-TRUNK = _config()
-HEADS = _config(exit_norms=True, exit_adapter_rank=4)
-
-
-def _random(cfg, seed=0, scale=0.3):
-  """Numpy draws on eval_shape's shapes (norm scales near 1; adapters' b nonzero, so the
-  heads really act): faster than jax initialisation on a loaded machine."""
-  shapes = jax.eval_shape(lambda: model_lib.init_params(cfg, jax.random.key(0)))
-  leaves, tree = jax.tree_util.tree_flatten_with_path(shapes)
-  rng = np.random.default_rng(seed)
-  values = [(1.0 if 'norm' in jax.tree_util.keystr(path) else 0.0)
-            + scale * rng.standard_normal(x.shape).astype(np.float32) for path, x in leaves]
-  return jax.tree.unflatten(tree, [jnp.asarray(v, jnp.float32) for v in values])
+def _random(cfg, seed=0):
+  return tiny_models.random_params(cfg, seed=seed)
 
 
 def _with_trunk(params, trunk):
@@ -158,11 +145,9 @@ def test_speculative_drafts_read_an_exit_head():
   out = speculative.generate_speculative(HEADS, params, prompt, lengths, max_new_tokens=6,
                                          draft_depth=2, num_draft=2, eos_id=-1, pad_id=0)
   # Exact whatever the draft head: the verifier's greedy tokens are full depth's.
-  tokens = prompt[0].tolist()
-  for _ in range(6):
-    logits = model_lib.forward_train(HEADS, params, jnp.asarray([tokens]))[-1, 0, -1]
-    tokens.append(int(jnp.argmax(logits)))
-  assert out.tokens[0].tolist() == tokens[5:]
+  want = tiny_models.greedy_reference(HEADS, params, [prompt[0].tolist(),
+                                                      prompt[1, :3].tolist()], 6)
+  np.testing.assert_array_equal(np.asarray(out.tokens), want)
 
 
 # ----------------------------------------------------------------------------- training

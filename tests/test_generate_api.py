@@ -18,6 +18,7 @@ from adaptive_depth.decode import adaptive_decode
 from adaptive_depth.decode import generation
 from adaptive_depth.decode import sampling as sampling_lib
 from adaptive_depth.train import classifier as classifier_lib
+from tests import tiny_models
 
 TEXTS = ['To be', 'KING:\n']
 MAX_NEW = 8
@@ -39,13 +40,7 @@ def model():
   config = _config()
   cfg = model_lib.ModelConfig.from_config(config.model)
   assert cfg.exit_depths == EXIT_DEPTHS
-  shapes = jax.eval_shape(lambda: model_lib.init_params(cfg, jax.random.key(0)))
-  leaves, tree = jax.tree_util.tree_flatten_with_path(shapes)
-  rng = np.random.default_rng(0)
-  values = [(1.0 if 'norm' in jax.tree_util.keystr(path) else 0.0)
-            + 0.4 * rng.standard_normal(x.shape).astype(np.float32) for path, x in leaves]
-  params = jax.tree.unflatten(tree, [jnp.asarray(v) for v in values])
-  return saved_model.from_params(params, config)
+  return saved_model.from_params(tiny_models.random_params(cfg, scale=0.4), config)
 
 
 @pytest.fixture(scope='module')
@@ -55,18 +50,12 @@ def exit_2_reference(model):
   one from forward_train's logits at the depth-2 exit. The layers below an exit never read
   deeper K/V, so those logits do not depend on what the skipped layers hold."""
   cfg, eos_id = model.model_config, model.tokenizer.eos_id
-  forward = jax.jit(lambda t: model_lib.forward_train(cfg, model.params, t)[:, 0])
+  tokens = tiny_models.greedy_reference(cfg, model.params,
+                                        [model.tokenizer.encode(t) for t in TEXTS], MAX_NEW,
+                                        exit_index=EXIT_DEPTHS.index(2))
   references = []
-  for text in TEXTS:
-    ids = model.tokenizer.encode(text)
-    buffer = np.zeros((1, 16 + MAX_NEW), np.int32)  # one shape for every text (causal)
-    buffer[0, :len(ids)] = ids
-    length, out = len(ids), []
-    while len(out) < MAX_NEW and (not out or out[-1] != eos_id):
-      logits = forward(jnp.asarray(buffer))[-1 if not out else EXIT_DEPTHS.index(2)]
-      out.append(int(jnp.argmax(logits[length - 1])))
-      buffer[0, length] = out[-1]
-      length += 1
+  for row in tokens.tolist():  # up to and including the first EOS, as generate stops
+    out = row[:row.index(eos_id) + 1] if eos_id in row else row
     assert len(set(out)) > 2, 'the reference is degenerate; the test would prove little'
     references.append(out)
   return references
@@ -75,15 +64,18 @@ def exit_2_reference(model):
 # ------------------------------------------------------------------------- forced exits
 
 
-def test_exit_at_forces_every_decode_step_out_under_measure_never(model, exit_2_reference):
-  """Every decode step leaves at depth 2 and emits the depth-2 exit's greedy token (KV
-  policy 'parallel' goes through the same exit check)."""
-  out = ad.generate(model, TEXTS, max_new_tokens=MAX_NEW,
+@pytest.mark.parametrize('kv', generation.KV_POLICIES)
+def test_exit_at_forces_every_decode_step_out_under_measure_never(model, exit_2_reference, kv):
+  """Every decode step leaves at depth 2 and emits the depth-2 exit's greedy token, under
+  either KV policy (the queue of 'parallel' holds every token here)."""
+  out = ad.generate(model, TEXTS, max_new_tokens=MAX_NEW, kv=kv, queue_capacity=MAX_NEW,
                     exit=ad.ExitPolicy(measure='never', exit_at=2))
   for depths in out.exit_depths:
     assert depths[0] == 3 and set(depths[1:]) == {2}, depths  # the first: the prefill
   assert out.tokens == exit_2_reference
-  assert out.stats['mean_depth'] == 2.0 and out.stats['relative_flops'] < 1
+  assert out.stats['mean_depth'] == 2.0
+  # 'propagate' skips the deeper layers; 'parallel' runs them later, when the queue catches up.
+  assert (out.stats['relative_flops'] < 1) == (kv == 'propagate'), out.stats
 
 
 def test_exit_at_must_be_an_exit_depth(model):
@@ -204,3 +196,21 @@ def test_empty_text_is_refused_also_when_the_tokenizer_adds_bos(model):
 
   with pytest.raises(ValueError, match=r'prompts\[0\] is an empty string'):
     ad.generate(dataclasses.replace(model, tokenizer=WithBos()), [''], max_new_tokens=MAX_NEW)
+
+
+def test_text_prompts_get_the_tokenizers_bos_and_token_ids_nothing(model):
+  tokenizer = model.tokenizer
+
+  class WithBos:  # a tokenizer whose file says BOS goes first
+    eos_id, bos_id = tokenizer.eos_id, tokenizer.bos_id
+    encode = staticmethod(lambda text: [tokenizer.bos_id] + tokenizer.encode(text))
+    decode = staticmethod(tokenizer.decode)
+
+  with_bos = dataclasses.replace(model, tokenizer=WithBos())
+  ids = [tokenizer.encode(t) for t in TEXTS]
+  from_text = ad.generate(with_bos, TEXTS, max_new_tokens=MAX_NEW)
+  assert from_text.tokens == ad.generate(model, [[tokenizer.bos_id] + i for i in ids],
+                                         max_new_tokens=MAX_NEW).tokens
+  from_ids = ad.generate(with_bos, ids, max_new_tokens=MAX_NEW)
+  assert from_ids.tokens == ad.generate(model, ids, max_new_tokens=MAX_NEW).tokens
+  assert from_ids.tokens != from_text.tokens  # the BOS changes the continuation

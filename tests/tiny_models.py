@@ -45,26 +45,31 @@ def padded_prompts(prompts) -> tuple[np.ndarray, np.ndarray]:
   return prompt, lengths
 
 
-def greedy_reference(cfg: model_lib.ModelConfig, params, prompts, steps: int) -> np.ndarray:
+def greedy_reference(cfg: model_lib.ModelConfig, params, prompts, steps: int,
+                     exit_index: int = -1) -> np.ndarray:
   """Full-depth greedy continuation of each ragged prompt, [B, steps]: for every new token
   the whole sequence goes through forward_train (train mode, no cache) and each row reads
-  the last exit's argmax at its own last position. Rows never interact, so one batch serves
-  all of them; the loop runs on device (one program, one transfer)."""
+  an exit's argmax at its own last position: the first token the last exit's (as a
+  full-depth prefill gives it), every later one exit `exit_index`'s (default the last; an
+  early exit's logits never depend on deeper layers, so this is decoding with every token
+  forced out there). Rows never interact, so one batch serves all of them; the loop runs
+  on device (one program, one transfer)."""
   prompt, lengths = padded_prompts(prompts)
   buffer = np.zeros((len(prompts), prompt.shape[1] + steps), np.int32)
   buffer[:, :prompt.shape[1]] = prompt
-  return np.asarray(_greedy_program(cfg, steps)(params, jnp.asarray(buffer),
-                                                jnp.asarray(lengths)))
+  return np.asarray(_greedy_program(cfg, steps, exit_index)(
+      params, jnp.asarray(buffer), jnp.asarray(lengths)))
 
 
 @functools.lru_cache(maxsize=None)
-def _greedy_program(cfg, steps):
+def _greedy_program(cfg, steps, exit_index):
   def run(params, buffer, lengths):
     rows = jnp.arange(buffer.shape[0])
 
     def step(i, carry):
       buffer, out = carry
-      logits = model_lib.forward_train(cfg, params, buffer)[-1]  # [B, L, V]
+      exit_logits = model_lib.forward_train(cfg, params, buffer)  # [E, B, L, V]
+      logits = jnp.where(i == 0, exit_logits[-1], exit_logits[exit_index])
       new = jnp.argmax(logits[rows, lengths + i - 1], -1).astype(jnp.int32)
       return buffer.at[rows, lengths + i].set(new), out.at[:, i].set(new)
 

@@ -32,8 +32,9 @@ def _import_gguf():
   try:
     import gguf  # pylint: disable=g-import-not-at-top
   except ImportError:
-    raise ImportError("reading GGUF files needs the `gguf` package: "
-                      "pip install 'adaptive_depth[pretrained]' (or pip install gguf)") from None
+    raise cli.MissingPackageError(
+        "reading GGUF files needs the `gguf` package: "
+        "pip install 'adaptive_depth[pretrained]' (or pip install gguf)") from None
   return gguf
 
 
@@ -108,12 +109,12 @@ def dequantize(gguf, tensor) -> np.ndarray:
 def from_gguf(path: str, progress: layout.Progress = None) -> layout.Imported:
   """Reads a GGUF file. Returns Imported(config, params, tokenizer); config.data points
   at the file itself for the tokenizer (launch/convert.py writes a tokenizer.json)."""
-  gguf = _import_gguf()
   if not os.path.isfile(path):
     raise cli.PathError(f'GGUF file {path!r} does not exist')
   with open(path, 'rb') as f:  # the gguf package's own refusal does not name the file
     if f.read(4) != b'GGUF':
       raise cli.UserError(f'{path}: not a GGUF file (it does not start with the GGUF magic)')
+  gguf = _import_gguf()
   say = progress or (lambda message: None)
   say(f'reading {path}')
   reader = gguf.GGUFReader(path)

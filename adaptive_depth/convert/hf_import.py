@@ -87,8 +87,8 @@ def _read_safetensors(files, arch, say) -> dict:
   try:
     import safetensors  # pylint: disable=g-import-not-at-top
   except ImportError:
-    raise ImportError("reading *.safetensors needs the `safetensors` package: "
-                      "pip install 'adaptive_depth[pretrained]'") from None
+    raise cli.MissingPackageError("reading *.safetensors needs the `safetensors` package: "
+                                  "pip install 'adaptive_depth[pretrained]'") from None
   tensors = {}
   for path in files:
     # The flax framework reads bfloat16, which numpy alone cannot.

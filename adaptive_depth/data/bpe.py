@@ -25,6 +25,8 @@ import json
 import os
 from collections.abc import Iterable, Sequence
 
+from adaptive_depth import cli
+
 try:
   import tokenizers as hf_tokenizers
 except ImportError:  # reported when a BPE tokenizer is asked for
@@ -47,8 +49,9 @@ PRE_TOKENIZERS = {'default': _GPT2, 'gpt2': _GPT2, 'smollm': _SMOLLM,
 
 def _require_tokenizers():
   if hf_tokenizers is None:
-    raise ImportError("config.data.tokenizer='bpe' needs the `tokenizers` package: "
-                      "pip install 'adaptive_depth[pretrained]' (or pip install tokenizers)")
+    raise cli.MissingPackageError(
+        "config.data.tokenizer='bpe' needs the `tokenizers` package: "
+        "pip install 'adaptive_depth[pretrained]' (or pip install tokenizers)")
 
 
 class BPETokenizer:
@@ -174,11 +177,10 @@ def _from_tokenizer_json(path):
   read = lambda name: _read_json(os.path.join(folder, name))
   tok_config, model_config = read('tokenizer_config.json'), read('config.json')
   post_bos = leading_special_id(tokenizer)
-  # Either place may say it: the post-processor is what `tokenizers` (and transformers 5)
-  # run; add_bos_token is what transformers' Llama tokenizers rebuild their post-processor
-  # from.
+  # The file's post-processor decides, as `tokenizers` and transformers run it for this file
+  # (transformers 5 does not rebuild it from tokenizer_config.json's add_bos_token).
   own = {'chat_template': tok_config.get('chat_template') or '',
-         'add_bos_token': post_bos is not None or bool(tok_config.get('add_bos_token', False))}
+         'add_bos_token': post_bos is not None}
   if not isinstance(own['chat_template'], str):  # a list of named templates: take 'default'
     own['chat_template'] = next((t['template'] for t in own['chat_template']
                                  if t.get('name') == 'default'), '')
@@ -237,8 +239,9 @@ def _from_gguf(path, reader=None):
     try:
       import gguf  # pylint: disable=g-import-not-at-top
     except ImportError:
-      raise ImportError("reading a tokenizer from a .gguf file needs the `gguf` package: "
-                        "pip install 'adaptive_depth[pretrained]'") from None
+      raise cli.MissingPackageError(
+          "reading a tokenizer from a .gguf file needs the `gguf` package: "
+          "pip install 'adaptive_depth[pretrained]'") from None
     reader = gguf.GGUFReader(path)  # parsing the metadata takes seconds for a 49k vocabulary
   model = _gguf_value(reader, 'tokenizer.ggml.model')
   if model != 'gpt2':

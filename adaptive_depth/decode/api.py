@@ -215,14 +215,7 @@ def generate(model, prompts, *args, max_new_tokens: int = 64,
     spent = full * float(np.mean(speculative_lib.speculative_flops(
         cfg, np.asarray(out.rounds), num_draft, draft_depth, counts, context)))
   elif decoded.size:
-    # Checks run from exit_at on when it forces the exit (depth.checks_at), and a forced
-    # exit under measure 'never' still reads its exit's head.
-    exit_at, min_depth = np.asarray(policy.exit_at), np.asarray(policy.min_depth)
-    first_check = int(np.min(np.where(exit_at > 0, exit_at, min_depth)))
-    spent = costs.token_flops(cfg, decoded, policy.measure, context, first_check, kv=kv)
-    if policy.measure == 'never':
-      spent = spent + np.where(decoded < cfg.num_layers, costs.head_flops(cfg), 0.0)
-    spent = spent.mean()
+    spent = costs.policy_token_flops(cfg, decoded, policy, context, kv=kv).mean()
   else:
     spent, decoded = full, np.full(1, cfg.num_layers)
   stats = {

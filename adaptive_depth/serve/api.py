@@ -65,12 +65,15 @@ class Engine:
                        f'allowed: {", ".join(engine_lib.MEASURES)}')
     return policy
 
-  def _compiled(self, name, run, args):
+  def _compiled(self, name, run, args, donate=()):
+    """The program for `run` at these argument shapes, compiled on first use. `donate`:
+    argument numbers whose buffers the program may reuse (the decode state: updating it in
+    place instead of copying the cache at every call)."""
     spec = lambda x: (tuple(getattr(x, 'shape', ())), str(getattr(x, 'dtype', type(x))))
     key = (name, jax.tree.structure(args), tuple(spec(x) for x in jax.tree.leaves(args)))
     if key not in self._programs:
       start = time.perf_counter()
-      self._programs[key] = jax.jit(run).lower(*args).compile()
+      self._programs[key] = jax.jit(run, donate_argnums=donate).lower(*args).compile()
       self.compile_seconds += time.perf_counter() - start
       self.compiles += 1
     return self._programs[key]
@@ -94,7 +97,8 @@ class Engine:
 
   def insert(self, prefix: engine_lib.Prefix, state: engine_lib.DecodeState, slot: int, *,
              request: int, max_new_tokens: int) -> engine_lib.DecodeState:
-    """state with `prefix` admitted into `slot` as request id `request`."""
+    """state (donated: do not use it afterwards) with `prefix` admitted into `slot` as
+    request id `request`."""
     if not 0 <= slot < self.slots:
       raise ValueError(f'slot={slot}; allowed: 0..{self.slots - 1}')
     cfg = self.cfg
@@ -102,17 +106,18 @@ class Engine:
         cfg, params, prefix, state, slot, request, max_new, eos)
     args = (self.params, prefix, state, np.int32(slot), np.int32(request),
             np.int32(max_new_tokens), np.int32(self.eos_id))
-    return self._compiled('insert', run, args)(*args)
+    return self._compiled('insert', run, args, donate=(2,))(*args)
 
   def generate(self, state: engine_lib.DecodeState, num_ticks: int,
                exit: Optional[exits.ExitPolicy] = None) -> engine_lib.DecodeState:
-    """state advanced by up to num_ticks ticks (fewer when no slot is live)."""
+    """state (donated: do not use it afterwards) advanced by up to num_ticks ticks (fewer
+    when no slot is live)."""
     policy = self.policy if exit is None else self._checked_policy(exit)
     cfg = self.cfg
     run = lambda params, state, policy, ticks, eos: engine_lib.generate(
         cfg, params, state, policy, ticks, eos)
     args = (self.params, state, policy, np.int32(num_ticks), np.int32(self.eos_id))
-    return self._compiled('generate', run, args)(*args)
+    return self._compiled('generate', run, args, donate=(1,))(*args)
 
 
 def check_engine_args(cfg, *, slots, cache_len, kv):
@@ -147,7 +152,8 @@ def serve(model: saved_model.LoadedModel, prompts, *, slots: int = 4,
           engine: Optional[Engine] = None) -> ServeOutput:
   """Greedy generation for a stream of requests through `slots` slots of the depth-wise
   batching engine. prompts: strings or token id lists (as ad.generate takes them);
-  max_new_tokens: one int or one per prompt; exit: the exit policy (default: never exit);
+  max_new_tokens: one int or one per prompt; exit: the exit policy (default: the engine's,
+  which is never exit when serve makes the engine);
   cache_len: positions per slot (default: the longest prompt plus its max_new_tokens, rounded
   up to a multiple of 16); chunk_ticks: ticks per device loop between host refills.
   engine: an Engine to reuse (its slots and cache_len then rule).
@@ -168,7 +174,7 @@ def serve(model: saved_model.LoadedModel, prompts, *, slots: int = 4,
     if len(ids) + m > engine.cache_len:
       raise ValueError(f'prompts[{i}] has {len(ids)} tokens and max_new_tokens={m}: '
                        f'{len(ids) + m} positions do not fit cache_len={engine.cache_len}')
-  policy = engine._checked_policy(exit)
+  policy = engine.policy if exit is None else engine._checked_policy(exit)
 
   compile_before = engine.compile_seconds
   start = time.perf_counter()
@@ -219,11 +225,7 @@ def _stats(cfg, policy, token_lists, max_new, depths) -> dict:
   full = costs.full_depth_flops(cfg, context)
   if not decoded.size:
     return {'mean_depth': float(cfg.num_layers), 'relative_depth': 1.0, 'relative_flops': 1.0}
-  exit_at, min_depth = np.asarray(policy.exit_at), np.asarray(policy.min_depth)
-  first_check = int(np.min(np.where(exit_at > 0, exit_at, min_depth)))
-  spent = costs.token_flops(cfg, decoded, policy.measure, context, first_check, kv='propagate')
-  if policy.measure == 'never':
-    spent = spent + np.where(decoded < cfg.num_layers, costs.head_flops(cfg), 0.0)
+  spent = costs.policy_token_flops(cfg, decoded, policy, context, kv='propagate')
   return {'mean_depth': float(decoded.mean()),
           'relative_depth': float(decoded.mean() / cfg.num_layers),
           'relative_flops': float(spent.mean() / full)}

@@ -97,12 +97,13 @@ def schedule_error(cfg: model_lib.ModelConfig):
 def empty_state(cfg: model_lib.ModelConfig, slots: int, cache_len: int) -> DecodeState:
   """Every slot free (not live, not done)."""
   kv_shape = (cfg.num_layers, slots, cache_len, cfg.num_kv_heads, cfg.head_dim)
+  # Every field its own buffer: the state is donated to the programs that update it.
   zeros = lambda shape, dtype=jnp.int32: jnp.zeros(shape, dtype)
-  hidden = zeros((slots, cfg.width), cfg.compute_dtype)
+  hidden = lambda: zeros((slots, cfg.width), cfg.compute_dtype)
   return DecodeState(
       cache=decode_lib.Cache(k=zeros(kv_shape, cfg.compute_dtype),
                              v=zeros(kv_shape, cfg.compute_dtype)),
-      h=hidden, h_previous=hidden, token=zeros((slots,)), position=zeros((slots,)),
+      h=hidden(), h_previous=hidden(), token=zeros((slots,)), position=zeros((slots,)),
       step=zeros((slots,)), request=jnp.full((slots,), -1, jnp.int32),
       tokens=zeros((slots, cache_len)), exit_depth=zeros((slots, cache_len)),
       count=zeros((slots,)), max_new=zeros((slots,)), live=zeros((slots,), bool),
@@ -267,15 +268,21 @@ def tick(cfg: model_lib.ModelConfig, params, state: DecodeState, policy: exits.E
       live_slot_ticks=state.live_slot_ticks + jnp.sum(live))
 
 
+@flax.struct.dataclass
+class _Chunk:
+  """The carry of one chunk of ticks: ticks run so far in this chunk, and the slot table."""
+  ticks_run: jax.Array
+  state: DecodeState
+
+
 def generate(cfg: model_lib.ModelConfig, params, state: DecodeState, policy: exits.ExitPolicy,
              num_ticks, eos_id) -> DecodeState:
   """Up to num_ticks (traced) ticks on device; stops early when no slot is live."""
-  def cond(carry):
-    done_ticks, state = carry
-    return (done_ticks < num_ticks) & jnp.any(state.live)
+  def cond(chunk):
+    return (chunk.ticks_run < num_ticks) & jnp.any(chunk.state.live)
 
-  def body(carry):
-    done_ticks, state = carry
-    return done_ticks + 1, tick(cfg, params, state, policy, eos_id)
+  def body(chunk):
+    return _Chunk(ticks_run=chunk.ticks_run + 1,
+                  state=tick(cfg, params, chunk.state, policy, eos_id))
 
-  return jax.lax.while_loop(cond, body, (jnp.int32(0), state))[1]
+  return jax.lax.while_loop(cond, body, _Chunk(ticks_run=jnp.int32(0), state=state)).state
