@@ -24,6 +24,7 @@ from adaptive_depth import sharding
 from adaptive_depth import data as data_lib
 from adaptive_depth.data import pipeline
 from adaptive_depth.train import state as state_lib
+from tests import tiny_models
 
 _EXTRA = 'pip install -e ".[parity]"'
 TEXTS = ['the quick brown fox jumps over the lazy dog', 'to be, or not to be: that is the '
@@ -43,23 +44,9 @@ def _tiny_tokenizer(folder, *, post_bos: bool, config: dict | None):
   """A byte-level BPE trained on TEXTS in folder/tokenizer.json ('<s>' = 0, '</s>' = 1);
   post_bos: its post-processor puts '<s>' first (as Llama's does); config: the
   tokenizer_config.json beside it (None: no file). Returns the tokenizer.json path."""
-  hf = _hf_tokenizers()
-  tok = hf.Tokenizer(hf.models.BPE())
-  tok.pre_tokenizer = hf.pre_tokenizers.ByteLevel(add_prefix_space=False)
-  tok.decoder = hf.decoders.ByteLevel()
-  tok.train_from_iterator(TEXTS, hf.trainers.BpeTrainer(
-      vocab_size=300, special_tokens=['<s>', '</s>'], show_progress=False,
-      initial_alphabet=hf.pre_tokenizers.ByteLevel.alphabet()))
-  if post_bos:
-    tok.post_processor = hf.processors.TemplateProcessing(
-        single='<s> $A', pair='<s> $A <s>:1 $B:1', special_tokens=[('<s>', 0)])
-  os.makedirs(folder, exist_ok=True)
-  path = os.path.join(folder, 'tokenizer.json')
-  tok.save(path)
-  if config is not None:
-    with open(os.path.join(folder, 'tokenizer_config.json'), 'w') as f:
-      json.dump(config, f)
-  return path
+  _hf_tokenizers()
+  return tiny_models.tiny_bpe_tokenizer(folder, TEXTS, vocab_size=300, post_bos=post_bos,
+                                        config=config)
 
 
 # ------------------------------------------------------------------------- weight decay

@@ -22,6 +22,7 @@ from adaptive_depth import config_lib
 from adaptive_depth import model as model_lib
 from adaptive_depth.decode import adaptive_decode
 from adaptive_depth.decode import generation
+from tests import tiny_models
 
 pytestmark = pytest.mark.pretrained  # .ci/run's second stage runs these with the extras
 _EXTRA = "pip install -e '.[parity]'"
@@ -185,15 +186,8 @@ VOCAB = 300  # model vocabulary; the tokenizer's is smaller
 
 def _write_tokenizer(folder) -> dict:
   """Trains a small byte-level BPE and writes tokenizer.json and tokenizer_config.json."""
-  tok = hf_tokenizers.Tokenizer(hf_tokenizers.models.BPE())
-  tok.pre_tokenizer = hf_tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
-  tok.decoder = hf_tokenizers.decoders.ByteLevel()
-  tok.train_from_iterator(TEXTS, hf_tokenizers.trainers.BpeTrainer(
-      vocab_size=290, special_tokens=['<s>', '</s>'], show_progress=False,
-      initial_alphabet=hf_tokenizers.pre_tokenizers.ByteLevel.alphabet()))
-  tok.save(os.path.join(folder, 'tokenizer.json'))
-  with open(os.path.join(folder, 'tokenizer_config.json'), 'w') as f:
-    json.dump({'bos_token': '<s>', 'eos_token': '</s>'}, f)
+  tiny_models.tiny_bpe_tokenizer(folder, TEXTS, vocab_size=290,
+                                 config={'bos_token': '<s>', 'eos_token': '</s>'})
   with open(os.path.join(folder, 'tokenizer.json')) as f:
     return json.load(f)
 

@@ -4,6 +4,8 @@ path is checked against."""
 from __future__ import annotations
 
 import functools
+import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -76,3 +78,28 @@ def _greedy_program(cfg, steps, exit_index):
     out = jnp.zeros((buffer.shape[0], steps), jnp.int32)
     return jax.lax.fori_loop(0, steps, step, (buffer, out))[1]
   return jax.jit(run)
+
+
+def tiny_bpe_tokenizer(folder, texts, *, vocab_size: int, post_bos: bool = False,
+                       config: dict | None = None) -> str:
+  """A byte-level BPE ('<s>' = 0, '</s>' = 1) trained on `texts`, written as
+  folder/tokenizer.json; post_bos: its post-processor puts '<s>' first (as Llama's does);
+  config: the tokenizer_config.json beside it (None: no file). Needs the `tokenizers`
+  package (callers skip without it). Returns the tokenizer.json path."""
+  import tokenizers as hf  # pylint: disable=g-import-not-at-top
+  tok = hf.Tokenizer(hf.models.BPE())
+  tok.pre_tokenizer = hf.pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = hf.decoders.ByteLevel()
+  tok.train_from_iterator(texts, hf.trainers.BpeTrainer(
+      vocab_size=vocab_size, special_tokens=['<s>', '</s>'], show_progress=False,
+      initial_alphabet=hf.pre_tokenizers.ByteLevel.alphabet()))
+  if post_bos:
+    tok.post_processor = hf.processors.TemplateProcessing(
+        single='<s> $A', pair='<s> $A <s>:1 $B:1', special_tokens=[('<s>', 0)])
+  os.makedirs(folder, exist_ok=True)
+  path = os.path.join(folder, 'tokenizer.json')
+  tok.save(path)
+  if config is not None:
+    with open(os.path.join(folder, 'tokenizer_config.json'), 'w') as f:
+      json.dump(config, f)
+  return path
