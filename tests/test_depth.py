@@ -191,7 +191,8 @@ def test_relaxed_recursion_matches_numpy_with_merged_lora():
   cfg = small_config(schedule='cycle', num_blocks=2, num_layers=4, lora_rank=3)
   params = tiny_models.random_params(cfg, scale=0.2)
   tokens = jax.random.randint(jax.random.key(1), (1, 7), 0, cfg.vocab_size)
-  logits = model_lib.forward_train(cfg, params, tokens)
+  forward = jax.jit(model_lib.forward_train, static_argnums=0)  # one program, not per op
+  logits = forward(cfg, params, tokens)
   # Numpy: per step, the shared block plus that step's A @ B, then a plain unshared model.
   merged = {k: v for k, v in params.items() if k not in ('blocks', 'lora')}
   table = model_lib.block_table(cfg)
@@ -206,10 +207,10 @@ def test_relaxed_recursion_matches_numpy_with_merged_lora():
   for e, w in enumerate(want):
     np.testing.assert_allclose(np.asarray(logits[e, 0]), w, atol=1e-4, rtol=1e-4)
   # Zero-initialised B: a fresh relaxed model equals its shared model.
-  fresh = model_lib.init_params(cfg, jax.random.key(0))
+  fresh = jax.jit(model_lib.init_params, static_argnums=0)(cfg, jax.random.key(0))
   shared = {k: v for k, v in fresh.items() if k != 'lora'}
-  np.testing.assert_allclose(model_lib.forward_train(cfg, fresh, tokens),
-                             model_lib.forward_train(cfg, shared, tokens), atol=1e-6)
+  np.testing.assert_allclose(forward(cfg, fresh, tokens), forward(cfg, shared, tokens),
+                             atol=1e-6)
   # The adaptive loop selects the same per-step LoRA.
   out = depth.forward_adaptive(cfg, params, tokens, exits.ExitPolicy(measure='never'))
   np.testing.assert_allclose(out.logits, logits[-1], atol=1e-5)

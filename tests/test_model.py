@@ -92,15 +92,17 @@ def test_untied_head_and_exit_subset():
 def test_block_sharing_shares_gradients():
   """With a cycle schedule both uses of a block contribute to its one gradient."""
   cfg = small_config(schedule='cycle', num_blocks=2, num_layers=4)
-  params = model_lib.init_params(cfg, jax.random.key(0))
+  params = tiny_models.random_params(cfg)
   assert jax.tree.leaves(params['blocks'])[0].shape[0] == 2
   tokens = jax.random.randint(jax.random.key(3), (1, 6), 0, cfg.vocab_size)
-  grads = jax.grad(lambda p: model_lib.forward_train(cfg, p, tokens)[-1].sum())(params)
+  # Jitted: one program per gradient instead of one per eager operation.
+  grads = jax.jit(jax.grad(lambda p: model_lib.forward_train(cfg, p, tokens)[-1].sum()))(params)
   # Recompute the same gradient with the steps unrolled over 4 independent copies, then sum.
   unshared = dict(params)
   unshared['blocks'] = jax.tree.map(lambda p: p[model_lib.block_table(cfg)], params['blocks'])
   cfg4 = small_config(num_layers=4)
-  g4 = jax.grad(lambda p: model_lib.forward_train(cfg4, p, tokens)[-1].sum())(unshared)
+  g4 = jax.jit(jax.grad(lambda p: model_lib.forward_train(cfg4, p, tokens)[-1].sum()))(
+      unshared)
   folded = jax.tree.map(lambda g: g[0:2] + g[2:4], g4['blocks'])  # steps [0,1,0,1]
   for a, b in zip(jax.tree.leaves(grads['blocks']), jax.tree.leaves(folded)):
     np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
