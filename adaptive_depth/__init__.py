@@ -14,7 +14,7 @@ from adaptive_depth.evaluation import evaluate_run
 from adaptive_depth.exits import ExitPolicy
 from adaptive_depth.model import ModelConfig, forward_train, init_params
 from adaptive_depth.saved_model import LoadedModel, load
-from adaptive_depth.serve import Engine, ServeOutput, serve
+from adaptive_depth.serving import Engine, ServeOutput, serve
 from adaptive_depth.jobs import train_and_evaluate
 
 __version__ = '0.1.0'

@@ -83,7 +83,10 @@ def _parse_flags(argv):
     rest = flags.FLAGS(argv)
   except flags.Error as e:
     _fail(_flag_error_message(e))
-  except Exception:  # config_flags lets a missing config file or override key escape raw
+  except Exception as e:  # config_flags lets a missing config file or override key escape raw
+    user_error = _user_error_in_chain(e)  # e.g. a config file that could not load
+    if user_error is not None:
+      _fail(user_error)
     problem = _config_flag_problem(argv, check_overrides=True)
     if problem is None:
       raise

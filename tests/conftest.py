@@ -57,7 +57,8 @@ def pytest_runtest_makereport(item, call):
   one would run nowhere."""
   outcome = yield
   report = outcome.get_result()
-  if not report.skipped or item.get_closest_marker('pretrained') is not None:
+  if (not report.skipped or hasattr(report, 'wasxfail')
+      or item.get_closest_marker('pretrained') is not None):
     return
   reason = str(report.longrepr[-1] if isinstance(report.longrepr, tuple) else report.longrepr)
   if any(install in reason for install in _OPTIONAL_INSTALLS):

@@ -299,14 +299,21 @@ def test_converted_workdir_holds_parameters_only_and_trains(tmp_path, array_read
   with pytest.raises(ValueError, match='parameters only.*config.train.init_from'):
     checkpoint_lib.Checkpoints(os.path.join(workdir, 'checkpoints')).restore(0, None)
 
-  # A run started from it trains, with an optimizer state of its own.
   config = ad.load_config(os.path.join(workdir, 'config.py'))
-  config.train.init_from = workdir
   config.train.update(num_steps=2, batch_size=2, warmup_steps=1, log_every=1,
                       progress_bar=False)
   config.data.seq_len = 16
   config.eval.update(batch_size=2, num_batches=1)
   config.checkpoint.async_save = False
+  # Training in the imported workdir itself would resume it: refused before anything is
+  # written there.
+  saved_config = open(os.path.join(workdir, 'config.json')).read()
+  with pytest.raises(ad.UserError, match='parameters only.*config.train.init_from'):
+    ad.train_and_evaluate(config_lib.validate(config), workdir)
+  assert open(os.path.join(workdir, 'config.json')).read() == saved_config
+
+  # A run started from it trains, with an optimizer state of its own.
+  config.train.init_from = workdir
   summary = ad.train_and_evaluate(config_lib.validate(config), str(tmp_path / 'tuned'))
   assert summary['step'] == 2 and np.isfinite(summary['eval'][-1]['loss'])
   tuned = ad.load(str(tmp_path / 'tuned'))

@@ -133,6 +133,9 @@ def _cases(p: dict) -> dict:
           'missing_flag': _Case([config], ['--workdir']),
           'config_file_cannot_load': _Case([f'--config={p["needs_file"]}', nowhere],
                                            [p['weights']]),
+          'config_file_cannot_load_with_override': _Case(
+              [f'--config={p["needs_file"]}', nowhere, '--config.train.batch_size=2'],
+              [p['weights']]),
           'unknown_flag': _Case([config, nowhere, '--worksdir=x'], ['worksdir']),
           'positional_argument': _Case([config, nowhere, 'extra'], ['extra']),
       },

@@ -1,4 +1,4 @@
-"""The depth-wise batching engine (adaptive_depth.serve) against batch-1 decoding.
+"""The depth-wise batching engine (adaptive_depth.serving) against batch-1 decoding.
 
 Two tiny shared-block models: one block looped 4 times with an exit after every step, and
 two blocks cycled twice with per-step LoRA and exits at depths 2 and 4. Every request the
@@ -18,7 +18,7 @@ from adaptive_depth import model as model_lib
 from adaptive_depth import saved_model
 from adaptive_depth.data import tokenizers
 from adaptive_depth.decode import adaptive_decode
-from adaptive_depth.serve import Engine, serve
+from adaptive_depth.serving import Engine, serve
 from tests import tiny_models
 
 NUM_REQUESTS = 24
@@ -209,7 +209,11 @@ BAD_INPUTS = [
     (dict(max_new_tokens=[3, 0]), 'max_new_tokens=0'),
     (dict(max_new_tokens=[3]), 'max_new_tokens has 1 entries for 2 prompts'),
     (dict(kv='parallel'), "kv='parallel'; allowed: propagate"),
-    (dict(cache_len=16, max_new_tokens=10), r'prompts\[1\] has 7 tokens and max_new_tokens=10'),
+    (dict(cache_len=16, max_new_tokens=10),
+     r'prompts\[1\] has 7 tokens .*max_new_tokens=10.*cache_len=16'),
+    # 17 + 3 positions fit 20, but the prompt is prefilled padded to 32
+    (dict(prompts=[list(range(1, 18))], cache_len=20, max_new_tokens=3),
+     r'prompts\[0\] has 17 tokens \(prefilled padded to 32\).*cache_len=20'),
     (dict(exit=exits.ExitPolicy(measure='oracle')), "measure='oracle'.*allowed"),
     (dict(chunk_ticks=0), 'chunk_ticks=0'),
 ]
@@ -235,3 +239,38 @@ def test_models_the_engine_cannot_run_are_refused(overrides, message):
   with _backend_compiles() as compiles, pytest.raises(ValueError, match=message):
     serve(model, [[1, 2, 3]], max_new_tokens=4)
   assert compiles == []
+
+
+def test_engine_insert_refuses_requests_that_do_not_fit():
+  """The engine API checks what `serve` checks: past cache_len writes would be dropped."""
+  model = _model(num_blocks=1, schedule='cycle')
+  engine = Engine(model, slots=2, cache_len=16)
+  prefix = engine.prefill([1, 2, 3, 4, 5])
+  state = engine.init_decode_state()
+  with pytest.raises(ValueError, match='5 tokens .*max_new_tokens=12.*cache_len=16'):
+    engine.insert(prefix, state, 0, request=0, max_new_tokens=12)
+  with pytest.raises(ValueError, match='max_new_tokens=0'):
+    engine.insert(prefix, state, 0, request=0, max_new_tokens=0)
+  with pytest.raises(ValueError, match='slot=2; allowed: 0..1'):
+    engine.insert(prefix, state, 2, request=0, max_new_tokens=3)
+
+
+@pytest.mark.parametrize('policy', [
+    exits.ExitPolicy(measure='saturation', threshold=0.9, min_depth=2),
+    exits.ExitPolicy(measure='softmax_diff', schedule='decaying', threshold=0.3, tau=2.0),
+    exits.ExitPolicy(measure='never', exit_at=2),
+], ids=['saturation', 'decaying', 'exit_at'])
+def test_other_exit_policies_equal_each_request_decoded_alone(policy):
+  """The engine decides with the library's exit rules: a hidden-state measure with a minimum
+  depth, CALM's decaying threshold (its N is each request's max_new_tokens, equal here to
+  the reference's), and a forced exit."""
+  model = _model(num_blocks=1, schedule='cycle')
+  prompts, _ = _requests(seed=1, count=8)
+  max_new = [REFERENCE_MAX_NEW] * len(prompts)
+  out = serve(model, prompts, max_new_tokens=max_new, exit=policy, slots=3, cache_len=32)
+  for i, prompt in enumerate(prompts):
+    tokens, depths = _alone(model, prompt, REFERENCE_MAX_NEW, policy)
+    assert out.tokens[i] == tokens and out.exit_depths[i] == depths, i
+  decoded = [d for depths in out.exit_depths for d in depths[1:]]
+  if policy.measure == 'never':
+    assert set(decoded) == {2}

@@ -202,7 +202,7 @@ def test_text_prompts_get_the_tokenizers_bos_and_token_ids_nothing(model):
   tokenizer = model.tokenizer
 
   class WithBos:  # a tokenizer whose file says BOS goes first
-    eos_id, bos_id = tokenizer.eos_id, tokenizer.bos_id
+    eos_id, bos_id, add_bos_token = tokenizer.eos_id, tokenizer.bos_id, True
     encode = staticmethod(lambda text: [tokenizer.bos_id] + tokenizer.encode(text))
     decode = staticmethod(tokenizer.decode)
 

@@ -11,9 +11,9 @@
 Both become a `tokenizers.Tokenizer`; `BPETokenizer` gives it the surface of
 `ByteTokenizer` (name, vocab_size, bos_id, eos_id, add_bos_token, encode, decode).
 
-Whether `encode` puts BOS in front is the file's own setting, as Hugging Face's tokenizers
-apply it: a tokenizer.json whose post-processor adds a leading special token, or whose
-tokenizer_config.json says `add_bos_token: true`; a GGUF file's `tokenizer.ggml.add_bos_token`.
+Whether `encode` puts BOS in front is the file's own setting, as transformers 5 applies it:
+a tokenizer.json whose post-processor adds a leading special token (tokenizer_config.json's
+`add_bos_token` alone does not decide); a GGUF file's `tokenizer.ggml.add_bos_token`.
 
 Needs the `tokenizers` package (and `gguf` for GGUF files):
 pip install 'adaptive_depth[pretrained]'.

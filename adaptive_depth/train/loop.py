@@ -154,12 +154,12 @@ def train_model(config: ml_collections.ConfigDict, workdir: str) -> dict:
           f'config.{key}.batch_size={config[key].batch_size} must be divisible by the mesh '
           f'data x fsdp size ({batch_split})')
   os.makedirs(workdir, exist_ok=True)
-  _check_same_model(config, workdir)
   checkpoint_dir = os.path.join(workdir, 'checkpoints')
   resuming = _has_checkpoints(checkpoint_dir)
   if resuming:  # an imported model's workdir holds no train state; refuse before writing
     checkpoint_lib.require_train_state(checkpoint_dir, max(
         int(name) for name in os.listdir(checkpoint_dir) if name.isdigit()))
+  _check_same_model(config, workdir)
   if not resuming and config.train.init_from:
     init_from_lib.check_source(config, cfg)  # a wrong source fails here, before compiling
   elif not resuming and config.train.trainable != 'all':

@@ -21,7 +21,7 @@ from adaptive_depth import exits
 from adaptive_depth import saved_model
 from adaptive_depth.decode import adaptive_decode as decode_lib
 from adaptive_depth.decode import api as decode_api
-from adaptive_depth.serve import engine as engine_lib
+from adaptive_depth.serving import engine as engine_lib
 
 PROMPT_MULTIPLE = 16  # prompts are padded to a multiple of this: one prefill per multiple
 
@@ -95,12 +95,24 @@ class Engine:
     args = (self.params, jnp.asarray(prompt[0]), jnp.asarray(lengths[0]))
     return self._compiled('prefill', run, args)(*args)
 
+  def check_request(self, num_tokens: int, max_new_tokens: int, name: str = 'prompt'):
+    """Raises ValueError unless a prompt of num_tokens ids and max_new_tokens new tokens
+    fit this engine: beyond cache_len, writes would be dropped and the output wrong."""
+    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+      raise ValueError(f'max_new_tokens={max_new_tokens!r} for {name}: must be an int >= 1')
+    padded = -(-num_tokens // PROMPT_MULTIPLE) * PROMPT_MULTIPLE  # what prefill runs
+    if max(num_tokens + max_new_tokens, padded) > self.cache_len:
+      raise ValueError(f'{name} has {num_tokens} tokens (prefilled padded to {padded}) and '
+                       f'max_new_tokens={max_new_tokens}: they do not fit '
+                       f'cache_len={self.cache_len}')
+
   def insert(self, prefix: engine_lib.Prefix, state: engine_lib.DecodeState, slot: int, *,
              request: int, max_new_tokens: int) -> engine_lib.DecodeState:
     """state (donated: do not use it afterwards) with `prefix` admitted into `slot` as
     request id `request`."""
     if not 0 <= slot < self.slots:
       raise ValueError(f'slot={slot}; allowed: 0..{self.slots - 1}')
+    self.check_request(int(prefix.length), max_new_tokens)
     cfg = self.cfg
     run = lambda params, prefix, state, slot, request, max_new, eos: engine_lib.insert(
         cfg, params, prefix, state, slot, request, max_new, eos)
@@ -171,9 +183,7 @@ def serve(model: saved_model.LoadedModel, prompts, *, slots: int = 4,
   else:
     check_engine_args(cfg, slots=engine.slots, cache_len=engine.cache_len, kv=kv)
   for i, (ids, m) in enumerate(zip(token_lists, max_new)):
-    if len(ids) + m > engine.cache_len:
-      raise ValueError(f'prompts[{i}] has {len(ids)} tokens and max_new_tokens={m}: '
-                       f'{len(ids) + m} positions do not fit cache_len={engine.cache_len}')
+    engine.check_request(len(ids), m, name=f'prompts[{i}]')
   policy = engine.policy if exit is None else engine._checked_policy(exit)
 
   compile_before = engine.compile_seconds
