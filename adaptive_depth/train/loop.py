@@ -156,9 +156,12 @@ def train_model(config: ml_collections.ConfigDict, workdir: str) -> dict:
   os.makedirs(workdir, exist_ok=True)
   checkpoint_dir = os.path.join(workdir, 'checkpoints')
   resuming = _has_checkpoints(checkpoint_dir)
-  if resuming:  # an imported model's workdir holds no train state; refuse before writing
-    checkpoint_lib.require_train_state(checkpoint_dir, max(
-        int(name) for name in os.listdir(checkpoint_dir) if name.isdigit()))
+  if resuming:
+    latest_step = max(int(name) for name in os.listdir(checkpoint_dir) if name.isdigit())
+    if checkpoint_lib.PARAMS in checkpoint_lib.checkpoint_items(checkpoint_dir, latest_step):
+      # An imported model's workdir: parameters only, nothing to resume. Refused first (its
+      # model may differ from this config too) and before anything is written there.
+      checkpoint_lib.require_train_state(checkpoint_dir, latest_step)
   _check_same_model(config, workdir)
   if not resuming and config.train.init_from:
     init_from_lib.check_source(config, cfg)  # a wrong source fails here, before compiling
