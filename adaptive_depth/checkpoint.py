@@ -112,6 +112,13 @@ class Checkpoints:
     self._manager.close()
 
 
+def steps_on_disk(directory: str) -> list[int]:
+  """The numbered checkpoint folders under `directory`, ascending (none if it is absent)."""
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
+
+
 def checkpoint_items(directory: str, step: int) -> set[str]:
   """The items checkpoint `step` under `directory` holds, read from the file system."""
   folder = os.path.join(directory, str(step))

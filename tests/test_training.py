@@ -126,10 +126,7 @@ def _run_to_completion(cmd, env, log_path) -> str:
 
 def _checkpoint_steps(workdir: pathlib.Path) -> list[int]:
   """Complete checkpoint steps: integer-named directories (Orbax tmp dirs are not)."""
-  directory = workdir / 'checkpoints'
-  if not directory.is_dir():
-    return []
-  return sorted(int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit())
+  return checkpoint_lib.steps_on_disk(str(workdir / 'checkpoints'))
 
 
 def _records(workdir: pathlib.Path) -> list[dict]:

@@ -115,15 +115,11 @@ def evaluate(eval_step, params, eval_batches, put_batch, num_batches: int):
   return nll / count, correct / count, agree / count
 
 
-def _has_checkpoints(checkpoint_dir: str) -> bool:
-  return os.path.isdir(checkpoint_dir) and any(
-      name.isdigit() for name in os.listdir(checkpoint_dir))
-
-
 def _check_same_model(config, workdir: str):
   """Refuses to resume a workdir whose checkpoints hold a different model or data."""
   path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(path) or not _has_checkpoints(os.path.join(workdir, 'checkpoints')):
+  if not os.path.exists(path) or not checkpoint_lib.steps_on_disk(
+      os.path.join(workdir, 'checkpoints')):
     return
   with open(path) as f:
     saved = json.load(f)
@@ -155,13 +151,13 @@ def train_model(config: ml_collections.ConfigDict, workdir: str) -> dict:
           f'data x fsdp size ({batch_split})')
   os.makedirs(workdir, exist_ok=True)
   checkpoint_dir = os.path.join(workdir, 'checkpoints')
-  resuming = _has_checkpoints(checkpoint_dir)
-  if resuming:
-    latest_step = max(int(name) for name in os.listdir(checkpoint_dir) if name.isdigit())
-    if checkpoint_lib.PARAMS in checkpoint_lib.checkpoint_items(checkpoint_dir, latest_step):
-      # An imported model's workdir: parameters only, nothing to resume. Refused first (its
-      # model may differ from this config too) and before anything is written there.
-      checkpoint_lib.require_train_state(checkpoint_dir, latest_step)
+  steps = checkpoint_lib.steps_on_disk(checkpoint_dir)
+  resuming = bool(steps)
+  if resuming and checkpoint_lib.PARAMS in checkpoint_lib.checkpoint_items(checkpoint_dir,
+                                                                            steps[-1]):
+    # An imported model's workdir: parameters only, nothing to resume. Refused first (its
+    # model may differ from this config too) and before anything is written there.
+    checkpoint_lib.require_train_state(checkpoint_dir, steps[-1])
   _check_same_model(config, workdir)
   if not resuming and config.train.init_from:
     init_from_lib.check_source(config, cfg)  # a wrong source fails here, before compiling
