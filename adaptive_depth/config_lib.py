@@ -15,6 +15,7 @@ from adaptive_depth import model as model_lib
 from adaptive_depth.data import tokenizers
 
 EXIT_LOSS_WEIGHTS = ('uniform', 'linear', 'last')
+BENCHMARK_MODES = ('decode', 'engine')
 EXIT_LOSSES = ('lm', 'distill')
 TRAINABLE = ('all', 'exit_heads')
 STAGES = ('model', 'exit_classifier')
@@ -143,7 +144,19 @@ def base_config() -> ml_collections.ConfigDict:
   c.generate.top_p = 1.0
   c.generate.seed = 0
 
+  c.serve = ml_collections.ConfigDict()  # launch/serve.py: the depth-wise batching engine
+  c.serve.slots = 16              # requests decoded at once, each at its own depth
+  c.serve.chunk_ticks = 16        # engine ticks per device loop between host refills
+  c.serve.cache_len = 0           # positions per slot; 0 = fit the longest request
+
   c.benchmark = ml_collections.ConfigDict()  # launch/benchmark.py (decode speed)
+  c.benchmark.mode = 'decode'     # 'decode': the settings below at fixed batches;
+                                  # 'engine': a request stream, static batching vs engine
+  c.benchmark.slots = '8,16,32'   # 'engine': slot counts (= static batch sizes)
+  c.benchmark.num_requests = 128  # 'engine': requests in the stream
+  c.benchmark.prompt_lens = '8,64'    # 'engine': prompt lengths, uniform in [min, max]
+  c.benchmark.output_lens = '16,128'  # 'engine': max_new_tokens, uniform in [min, max]
+  c.benchmark.seed = 0            # 'engine': the stream's draws
   c.benchmark.batches = '1,8'
   c.benchmark.prompt_len = 32
   c.benchmark.max_new_tokens = 128
@@ -281,6 +294,7 @@ def _value_problems(c) -> list[str]:
   if c.eval.every_steps < 0 or c.eval.num_batches < 0:
     p.append('config.eval.every_steps and config.eval.num_batches must be >= 0 (0 = default)')
   p.extend(_generate_problems(c.generate))
+  p.extend(_serve_problems(c.serve))
   p.extend(_benchmark_problems(c.benchmark, m.num_layers))
   for axis in ('data', 'fsdp', 'tensor'):
     size = c.mesh[axis]
@@ -389,9 +403,38 @@ def _benchmark_problems(b, num_layers: int) -> list[str]:
     p.append(f'config.benchmark.measure={b.measure!r}; allowed: softmax_diff, '
              'softmax_diff_approx, max_prob, neg_entropy, saturation, classifier (the exit '
              'classifier trained in the workdir)')
-  for key in ('prompt_len', 'max_new_tokens', 'repeats', 'queue_capacity'):
+  for key in ('prompt_len', 'max_new_tokens', 'repeats', 'queue_capacity', 'num_requests'):
     if b[key] < 1:
       p.append(f'config.benchmark.{key}={b[key]}: must be >= 1')
+  if b.mode not in BENCHMARK_MODES:
+    p.append(f'config.benchmark.mode={b.mode!r}; allowed: {", ".join(BENCHMARK_MODES)}')
+  try:
+    if min(parse_list(b.slots, int, 'config.benchmark.slots')) < 1:
+      p.append(f'config.benchmark.slots={b.slots!r}: slot counts must be >= 1')
+  except ConfigError as e:
+    p.append(str(e))
+  for key in ('prompt_lens', 'output_lens'):
+    try:
+      parse_range(b[key], f'config.benchmark.{key}')
+    except ConfigError as e:
+      p.append(str(e))
+  return p
+
+
+def parse_range(text: str, key: str) -> tuple[int, int]:
+  """'8,64' -> (8, 64), the bounds of a uniform draw; a ConfigError naming the key."""
+  values = parse_list(text, int, key)
+  if len(values) != 2 or not 1 <= values[0] <= values[1]:
+    raise ConfigError(f"{key}={text!r}: expected 'min,max' with 1 <= min <= max")
+  return values[0], values[1]
+
+
+def _serve_problems(s) -> list[str]:
+  p = [f'config.serve.{key}={s[key]}: must be >= 1' for key in ('slots', 'chunk_ticks')
+       if s[key] < 1]
+  if s.cache_len < 0:
+    p.append(f'config.serve.cache_len={s.cache_len}: must be >= 0 (0 = fit the longest '
+             'request)')
   return p
 
 

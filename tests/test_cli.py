@@ -93,7 +93,10 @@ def _workdirs(root: pathlib.Path) -> dict:
   (root / 'needs_file.py').write_text(
       'from adaptive_depth import cli\n\n\ndef get_config():\n'
       f'  raise cli.PathError({str(root / "weights.gguf")!r} + " not found")\n')
+  (root / 'prompts.txt').write_text('To be\n')
+  (root / 'bad.jsonl').write_text('{"prompt": "To be", "max_new_tokens": -3}\n')
   return {'missing': str(root / 'missing'), 'empty': str(empty),
+          'prompts': str(root / 'prompts.txt'), 'bad_jsonl': str(root / 'bad.jsonl'),
           'config_only': str(config_only), 'not_gguf': str(root / 'notes.txt'),
           'fake_gguf': str(root / 'fake.gguf'), 'missing_gguf': str(root / 'missing.gguf'),
           'out': str(root / 'missing' / 'bench.json'),
@@ -110,6 +113,8 @@ def _cases(p: dict) -> dict:
   """script -> {case name: _Case}, for the paths `p` of _workdirs."""
   config, nowhere = f'--config={TINY}', f'--workdir={p["missing"]}'
   prompt = '--prompt=To be'
+  serving, prompts = '--config=configs/shared_exit.py:tiny', f'--prompts={p["prompts"]}'
+  out = f'--out={p["out"]}'
 
   def workdirs(*argv):
     return {
@@ -165,6 +170,17 @@ def _cases(p: dict) -> dict:
                              '--config.benchmark.batches=1,x'],
                             ['config.benchmark.batches', '1,x']),
           **workdirs(config, f'--out={p["out"]}'),
+      },
+      'serve': {
+          'missing_prompts': _Case([serving, nowhere, f'--prompts={p["missing"]}', out],
+                                   [p['missing']]),
+          'bad_request': _Case([serving, nowhere, f'--prompts={p["bad_jsonl"]}', out],
+                               [p['bad_jsonl'], 'line 1', 'max_new_tokens=-3']),
+          'zero_slots': _Case([serving, nowhere, prompts, out, '--config.serve.slots=0'],
+                              ['config.serve.slots']),
+          'parallel_kv': _Case([serving, nowhere, prompts, out, '--config.generate.kv=parallel'],
+                               ['config.generate.kv', 'propagate']),
+          **workdirs(serving, prompts, out),
       },
       'convert': {
           'not_gguf': _Case([f'--from={p["not_gguf"]}', nowhere], [p['not_gguf']]),

@@ -274,3 +274,27 @@ def test_other_exit_policies_equal_each_request_decoded_alone(policy):
   decoded = [d for depths in out.exit_depths for d in depths[1:]]
   if policy.measure == 'never':
     assert set(decoded) == {2}
+
+
+def test_sampling_depends_on_the_request_not_on_its_slot():
+  """A sampled request draws from its own key (seed, request id, token index): through 2 or
+  5 slots it gets the same tokens and depths; another seed changes them; top_k=1 sampling
+  is greedy decoding (against ad.generate alone)."""
+  model = _model(num_blocks=1, schedule='cycle')
+  policy = MODELS['one_block'][1]
+  prompts, max_new = _requests(seed=4, count=10)
+  hot = ad.Sampling(temperature=1.5)
+  two = serve(model, prompts, max_new_tokens=max_new, exit=policy, slots=2, cache_len=32,
+              sampling=hot, seed=3, eos_id=-1)
+  five = serve(model, prompts, max_new_tokens=max_new, exit=policy, slots=5, cache_len=32,
+               sampling=hot, seed=3, eos_id=-1, chunk_ticks=7)
+  other_seed = serve(model, prompts, max_new_tokens=max_new, exit=policy, slots=2,
+                     cache_len=32, sampling=hot, seed=4, eos_id=-1)
+  assert two.tokens == five.tokens and two.exit_depths == five.exit_depths
+  assert [len(t) for t in two.tokens] == max_new  # eos_id=-1: every request runs its budget
+  assert two.tokens != other_seed.tokens
+  greedy = serve(model, prompts, max_new_tokens=max_new, exit=policy, slots=3, cache_len=32,
+                 sampling=ad.Sampling(top_k=1), seed=9)
+  for i, prompt in enumerate(prompts):
+    tokens, depths = _alone(model, prompt, max_new[i], policy)
+    assert greedy.tokens[i] == tokens and greedy.exit_depths[i] == depths, i

@@ -109,14 +109,20 @@ def generate_from_config(model, prompts, config, *, workdir: Optional[str] = Non
   if g.speculative:
     return generate(model, prompts, max_new_tokens=g.max_new_tokens,
                     speculative=config_lib.parse_speculative(g.speculative)[0])
-  policy = exits.ExitPolicy(measure=g.measure, schedule=g.schedule, threshold=g.threshold,
-                            tau=g.tau, min_depth=g.min_depth)
-  sampling = (sampling_lib.Greedy() if g.temperature == 0 else
-              sampling_lib.Sampling(temperature=g.temperature, top_k=g.top_k, top_p=g.top_p))
+  policy, sampling = policy_and_sampling(g)
   classifier = _saved_classifier(model, workdir) if g.measure == 'classifier' else None
   return generate(model, prompts, max_new_tokens=g.max_new_tokens, exit=policy, kv=g.kv,
                   queue_capacity=g.queue_capacity, sampling=sampling, seed=g.seed,
                   classifier=classifier)
+
+
+def policy_and_sampling(g) -> tuple[exits.ExitPolicy, Any]:
+  """The exit policy and the sampling of a validated config.generate group."""
+  policy = exits.ExitPolicy(measure=g.measure, schedule=g.schedule, threshold=g.threshold,
+                            tau=g.tau, min_depth=g.min_depth)
+  sampling = (sampling_lib.Greedy() if g.temperature == 0 else
+              sampling_lib.Sampling(temperature=g.temperature, top_k=g.top_k, top_p=g.top_p))
+  return policy, sampling
 
 
 def _saved_classifier(model, workdir: Optional[str]):

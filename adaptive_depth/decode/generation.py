@@ -43,11 +43,15 @@ def check_kv_policy(kv: str, queue_capacity: int):
 def generate_tokens(cfg: model_lib.ModelConfig, params, prompt, prompt_lengths, *,
                     max_new_tokens: int, policy: exits.ExitPolicy, sampling, rng, eos_id: int,
                     pad_id: int, classifier=None, kv: str = 'propagate',
-                    queue_capacity: int = 8, return_cache: bool = False):
+                    queue_capacity: int = 8, return_cache: bool = False,
+                    row_max_new=None):
   """prompt: [B, P] left-aligned, prompt_lengths: [B]. The first new token comes from the
   prefill at full depth; every later one from the adaptive decode step. Jit with
   max_new_tokens, kv, queue_capacity and return_cache static. The cache has
   P + max_new_tokens + 1 positions (the last is the 'parallel' policy's write sink).
+  row_max_new: [B] int (traced), each row's own budget (<= max_new_tokens): a row is done
+  after that many tokens, and the loop stops when every row is done (static batching of
+  requests with their own lengths); None: max_new_tokens for every row.
 
   Returns GeneratedTokens, or a GenerationResult when return_cache.
   """
@@ -62,6 +66,8 @@ def generate_tokens(cfg: model_lib.ModelConfig, params, prompt, prompt_lengths, 
   tokens = jnp.full((batch, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
   depths = jnp.zeros((batch, max_new_tokens), jnp.int32).at[:, 0].set(cfg.num_layers)
   done = first == eos_id
+  if row_max_new is not None:
+    done |= jnp.asarray(row_max_new) <= 1
   queue = (parallel_kv.ExitQueue.empty(batch, queue_capacity, cfg.width, cfg.compute_dtype)
            if kv == 'parallel' else None)
 
@@ -85,12 +91,17 @@ def generate_tokens(cfg: model_lib.ModelConfig, params, prompt, prompt_lengths, 
     new = jnp.where(done, pad_id, sampling_lib.next_token(logits, sampling, step_rng))
     tokens = tokens.at[:, i].set(new)
     depths = depths.at[:, i].set(jnp.where(done, 0, exit_depth))
-    return i + 1, tokens, depths, cache, queue, done | (new == eos_id), rng
+    done = done | (new == eos_id)
+    if row_max_new is not None:
+      done |= i + 1 >= jnp.asarray(row_max_new)
+    return i + 1, tokens, depths, cache, queue, done, rng
 
   _, tokens, depths, cache, queue, _, _ = jax.lax.while_loop(
       cond, body, (jnp.int32(1), tokens, depths, cache, queue, done, rng))
   is_eos = tokens == eos_id
   first_eos = jnp.where(is_eos.any(-1), jnp.argmax(is_eos, -1) + 1, max_new_tokens)
+  if row_max_new is not None:
+    first_eos = jnp.minimum(first_eos, jnp.asarray(row_max_new))
   output = decode_lib.GeneratedTokens(tokens=tokens, exit_depth=depths, num_generated=first_eos)
   if not return_cache:
     return output

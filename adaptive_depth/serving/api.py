@@ -10,17 +10,19 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from adaptive_depth import cli
 from adaptive_depth import costs
 from adaptive_depth import exits
 from adaptive_depth import saved_model
 from adaptive_depth.decode import adaptive_decode as decode_lib
 from adaptive_depth.decode import api as decode_api
+from adaptive_depth.decode import sampling as sampling_lib
 from adaptive_depth.serving import engine as engine_lib
 
 PROMPT_MULTIPLE = 16  # prompts are padded to a multiple of this: one prefill per multiple
@@ -44,15 +46,22 @@ class Engine:
 
   exit: the exit policy (default: never exit); its values (threshold, min_depth, ...) are
   traced, so `generate(state, ticks, exit=other)` with the same measure reuses the program.
+  sampling: Greedy() (default) or Sampling(temperature, top_k, top_p), traced too; seed: the
+  base of every request's random key (a request's tokens depend only on its id, the seed
+  and the model, not on the slot it gets). eos_id: the token that ends a request (default:
+  the tokenizer's; -1: none, every request runs to its max_new_tokens).
   """
 
   def __init__(self, model: saved_model.LoadedModel, *, slots: int, cache_len: int,
-               exit: Optional[exits.ExitPolicy] = None, kv: str = 'propagate'):
+               exit: Optional[exits.ExitPolicy] = None, kv: str = 'propagate',
+               sampling=None, seed: int = 0, eos_id: Optional[int] = None):
     cfg = model.model_config
     check_engine_args(cfg, slots=slots, cache_len=cache_len, kv=kv)
     self.model, self.cfg, self.slots, self.cache_len = model, cfg, slots, cache_len
     self.policy = self._checked_policy(exit)
-    self.eos_id = model.tokenizer.eos_id
+    self.sampling = self._checked_sampling(sampling)
+    self.rng = jax.random.key(seed)
+    self.eos_id = model.tokenizer.eos_id if eos_id is None else int(eos_id)
     self.params = model.decode_params
     self.compile_seconds = 0.0
     self.compiles = 0  # programs this engine compiled (tests count them)
@@ -61,9 +70,15 @@ class Engine:
   def _checked_policy(self, policy):
     policy = (policy or exits.ExitPolicy(measure='never')).validated(self.cfg.exit_depths)
     if policy.measure not in engine_lib.MEASURES:
-      raise ValueError(f'ExitPolicy.measure={policy.measure!r} is not supported by the engine; '
-                       f'allowed: {", ".join(engine_lib.MEASURES)}')
+      raise cli.UserError(f'ExitPolicy.measure={policy.measure!r} is not supported by the '
+                          f'engine; allowed: {", ".join(engine_lib.MEASURES)}')
     return policy
+
+  @staticmethod
+  def _checked_sampling(sampling):
+    sampling = sampling or sampling_lib.Greedy()
+    sampling_lib.check_sampling(sampling)
+    return sampling
 
   def _compiled(self, name, run, args, donate=()):
     """The program for `run` at these argument shapes, compiled on first use. `donate`:
@@ -87,7 +102,7 @@ class Engine:
     prompt, lengths = decode_lib.pad_prompts([list(prompt_ids)], pad_id=self.eos_id,
                                              multiple=PROMPT_MULTIPLE)
     if prompt.shape[1] > self.cache_len:
-      raise ValueError(f'a prompt of {len(prompt_ids)} tokens (padded to {prompt.shape[1]}) '
+      raise cli.UserError(f'a prompt of {len(prompt_ids)} tokens (padded to {prompt.shape[1]}) '
                        f'does not fit cache_len={self.cache_len}')
     cfg, cache_len = self.cfg, self.cache_len
     run = lambda params, prompt, length: engine_lib.prefill(cfg, params, prompt, length,
@@ -99,10 +114,11 @@ class Engine:
     """Raises ValueError unless a prompt of num_tokens ids and max_new_tokens new tokens
     fit this engine: beyond cache_len, writes would be dropped and the output wrong."""
     if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
-      raise ValueError(f'max_new_tokens={max_new_tokens!r} for {name}: must be an int >= 1')
+      raise cli.UserError(f'max_new_tokens={max_new_tokens!r} for {name}: must be an int '
+                          '>= 1')
     padded = -(-num_tokens // PROMPT_MULTIPLE) * PROMPT_MULTIPLE  # what prefill runs
     if max(num_tokens + max_new_tokens, padded) > self.cache_len:
-      raise ValueError(f'{name} has {num_tokens} tokens (prefilled padded to {padded}) and '
+      raise cli.UserError(f'{name} has {num_tokens} tokens (prefilled padded to {padded}) and '
                        f'max_new_tokens={max_new_tokens}: they do not fit '
                        f'cache_len={self.cache_len}')
 
@@ -111,13 +127,14 @@ class Engine:
     """state (donated: do not use it afterwards) with `prefix` admitted into `slot` as
     request id `request`."""
     if not 0 <= slot < self.slots:
-      raise ValueError(f'slot={slot}; allowed: 0..{self.slots - 1}')
+      raise cli.UserError(f'slot={slot}; allowed: 0..{self.slots - 1}')
     self.check_request(int(prefix.length), max_new_tokens)
     cfg = self.cfg
-    run = lambda params, prefix, state, slot, request, max_new, eos: engine_lib.insert(
-        cfg, params, prefix, state, slot, request, max_new, eos)
+    run = lambda params, prefix, state, slot, request, max_new, eos, sampling, rng: (
+        engine_lib.insert(cfg, params, prefix, state, slot, request, max_new, eos, sampling,
+                          rng))
     args = (self.params, prefix, state, np.int32(slot), np.int32(request),
-            np.int32(max_new_tokens), np.int32(self.eos_id))
+            np.int32(max_new_tokens), np.int32(self.eos_id), self.sampling, self.rng)
     return self._compiled('insert', run, args, donate=(2,))(*args)
 
   def generate(self, state: engine_lib.DecodeState, num_ticks: int,
@@ -126,34 +143,35 @@ class Engine:
     when no slot is live)."""
     policy = self.policy if exit is None else self._checked_policy(exit)
     cfg = self.cfg
-    run = lambda params, state, policy, ticks, eos: engine_lib.generate(
-        cfg, params, state, policy, ticks, eos)
-    args = (self.params, state, policy, np.int32(num_ticks), np.int32(self.eos_id))
+    run = lambda params, state, policy, ticks, eos, sampling, rng: engine_lib.generate(
+        cfg, params, state, policy, ticks, eos, sampling, rng)
+    args = (self.params, state, policy, np.int32(num_ticks), np.int32(self.eos_id),
+            self.sampling, self.rng)
     return self._compiled('generate', run, args, donate=(1,))(*args)
 
 
 def check_engine_args(cfg, *, slots, cache_len, kv):
   """Raises ValueError naming the argument (before anything compiles)."""
   if kv not in engine_lib.KV_POLICIES:
-    raise ValueError(f'kv={kv!r}; allowed: {", ".join(engine_lib.KV_POLICIES)}')
+    raise cli.UserError(f'kv={kv!r}; allowed: {", ".join(engine_lib.KV_POLICIES)}')
   if not isinstance(slots, (int, np.integer)) or slots < 1:
-    raise ValueError(f'slots={slots!r}: must be an int >= 1')
+    raise cli.UserError(f'slots={slots!r}: must be an int >= 1')
   if not isinstance(cache_len, (int, np.integer)) or cache_len < 2:
-    raise ValueError(f'cache_len={cache_len!r}: must be an int >= 2')
+    raise cli.UserError(f'cache_len={cache_len!r}: must be an int >= 2')
   message = engine_lib.schedule_error(cfg)
   if message:
-    raise ValueError(message)
+    raise cli.UserError(message)
 
 
 def _max_new_list(max_new_tokens, count: int) -> list[int]:
   values = (list(max_new_tokens) if isinstance(max_new_tokens, (list, tuple, np.ndarray))
             else [max_new_tokens] * count)
   if len(values) != count:
-    raise ValueError(f'max_new_tokens has {len(values)} entries for {count} prompts: give '
+    raise cli.UserError(f'max_new_tokens has {len(values)} entries for {count} prompts: give '
                      'one int, or one per prompt')
   for i, value in enumerate(values):
     if not isinstance(value, (int, np.integer)) or value < 1:
-      raise ValueError(f'max_new_tokens={value!r} (request {i}): must be an int >= 1')
+      raise cli.UserError(f'max_new_tokens={value!r} (request {i}): must be an int >= 1')
   return [int(v) for v in values]
 
 
@@ -161,27 +179,35 @@ def serve(model: saved_model.LoadedModel, prompts, *, slots: int = 4,
           max_new_tokens: Union[int, Sequence[int]] = 64,
           exit: Optional[exits.ExitPolicy] = None, kv: str = 'propagate',
           cache_len: Optional[int] = None, chunk_ticks: int = 16,
-          engine: Optional[Engine] = None) -> ServeOutput:
-  """Greedy generation for a stream of requests through `slots` slots of the depth-wise
-  batching engine. prompts: strings or token id lists (as ad.generate takes them);
+          sampling=None, seed: int = 0, eos_id: Optional[int] = None,
+          engine: Optional[Engine] = None,
+          on_finished: Optional[Callable[[int], None]] = None) -> ServeOutput:
+  """Generation for a stream of requests through `slots` slots of the depth-wise batching
+  engine. prompts: strings or token id lists (as ad.generate takes them);
   max_new_tokens: one int or one per prompt; exit: the exit policy (default: the engine's,
-  which is never exit when serve makes the engine);
+  which is never exit when serve makes the engine); sampling, seed, eos_id: as Engine
+  takes them (default greedy; a given engine keeps its own);
   cache_len: positions per slot (default: the longest prompt plus its max_new_tokens, rounded
   up to a multiple of 16); chunk_ticks: ticks per device loop between host refills.
-  engine: an Engine to reuse (its slots and cache_len then rule).
+  engine: an Engine to reuse (its slots and cache_len then rule). on_finished: called with
+  the number of finished requests whenever some finish (a progress bar's hook).
   """
   cfg, tokenizer = model.model_config, model.tokenizer
   token_lists = decode_api._prompt_ids(prompts, tokenizer, cfg.vocab_size)
   max_new = _max_new_list(max_new_tokens, len(token_lists))
   if not isinstance(chunk_ticks, (int, np.integer)) or chunk_ticks < 1:
-    raise ValueError(f'chunk_ticks={chunk_ticks!r}: must be an int >= 1')
+    raise cli.UserError(f'chunk_ticks={chunk_ticks!r}: must be an int >= 1')
   needed = max(len(t) + m for t, m in zip(token_lists, max_new))
   if cache_len is None and engine is None:
     cache_len = -(-needed // PROMPT_MULTIPLE) * PROMPT_MULTIPLE
   if engine is None:
-    engine = Engine(model, slots=slots, cache_len=cache_len, exit=exit, kv=kv)
+    engine = Engine(model, slots=slots, cache_len=cache_len, exit=exit, kv=kv,
+                    sampling=sampling, seed=seed, eos_id=eos_id)
   else:
     check_engine_args(cfg, slots=engine.slots, cache_len=engine.cache_len, kv=kv)
+    if sampling is not None or eos_id is not None:
+      raise cli.UserError('sampling= and eos_id= belong to the engine when engine= is given: '
+                       'pass them to Engine(...)')
   for i, (ids, m) in enumerate(zip(token_lists, max_new)):
     engine.check_request(len(ids), m, name=f'prompts[{i}]')
   policy = engine.policy if exit is None else engine._checked_policy(exit)
@@ -196,12 +222,15 @@ def serve(model: saved_model.LoadedModel, prompts, *, slots: int = 4,
   def collect(state):
     host = jax.device_get({'done': state.done, 'request': state.request, 'count': state.count,
                            'tokens': state.tokens, 'depths': state.exit_depth})
+    finished_before = len(results)
     for slot, request in enumerate(occupant):
       if request is not None and host['done'][slot] and host['request'][slot] == request:
         n = int(host['count'][slot])
         results[request] = (host['tokens'][slot, :n].tolist(),
                             host['depths'][slot, :n].tolist())
         occupant[slot] = None
+    if on_finished is not None and len(results) > finished_before:
+      on_finished(len(results))
 
   while waiting or any(r is not None for r in occupant):
     for slot in range(engine.slots):

@@ -12,7 +12,7 @@ boundaries (after block B-1): a slot that left in the middle of a loop would sta
 token at block 0 while the others continue at block b + 1, and one call per block per tick
 would no longer serve all slots. A single-block model (B = 1) checks after every step.
 
-A slot that exits emits its token (greedy), writes the K/V of the steps it skipped from its
+A slot that exits emits its token (greedy or sampled from its exit head's logits), writes the K/V of the steps it skipped from its
 frozen state (KV policy 'propagate', as adaptive_decode.decode_step does) and starts its
 request's next token at step 0. A request that reaches EOS or its max_new_tokens is done and
 its slot stops (the host refills it: continuous batching).
@@ -33,6 +33,7 @@ from adaptive_depth import depth as depth_lib
 from adaptive_depth import exits
 from adaptive_depth import model as model_lib
 from adaptive_depth.decode import adaptive_decode as decode_lib
+from adaptive_depth.decode import sampling as sampling_lib
 
 KV_POLICIES = ('propagate',)
 # Measures the engine can decide with (the classifier and the oracle need inputs the
@@ -43,11 +44,12 @@ MEASURES = tuple(m for m in exits.MEASURES if m not in ('classifier', 'oracle'))
 @flax.struct.dataclass
 class Prefix:
   """A prompt run at full depth. k, v: [num_layers, cache_len, KV, Dh] (one cache row);
-  first_token: scalar int32 (greedy, from the full-depth logits); length: scalar int32
+  logits: [V] float32 at the last prompt token (the first new token is chosen from them
+  when the prefix is inserted, with the request's own random key); length: scalar int32
   prompt length (the first token's position)."""
   k: jax.Array
   v: jax.Array
-  first_token: jax.Array
+  logits: jax.Array
   length: jax.Array
 
 
@@ -114,20 +116,33 @@ def prefill(cfg: model_lib.ModelConfig, params, prompt, length, cache_len: int) 
   """prompt: [P] int32 left-aligned (P padded; pad tokens sit at positions the mask hides
   until real tokens overwrite them); length: scalar int32."""
   cache, logits = decode_lib.prefill(cfg, params, prompt[None], length[None], cache_len)
-  return Prefix(k=cache.k[:, 0], v=cache.v[:, 0],
-                first_token=jnp.argmax(logits[0], -1).astype(jnp.int32), length=length)
+  return Prefix(k=cache.k[:, 0], v=cache.v[:, 0], logits=logits[0], length=length)
+
+
+def choose_tokens(logits, sampling, rng, request, index):
+  """The token each slot emits. logits: [S, V]; request, index: [S] int32 (the request and
+  the token's index among its new tokens). Each token's random key is
+  fold_in(fold_in(rng, request), index), so a request draws the same tokens whichever slot
+  serves it and whatever else is in the table. Returns [S] int32."""
+  if isinstance(sampling, sampling_lib.Greedy):
+    return jnp.argmax(logits, -1).astype(jnp.int32)
+  keys = jax.vmap(lambda r, i: jax.random.fold_in(jax.random.fold_in(rng, r), i))(
+      request, index)
+  one = lambda row_logits, key: sampling_lib.next_token(row_logits[None], sampling, key)[0]
+  return jax.vmap(one)(logits, keys)
 
 
 def insert(cfg: model_lib.ModelConfig, params, prefix: Prefix, state: DecodeState, slot,
-           request, max_new, eos_id) -> DecodeState:
+           request, max_new, eos_id, sampling, rng) -> DecodeState:
   """state with request `request` (scalar int32) admitted into slot `slot` (scalar int32).
 
   The slot's whole cache row is overwritten with the prefix's (zeros past the prompt), so
   nothing of a previous occupant can be read; no other slot changes. The first token
-  (depth num_layers, from the prefill) is already emitted; the request is done at once
-  when it is EOS or max_new is 1.
+  (depth num_layers, chosen from the prefill's logits) is emitted at once; the request is
+  done at once when it is EOS or max_new is 1.
   """
-  first = prefix.first_token
+  first = choose_tokens(prefix.logits[None], sampling, rng, request[None],
+                        jnp.zeros((1,), jnp.int32))[0]
   h = model_lib.embed(cfg, params, first[None, None])[0, 0]
   finished = (first == eos_id) | (max_new <= 1)
   set_row = lambda field, value: field.at[slot].set(value)
@@ -209,7 +224,7 @@ def _propagate(cfg, params, cache, h, position, leaving, exit_depth):
 
 
 def tick(cfg: model_lib.ModelConfig, params, state: DecodeState, policy: exits.ExitPolicy,
-         eos_id) -> DecodeState:
+         eos_id, sampling, rng) -> DecodeState:
   """One pass of the shared blocks over all slots, then each slot's own exit decision."""
   num_layers = cfg.num_layers
   live = state.live
@@ -247,7 +262,7 @@ def tick(cfg: model_lib.ModelConfig, params, state: DecodeState, policy: exits.E
 
   # Slots whose token is finished emit it and start the next one at step 0.
   finishing = leaving | at_bottom
-  new_token = jnp.argmax(logits, -1).astype(jnp.int32)
+  new_token = choose_tokens(logits, sampling, rng, state.request, state.count)
   rows = jnp.arange(live.shape[0])
   slot_write = lambda buffer, value: buffer.at[rows, state.count].set(
       jnp.where(finishing, value, buffer[rows, state.count]))
@@ -276,13 +291,13 @@ class _Chunk:
 
 
 def generate(cfg: model_lib.ModelConfig, params, state: DecodeState, policy: exits.ExitPolicy,
-             num_ticks, eos_id) -> DecodeState:
+             num_ticks, eos_id, sampling=sampling_lib.Greedy(), rng=None) -> DecodeState:
   """Up to num_ticks (traced) ticks on device; stops early when no slot is live."""
   def cond(chunk):
     return (chunk.ticks_run < num_ticks) & jnp.any(chunk.state.live)
 
   def body(chunk):
     return _Chunk(ticks_run=chunk.ticks_run + 1,
-                  state=tick(cfg, params, chunk.state, policy, eos_id))
+                  state=tick(cfg, params, chunk.state, policy, eos_id, sampling, rng))
 
   return jax.lax.while_loop(cond, body, _Chunk(ticks_run=jnp.int32(0), state=state)).state

@@ -1,0 +1,94 @@
+"""launch/serve.py's job (serving.requests_file): requests from a text or JSONL file through
+the engine, one JSON result per request in file order, each equal to the request decoded
+alone by ad.generate (greedy, same exit policy)."""
+import json
+import os
+
+import pytest
+
+import adaptive_depth as ad
+from adaptive_depth import checkpoint as checkpoint_lib
+from adaptive_depth import cli
+from adaptive_depth import exits
+from adaptive_depth import metrics as metrics_lib
+from adaptive_depth import model as model_lib
+from adaptive_depth.serving import requests_file
+from tests import tiny_models
+
+CONFIG = 'configs/shared_exit.py:tiny'
+
+
+@pytest.fixture(scope='module')
+def workdir(tmp_path_factory):
+  """A saved shared-block model (parameters only, as convert leaves them)."""
+  path = str(tmp_path_factory.mktemp('served') / 'model')
+  config = ad.load_config(CONFIG)
+  cfg = model_lib.ModelConfig.from_config(config.model)
+  os.makedirs(path)
+  metrics_lib.write_json(os.path.join(path, 'config.json'), config.to_dict())
+  checkpoints = checkpoint_lib.Checkpoints(os.path.join(path, 'checkpoints'), async_save=False)
+  checkpoints.save_params(0, tiny_models.random_params(cfg, scale=0.4), {})
+  checkpoints.close()
+  return path
+
+
+def _config(**generate):
+  config = ad.load_config(CONFIG)
+  config.serve.slots = 2
+  config.serve.chunk_ticks = 4
+  for key, value in generate.items():
+    config.generate[key] = value
+  return config
+
+
+def test_jsonl_requests_come_back_in_order_as_decoded_alone(workdir, tmp_path):
+  prompts = ['To be, or not', 'A horse!', 'Now is the winter', 'O', 'Friends, Romans']
+  budgets = [5, None, 2, 7, None]
+  lines = [json.dumps({'prompt': p, **({'max_new_tokens': n} if n else {})})
+           for p, n in zip(prompts, budgets)]
+  (tmp_path / 'in.jsonl').write_text('\n'.join(lines) + '\n')
+  config = _config(max_new_tokens=4, measure='max_prob', threshold=0.5)
+  requests_file.serve_file(config, workdir, str(tmp_path / 'in.jsonl'),
+                           str(tmp_path / 'out.jsonl'), progress=lambda _: None)
+  results = [json.loads(line) for line in (tmp_path / 'out.jsonl').read_text().splitlines()]
+  assert [r['request'] for r in results] == list(range(len(prompts)))
+  assert [r['prompt'] for r in results] == prompts
+  model = ad.load(workdir)
+  policy = exits.ExitPolicy(measure='max_prob', threshold=0.5)
+  for result, prompt, budget in zip(results, prompts, budgets):
+    alone = ad.generate(model, [prompt], max_new_tokens=budget or 4, exit=policy)
+    assert result['tokens'] == alone.tokens[0]
+    assert result['exit_depths'] == alone.exit_depths[0]
+    assert result['text'] == alone.texts[0]
+
+
+def test_text_file_has_one_prompt_per_line(tmp_path):
+  (tmp_path / 'in.txt').write_text('first prompt\n\nsecond {"not json"}\n')
+  prompts, max_new = requests_file.read_requests(str(tmp_path / 'in.txt'), 9)
+  assert prompts == ['first prompt', 'second {"not json"}'] and max_new == [9, 9]
+
+
+@pytest.mark.parametrize('text,names', [
+    ('{"prompt": "a"}\nnot json\n', ['line 2', 'JSON']),
+    ('{"prompt": ""}\n', ['line 1', 'empty']),
+    ('{"prompt": "a", "max_new_tokens": 0}\n', ['line 1', 'max_new_tokens=0']),
+    ('{"prompt": "a", "temperature": 1}\n', ['line 1', 'temperature', 'allowed']),
+    ('["a"]\n', ['line 1', '"prompt"']),
+    ('\n\n', ['no prompts']),
+], ids=['not_json', 'empty_prompt', 'max_new_zero', 'unknown_key', 'not_object', 'empty'])
+def test_bad_requests_are_refused_naming_the_line(tmp_path, text, names):
+  (tmp_path / 'in.jsonl').write_text(text)
+  with pytest.raises(cli.UserError) as raised:
+    requests_file.read_requests(str(tmp_path / 'in.jsonl'), 4)
+  for name in names:
+    assert name in str(raised.value)
+
+
+def test_a_request_longer_than_the_cache_is_refused_before_compiling(workdir, tmp_path):
+  (tmp_path / 'in.txt').write_text('short\n' + 'x' * 40 + '\n')
+  config = _config(max_new_tokens=30)
+  config.serve.cache_len = 48
+  with pytest.raises(cli.UserError, match=r'prompts\[1\].*cache_len=48'):
+    requests_file.serve_file(config, workdir, str(tmp_path / 'in.txt'),
+                             str(tmp_path / 'out.jsonl'))
+  assert not (tmp_path / 'out.jsonl').exists()
