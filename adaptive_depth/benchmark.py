@@ -229,8 +229,9 @@ def _transformers_row(transformers_generate, b, prompt, full_tokens, full_tps,
   return row
 
 
-def plot_rows(rows: list[dict], path: str, title: str):
-  """Realized speedup against agreement, one panel per batch size, one series per method."""
+def plot_rows(rows: list[dict], path: str, title: str, baseline: str = 'full depth'):
+  """Realized speedup (over `baseline`) against agreement, one panel per batch size, one
+  series per method."""
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
@@ -240,7 +241,8 @@ def plot_rows(rows: list[dict], path: str, title: str):
     mine = [r for r in rows if r['batch'] == batch and r['agreement'] is not None]
     for name in dict.fromkeys(f'{r["mode"]}:{r["policy"]}' for r in mine):
       series = [r for r in mine if f'{r["mode"]}:{r["policy"]}' == name]
-      marker = {'full': 's', 'early_exit': 'o', 'speculative': '^'}[series[0]['mode']]
+      marker = {'full': 's', 'static': 's', 'engine': 'D', 'speculative': '^'}.get(
+          series[0]['mode'], 'o')
       ax.plot([r['agreement'] for r in series], [r['realized_speedup'] for r in series],
               marker=marker, label=name)
       for r in series:
@@ -249,8 +251,8 @@ def plot_rows(rows: list[dict], path: str, title: str):
                       fontsize=7, xytext=(3, 3), textcoords='offset points')
     ax.axhline(1.0, color='grey', lw=0.6)
     ax.set_xlabel('agreement with full-depth greedy (same prefix)')
-    ax.set_ylabel('realized speedup (tokens/s vs full depth)')
-    ax.set_title(f'{title}, batch {batch}')
+    ax.set_ylabel(f'realized speedup (tokens/s vs {baseline})')
+    ax.set_title(f'{title}, {"slots" if "slots" in mine[0] else "batch"} {batch}')
     ax.legend(fontsize=7)
   fig.tight_layout()
   fig.savefig(path, dpi=110)

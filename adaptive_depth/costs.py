@@ -52,7 +52,7 @@ def checks_before(cfg: model_lib.ModelConfig, exit_depth: np.ndarray, min_depth:
   return (checked[None, :] <= exit_depth.reshape(-1, 1)).sum(-1).reshape(exit_depth.shape)
 
 
-KV_COSTS = ('none', 'propagate', 'parallel')
+KV_COSTS = ('none', 'propagate', 'parallel', 'propagate_once')
 
 
 def token_flops(cfg: model_lib.ModelConfig, exit_depth, measure: str, context: float,
@@ -62,7 +62,9 @@ def token_flops(cfg: model_lib.ModelConfig, exit_depth, measure: str, context: f
   Tokens that exit early reuse the exit logits they computed for their last check; tokens
   that reach the last layer pay for the final head. kv: what the skipped layers cost in
   decode: 'none' (scoring, no cache), 'propagate' (their K/V projections, CALM), 'parallel'
-  (the whole skipped layers, run later when the token catches up: exact K/V).
+  (the whole skipped layers, run later when the token catches up: exact K/V),
+  'propagate_once' (the depth-wise batching engine on shared blocks without LoRA: the frozen
+  state gives each block the same K/V at every skipped step, computed once per block).
   """
   if kv not in KV_COSTS:
     raise ValueError(f'kv={kv!r}; allowed: {", ".join(KV_COSTS)}')
@@ -75,6 +77,9 @@ def token_flops(cfg: model_lib.ModelConfig, exit_depth, measure: str, context: f
     cost = cost + np.where(exit_depth == cfg.num_layers, head_flops(cfg), 0.0)
   if kv == 'propagate':
     cost = cost + (cfg.num_layers - exit_depth) * kv_projection_flops(cfg)
+  elif kv == 'propagate_once':
+    skipped = np.minimum(cfg.num_layers - exit_depth, cfg.num_blocks)
+    cost = cost + skipped * kv_projection_flops(cfg)
   elif kv == 'parallel':
     cost = cost + (cfg.num_layers - exit_depth) * block_flops(cfg, context)
   return cost

@@ -2,16 +2,12 @@
 the engine, one JSON result per request in file order, each equal to the request decoded
 alone by ad.generate (greedy, same exit policy)."""
 import json
-import os
 
 import pytest
 
 import adaptive_depth as ad
-from adaptive_depth import checkpoint as checkpoint_lib
 from adaptive_depth import cli
 from adaptive_depth import exits
-from adaptive_depth import metrics as metrics_lib
-from adaptive_depth import model as model_lib
 from adaptive_depth.serving import requests_file
 from tests import tiny_models
 
@@ -21,15 +17,7 @@ CONFIG = 'configs/shared_exit.py:tiny'
 @pytest.fixture(scope='module')
 def workdir(tmp_path_factory):
   """A saved shared-block model (parameters only, as convert leaves them)."""
-  path = str(tmp_path_factory.mktemp('served') / 'model')
-  config = ad.load_config(CONFIG)
-  cfg = model_lib.ModelConfig.from_config(config.model)
-  os.makedirs(path)
-  metrics_lib.write_json(os.path.join(path, 'config.json'), config.to_dict())
-  checkpoints = checkpoint_lib.Checkpoints(os.path.join(path, 'checkpoints'), async_save=False)
-  checkpoints.save_params(0, tiny_models.random_params(cfg, scale=0.4), {})
-  checkpoints.close()
-  return path
+  return tiny_models.save_workdir(str(tmp_path_factory.mktemp('served') / 'model'), CONFIG)
 
 
 def _config(**generate):

@@ -103,3 +103,19 @@ def tiny_bpe_tokenizer(folder, texts, *, vocab_size: int, post_bos: bool = False
     with open(os.path.join(folder, 'tokenizer_config.json'), 'w') as f:
       json.dump(config, f)
   return path
+
+
+def save_workdir(path: str, config_name: str, seed: int = 0, scale: float = 0.4) -> str:
+  """A workdir holding the model of `config_name` (e.g. 'configs/shared_exit.py:tiny') with
+  random parameters, saved as launch/convert.py leaves one (config.json, parameters only)."""
+  from adaptive_depth import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
+  from adaptive_depth import config_loading  # pylint: disable=g-import-not-at-top
+  from adaptive_depth import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
+  config = config_loading.load_config(config_name)
+  cfg = model_lib.ModelConfig.from_config(config.model)
+  os.makedirs(path)
+  metrics_lib.write_json(os.path.join(path, 'config.json'), config.to_dict())
+  checkpoints = checkpoint_lib.Checkpoints(os.path.join(path, 'checkpoints'), async_save=False)
+  checkpoints.save_params(0, random_params(cfg, seed=seed, scale=scale), {})
+  checkpoints.close()
+  return path

@@ -68,11 +68,7 @@ class Engine:
     self._programs = {}
 
   def _checked_policy(self, policy):
-    policy = (policy or exits.ExitPolicy(measure='never')).validated(self.cfg.exit_depths)
-    if policy.measure not in engine_lib.MEASURES:
-      raise cli.UserError(f'ExitPolicy.measure={policy.measure!r} is not supported by the '
-                          f'engine; allowed: {", ".join(engine_lib.MEASURES)}')
-    return policy
+    return check_policy(self.cfg, policy)
 
   @staticmethod
   def _checked_sampling(sampling):
@@ -161,6 +157,15 @@ def check_engine_args(cfg, *, slots, cache_len, kv):
   message = engine_lib.schedule_error(cfg)
   if message:
     raise cli.UserError(message)
+
+
+def check_policy(cfg, policy: Optional[exits.ExitPolicy]) -> exits.ExitPolicy:
+  """The exit policy the engine runs (None: never exit); a UserError for one it cannot."""
+  policy = (policy or exits.ExitPolicy(measure='never')).validated(cfg.exit_depths)
+  if policy.measure not in engine_lib.MEASURES:
+    raise cli.UserError(f'ExitPolicy.measure={policy.measure!r} is not supported by the '
+                        f'engine; allowed: {", ".join(engine_lib.MEASURES)}')
+  return policy
 
 
 def _max_new_list(max_new_tokens, count: int) -> list[int]:
@@ -256,6 +261,12 @@ def serve(model: saved_model.LoadedModel, prompts, *, slots: int = 4,
                      exit_depths=depths, stats=stats)
 
 
+def kv_cost(cfg) -> str:
+  """What the engine's 'propagate' costs (costs.KV_COSTS): shared blocks without LoRA give
+  one K/V per block from the frozen state, computed once (engine._propagate)."""
+  return 'propagate' if cfg.lora_rank else 'propagate_once'
+
+
 def _stats(cfg, policy, token_lists, max_new, depths) -> dict:
   """Mean depth and FLOPs against full depth over the decode steps (the first token of a
   request comes from the full-depth prefill), counted as ad.generate counts them."""
@@ -264,7 +275,7 @@ def _stats(cfg, policy, token_lists, max_new, depths) -> dict:
   full = costs.full_depth_flops(cfg, context)
   if not decoded.size:
     return {'mean_depth': float(cfg.num_layers), 'relative_depth': 1.0, 'relative_flops': 1.0}
-  spent = costs.policy_token_flops(cfg, decoded, policy, context, kv='propagate')
+  spent = costs.policy_token_flops(cfg, decoded, policy, context, kv=kv_cost(cfg))
   return {'mean_depth': float(decoded.mean()),
           'relative_depth': float(decoded.mean() / cfg.num_layers),
           'relative_flops': float(spent.mean() / full)}

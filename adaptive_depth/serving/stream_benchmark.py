@@ -1,0 +1,222 @@
+"""The engine benchmark (config.benchmark.mode='engine'): one seeded stream of requests, served
+four ways at each slot count S of config.benchmark.slots.
+
+  static        (a) full-depth static batching: the requests in arrival order in batches of
+                S; each batch decodes until its longest request is done (rows that finished
+                keep computing, as a static-shaped batch does).
+  per_row_exit  (b) the same batches with per-row early exit ('propagate'): the depth loop
+                of a position runs until the deepest row of the batch has exited.
+  engine        (c) the depth-wise batching engine at full depth: continuous batching alone.
+  engine_exit   (d) the engine with early exit, each slot at its own depth.
+
+The stream: config.benchmark.num_requests prompts, passages of the bundled validation text
+starting at uniformly drawn offsets, with lengths uniform in config.benchmark.prompt_lens and
+max_new_tokens uniform in config.benchmark.output_lens (numpy default_rng(seed)); no EOS, so
+every request decodes exactly its max_new_tokens and every method produces the same tokens
+count. Each method is compiled and warmed up first (compile time reported apart), then the
+whole stream is timed once.
+
+Per row: tokens_per_second (generated tokens over the stream's wall time, prefill included);
+agreement (fraction of decode-step tokens equal to the full model's greedy choice for the
+same prefix, from one teacher-forced full-depth pass); sequence_agreement (positions equal to
+(a)'s tokens); mean_depth (decode steps); slot_utilisation (fraction of slot-steps spent on a
+live token: for (a)/(b) row-positions before each row's own end, for the engine slot-ticks);
+theoretical_speedup = decode FLOPs (a) spends / decode FLOPs of the row (for the engine:
+its tokens' own FLOPs at their depths, what a perfectly packed table would spend; for (b):
+every row of a batch at the deepest row's depth); realized_speedup = tokens/s over (a)'s.
+"""
+from __future__ import annotations
+
+import json
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from adaptive_depth import benchmark as decode_benchmark
+from adaptive_depth import config_lib
+from adaptive_depth import costs
+from adaptive_depth import exits
+from adaptive_depth import saved_model
+from adaptive_depth.data import tiny_shakespeare
+from adaptive_depth.decode import adaptive_decode as decode_lib
+from adaptive_depth.decode import generation
+from adaptive_depth.decode import sampling as sampling_lib
+from adaptive_depth.serving import api as serving_api
+
+NO_EOS = -1
+
+
+def request_stream(tokenizer, count: int, prompt_lens: tuple, output_lens: tuple, seed: int
+                   ) -> tuple[list[list[int]], list[int]]:
+  """(prompts as token id lists, max_new_tokens per request), drawn as the module says."""
+  text = '\n\n'.join(tiny_shakespeare.split_train_validation(
+      tiny_shakespeare.read_bundled_corpus())['validation'])
+  ids = np.asarray(tokenizer.encode(text), np.int32)
+  rng = np.random.default_rng(seed)
+  lengths = rng.integers(prompt_lens[0], prompt_lens[1] + 1, count)
+  starts = rng.integers(0, len(ids) - prompt_lens[1], count)
+  outputs = rng.integers(output_lens[0], output_lens[1] + 1, count)
+  return ([ids[s:s + n].tolist() for s, n in zip(starts, lengths)],
+          [int(n) for n in outputs])
+
+
+def static_batches(cfg, params, prompts, max_new, slots: int, policy):
+  """Decodes the stream in arrival-order batches of `slots` (the last one filled with
+  one-token dummies) with generation.generate_tokens. Returns (compile seconds, stream
+  seconds, tokens per request, depths per request, per batch the deepest exit depth of
+  each decode step [steps - 1]: what every row of that batch computes)."""
+  prompt, lengths = decode_lib.pad_prompts(prompts, pad_id=0)
+  longest = max(max_new)
+  count = len(prompts)
+  padded = -(-count // slots) * slots
+  prompt = np.concatenate([prompt, np.repeat(prompt[:1], padded - count, 0)])
+  lengths = np.concatenate([lengths, np.repeat(lengths[:1], padded - count)])
+  budgets = np.asarray(max_new + [1] * (padded - count), np.int32)
+
+  def run(params, prompt, lengths, budgets, policy):
+    return generation.generate_tokens(
+        cfg, params, prompt, lengths, max_new_tokens=longest, policy=policy,
+        sampling=sampling_lib.Greedy(), rng=jax.random.key(0), eos_id=NO_EOS, pad_id=0,
+        kv='propagate', row_max_new=budgets)
+
+  batch = lambda i: (params, jnp.asarray(prompt[i:i + slots]),
+                     jnp.asarray(lengths[i:i + slots]), jnp.asarray(budgets[i:i + slots]),
+                     policy)
+  start = time.perf_counter()
+  compiled = jax.jit(run).lower(*batch(0)).compile()
+  compile_seconds = time.perf_counter() - start
+  jax.block_until_ready(compiled(*batch(0)))  # warm-up
+  start = time.perf_counter()
+  outs = [jax.block_until_ready(compiled(*batch(i))) for i in range(0, padded, slots)]
+  seconds = time.perf_counter() - start
+  tokens, depths, deepest = [], [], []
+  for out, i in zip(outs, range(0, padded, slots)):
+    rows = min(slots, count - i)
+    t, d = np.asarray(out.tokens), np.asarray(out.exit_depth)
+    for r in range(rows):
+      tokens.append(t[r, :max_new[i + r]].tolist())
+      depths.append(d[r, :max_new[i + r]].tolist())
+    steps = max(max_new[i:i + rows])
+    deepest.append(d[:, 1:steps].max(0))  # the batch computes every row to this depth
+  return compile_seconds, seconds, tokens, depths, deepest
+
+
+def teacher_forced_choices(cfg, params, prompts, tokens, rows_per_call: int = 16):
+  """Per request, the full model's greedy choice at each generated position given the
+  generated prefix (right-padded batches: causal attention ignores the padding)."""
+  width = max(len(p) + len(t) for p, t in zip(prompts, tokens))
+  width = -(-width // 16) * 16
+  choices = []
+  for i in range(0, len(prompts), rows_per_call):
+    group = list(zip(prompts[i:i + rows_per_call], tokens[i:i + rows_per_call]))
+    sequence = np.zeros((rows_per_call, width), np.int32)
+    for r, (p, t) in enumerate(group):
+      sequence[r, :len(p) + len(t)] = p + t
+    argmax = np.asarray(decode_benchmark._last_exit_argmax(cfg, params, jnp.asarray(sequence)))
+    choices += [argmax[r, len(p) - 1:len(p) - 1 + len(t)].tolist()
+                for r, (p, t) in enumerate(group)]
+  return choices
+
+
+def run_engine_benchmark(config, workdir: str, out_path: str,
+                         progress: Callable[[str], None] = print) -> list[dict]:
+  """Runs the four methods at every slot count and threshold; writes the rows to out_path
+  (JSON) and a plot beside it. Returns the rows."""
+  b = config_lib.validate(config).benchmark
+  slot_counts = config_lib.parse_list(b.slots, int, 'config.benchmark.slots')
+  thresholds = config_lib.parse_list(b.thresholds, float, 'config.benchmark.thresholds')
+  prompt_lens = config_lib.parse_range(b.prompt_lens, 'config.benchmark.prompt_lens')
+  output_lens = config_lib.parse_range(b.output_lens, 'config.benchmark.output_lens')
+  model = saved_model.load(workdir)
+  cfg = model.model_config
+  serving_api.check_engine_args(cfg, slots=max(slot_counts), cache_len=2, kv='propagate')
+  prompts, max_new = request_stream(model.tokenizer, b.num_requests, prompt_lens, output_lens,
+                                    b.seed)
+  policies = [(None, exits.ExitPolicy(measure='never'))] + [
+      (t, exits.ExitPolicy(measure=b.measure, threshold=t)) for t in thresholds]
+  for _, policy in policies:
+    serving_api.check_policy(cfg, policy)
+  generated = sum(max_new)
+  context = float(np.mean([len(p) for p in prompts]) + np.mean(max_new) / 2.0)
+  block, full = costs.block_flops(cfg, context), costs.full_depth_flops(cfg, context)
+  cache_len = -(-max(len(p) + n for p, n in zip(prompts, max_new)) // 16) * 16
+  cache_len = max(cache_len, -(-prompt_lens[1] // 16) * 16)
+  progress(f'Engine benchmark: {b.num_requests} requests, prompts {prompt_lens[0]}-'
+           f'{prompt_lens[1]} tokens, outputs {output_lens[0]}-{output_lens[1]} tokens '
+           f'(seed {b.seed}; {generated} tokens in all), {cfg.num_layers} steps over '
+           f'{cfg.num_blocks} block(s), measure {b.measure}, on {jax.devices()[0].platform}')
+  rows, static_choices = [], {}
+
+  def record(mode, slots, threshold, tokens, depths, seconds, compile_s, flops, utilisation,
+             reference):
+    decoded = np.concatenate([np.asarray(d[1:], int) for d in depths])
+    if tokens == reference and slots in static_choices:  # full depth: (a)'s tokens again
+      mine = static_choices[slots]
+    else:
+      mine = teacher_forced_choices(cfg, model.params, prompts, tokens)
+    if mode == 'static':
+      static_choices[slots] = mine
+    agree = np.concatenate([np.asarray(t[1:]) == np.asarray(c[1:])
+                            for t, c in zip(tokens, mine)]).mean()
+    same = np.concatenate([np.asarray(t) == np.asarray(r)
+                           for t, r in zip(tokens, reference or tokens)]).mean()
+    tps = generated / seconds
+    static_row = next((r for r in rows if r['slots'] == slots and r['mode'] == 'static'), None)
+    row = {'mode': mode, 'policy': mode, 'slots': slots, 'batch': slots,
+           'threshold': threshold, 'measure': None if threshold is None else b.measure,
+           'tokens_per_second': tps, 'seconds': seconds, 'compile_seconds': compile_s,
+           'agreement': float(agree), 'sequence_agreement': float(same),
+           'mean_depth': float(decoded.mean()), 'slot_utilisation': float(utilisation),
+           'flops': float(flops),
+           'theoretical_speedup': static_row['flops'] / flops if static_row else 1.0,
+           'realized_speedup': tps / static_row['tokens_per_second'] if static_row else 1.0,
+           'requests': b.num_requests, 'tokens': generated}
+    rows.append(row)
+    shown = '-' if threshold is None else threshold
+    progress(f'  {slots:>2} slots  {mode:<12} threshold {shown:<5} {tps:8.1f} tok/s  depth {row["mean_depth"]:5.2f}  utilisation '
+             f'{utilisation:.3f}  speedup over static {row["realized_speedup"]:.2f}x (theory '
+             f'{row["theoretical_speedup"]:.2f}x)  agreement {agree:.3f}  (compile '
+             f'{compile_s:.1f} s)')
+
+  for slots in slot_counts:
+    static_tokens = None
+    for threshold, policy in policies:
+      compile_s, seconds, tokens, depths, deepest = static_batches(
+          cfg, model.decode_params, prompts, max_new, slots, policy)
+      positions = sum(slots * (len(d) + 1) for d in deepest)
+      utilisation = generated / positions
+      if threshold is None:
+        static_tokens = tokens
+        flops = sum(slots * len(d) for d in deepest) * full
+        record('static', slots, None, tokens, depths, seconds, compile_s, flops, utilisation,
+               tokens)
+      else:
+        flops = sum(slots * costs.policy_token_flops(cfg, d, policy, context,
+                                                     kv='propagate').sum() for d in deepest)
+        record('per_row_exit', slots, threshold, tokens, depths, seconds, compile_s, flops,
+               utilisation, static_tokens)
+    engine = serving_api.Engine(model, slots=slots, cache_len=cache_len, eos_id=NO_EOS)
+    kv_cost = serving_api.kv_cost(cfg)
+    for threshold, policy in policies:
+      compile_before = engine.compile_seconds
+      # Warm-up: every program (a prefill per padded prompt length, insert, generate).
+      serving_api.serve(model, prompts[:slots * 2], max_new_tokens=max_new[:slots * 2],
+                        exit=policy, engine=engine)
+      out = serving_api.serve(model, prompts, max_new_tokens=max_new, exit=policy,
+                              engine=engine, chunk_ticks=config.serve.chunk_ticks)
+      decoded = np.concatenate([np.asarray(d[1:], int) for d in out.exit_depths])
+      flops = costs.policy_token_flops(cfg, decoded, policy, context, kv=kv_cost).sum()
+      record('engine' if threshold is None else 'engine_exit', slots, threshold, out.tokens,
+             out.exit_depths, out.stats['seconds'], engine.compile_seconds - compile_before,
+             flops,
+             out.stats['slot_utilisation'], static_tokens)
+  with open(out_path, 'w') as f:
+    json.dump(rows, f, indent=1)
+  plot_path = out_path.rsplit('.', 1)[0] + '.png'
+  decode_benchmark.plot_rows(rows, plot_path, f'{cfg.num_layers} steps, {cfg.num_blocks} '
+                             f'block(s), width {cfg.width}', baseline='static batching (a)')
+  progress(f'Wrote {out_path} and {plot_path}')
+  return rows
