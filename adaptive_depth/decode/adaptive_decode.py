@@ -2,10 +2,10 @@
 check of one decode step, and a decode step whose body is a masked while_loop over depth
 (`generation.generate_tokens` runs the while_loop over positions around it).
 
-KV cache: k, v [num_layers, B, cache_len, KV, Dh] (one slot per loop step, so a recursive
-model caches per recursion step), with the prompt left-aligned in each row and row b's next
-token written at its own position. Shapes are fixed by (batch, cache_len): one compile
-serves every prompt, threshold and sampling setting.
+The KV cache and the block call against it are kv_cache's (shared with every decode path);
+the exit check (`exit_check`, on an ExitState) is shared with 'parallel' and the engine.
+Shapes are fixed by (batch, cache_len): one compile serves every prompt, threshold and
+sampling setting.
 
 KV policy 'propagate' (CALM): a row that exits at depth e keeps its state frozen; every
 deeper layer computes that token's K/V from the frozen state. While other rows are still
@@ -26,11 +26,9 @@ from adaptive_depth import depth as depth_lib
 from adaptive_depth import exits
 from adaptive_depth import layers
 from adaptive_depth import model as model_lib
+from adaptive_depth.decode import kv_cache
 
-@flax.struct.dataclass
-class Cache:
-  k: jax.Array  # [L, B, S, KV, Dh]
-  v: jax.Array
+Cache = kv_cache.Cache
 
 
 @flax.struct.dataclass
@@ -42,68 +40,75 @@ class GeneratedTokens:
   num_generated: jax.Array
 
 
-def write_positions(cache_layer, values, positions):
-  """cache_layer: [B, S, ...]; values: [B, T, ...] written at each row's positions [B, T].
-  Shared by every decode path (one token per row, a queue group, a speculative round)."""
-  rows = jnp.arange(values.shape[0])[:, None]
-  return cache_layer.at[rows, positions].set(values)
+@flax.struct.dataclass
+class ExitState:
+  """Per row, one token's way through the depth loop: active (still going deeper),
+  exit_depth (num_layers until it leaves), exit_logits [B, V] (of the exit it left at),
+  h_previous [B, 1, D] (the state at its previous check, for 'saturation')."""
+  active: jax.Array
+  exit_depth: jax.Array
+  exit_logits: jax.Array
+  h_previous: jax.Array
+
+  @classmethod
+  def start(cls, cfg: model_lib.ModelConfig, h, active=None) -> 'ExitState':
+    """Every row (or those in `active` [B]) entering the loop with state h [B, 1, D]."""
+    batch = h.shape[0]
+    return cls(active=jnp.ones((batch,), bool) if active is None else active,
+               exit_depth=jnp.full((batch,), cfg.num_layers, jnp.int32),
+               exit_logits=jnp.zeros((batch, cfg.vocab_size), jnp.float32), h_previous=h)
 
 
-def layer_merge(cache, step, positions):
-  """The merge_kv callback for loop step `step` (traced): writes a call's K/V [B, T, KV, Dh]
-  at positions [B, T] into that step's cache layer and returns the layer to attend to."""
-  k_layer = jax.lax.dynamic_index_in_dim(cache.k, step, keepdims=False)
-  v_layer = jax.lax.dynamic_index_in_dim(cache.v, step, keepdims=False)
-  return lambda k, v: (write_positions(k_layer, k, positions),
-                       write_positions(v_layer, v, positions))
-
-
-def store_kv(cache, step, k, v, positions):
-  """cache with K/V [B, T, KV, Dh] written at positions [B, T] of step `step`'s layer (the
-  same writes as layer_merge's, which XLA shares)."""
-  k_layer, v_layer = layer_merge(cache, step, positions)(k, v)
-  return Cache(k=cache.k.at[step].set(k_layer), v=cache.v.at[step].set(v_layer))
+@flax.struct.dataclass
+class DepthLoop:
+  """The carry of one decode step's depth loop: the loop step, the new token's state
+  h [B, 1, D], its exits, and the cache."""
+  step: jax.Array
+  h: jax.Array
+  exits: ExitState
+  cache: Cache
 
 
 def prefill(cfg: model_lib.ModelConfig, params, prompt, prompt_lengths, cache_len: int):
   """Runs left-aligned prompts [B, P] at full depth. Returns (cache, logits [B, V] at each
   row's last prompt token)."""
-  batch, prompt_len = prompt.shape
+  batch = prompt.shape[0]
   positions = model_lib.default_positions(prompt)
   mask = layers.causal_mask(positions, positions)
-  kv_shape = (cfg.num_layers, batch, cache_len, cfg.num_kv_heads, cfg.head_dim)
-  empty = Cache(k=jnp.zeros(kv_shape, cfg.compute_dtype), v=jnp.zeros(kv_shape, cfg.compute_dtype))
 
   def step(step, carry):
     h, cache = carry
     h, (k, v) = model_lib.apply_step(cfg, params, step, h, positions, mask)
-    return h, store_kv(cache, step, k, v, positions)
+    return h, kv_cache.store(cache, step, k, v, positions)
 
   h, cache = jax.lax.fori_loop(0, cfg.num_layers, step,
-                               (model_lib.embed(cfg, params, prompt), empty))
+                               (model_lib.embed(cfg, params, prompt),
+                                kv_cache.empty(cfg, batch, cache_len)))
   last = h[jnp.arange(batch), prompt_lengths - 1]
   return cache, model_lib.head_logits(cfg, params, last)
 
 
 def exit_check(cfg: model_lib.ModelConfig, params, policy: exits.ExitPolicy, classifier,
-               depth, h, h_previous, active, exit_depth, exit_logits, row_position,
-               may_exit=True):
-  """The confidence check at loop depth `depth` (traced) for one token per row.
+               depth, h, state: ExitState, row_position, may_exit=True) -> ExitState:
+  """The confidence check at loop depth `depth` for one token per row: every decode path's
+  exit decision (the depth loops with one depth for all rows, the engine with one per row).
 
-  h, h_previous: [B, 1, D]; active, exit_depth: [B]; exit_logits: [B, V]; may_exit: [B] bool
-  or True (a row whose exit is refused keeps going). Depths where no row may leave (see
-  depth.checks_at: not an exit, the last depth, below policy.min_depth, or anywhere under
-  measure 'never' unless policy.exit_at forces the exit) pass everything through unchanged.
-  Returns (active, exit_depth, exit_logits, h_previous).
+  depth: scalar or [B] (traced); h: [B, 1, D]; row_position: [B] (t of the decaying
+  threshold); may_exit: [B] bool or True (a row whose exit is refused keeps going). Rows at
+  depths where nobody may leave (see depth.checks_at: not an exit, the last depth, below
+  policy.min_depth, or anywhere under measure 'never' unless policy.exit_at forces the
+  exit) pass through unchanged, their h_previous too; if no row may leave, nothing runs.
   """
   _, exit_number = depth_lib._exit_lookup(cfg)
+  depth = jnp.asarray(depth)
+  checks = depth_lib.checks_at(cfg, policy, depth)  # scalar, or [B] with per-row depths
 
-  def check(args):
-    active, exit_depth, exit_logits, _ = args
-    score, logits = depth_lib.exit_confidence(cfg, params, policy, h, h_previous,
+  def check(state):
+    score, logits = depth_lib.exit_confidence(cfg, params, policy, h, state.h_previous,
                                               exit_number[depth], classifier)
-    leaving = active & may_exit & depth_lib.exit_decision(policy, score[:, 0], depth,
-                                                          row_position)
+    leaving = (state.active & may_exit & checks
+               & depth_lib.exit_decision(policy, score[:, 0], depth, row_position))
+    exit_logits = state.exit_logits
     if logits is None:  # a measure that reads no head: pay for it only when a row leaves
       exit_logits = jax.lax.cond(
           jnp.any(leaving),
@@ -112,12 +117,15 @@ def exit_check(cfg: model_lib.ModelConfig, params, policy: exits.ExitPolicy, cla
           lambda: exit_logits)
     else:
       exit_logits = jnp.where(leaving[:, None], logits[:, 0], exit_logits)
-    return active & ~leaving, jnp.where(leaving, depth, exit_depth), exit_logits, h
+    checked = jnp.broadcast_to(checks, leaving.shape)[:, None, None]
+    return ExitState(active=state.active & ~leaving,
+                     exit_depth=jnp.where(leaving, depth, state.exit_depth),
+                     exit_logits=exit_logits,
+                     h_previous=jnp.where(checked, h, state.h_previous))
 
   # Under measure 'never' the check only opens where exit_at forces the exit, so full depth
   # computes no head or confidence (exit_at is traced: the test itself has to stay).
-  return jax.lax.cond(depth_lib.checks_at(cfg, policy, depth), check, lambda args: args,
-                      (active, exit_depth, exit_logits, h_previous))
+  return jax.lax.cond(jnp.any(checks), check, lambda state: state, state)
 
 
 def final_logits(cfg: model_lib.ModelConfig, params, h, exit_depth, exit_logits):
@@ -136,39 +144,34 @@ def decode_step(cfg: model_lib.ModelConfig, params, cache: Cache, token, positio
   token, position, row_position: [B] (row_position is t of the decaying threshold).
   Returns (cache, logits [B, V], exit_depth [B], steps_run).
   """
-  num_layers = cfg.num_layers
-  batch, cache_len = token.shape[0], cache.k.shape[2]
+  num_layers, cache_len = cfg.num_layers, cache.k.shape[2]
   positions = position[:, None]
   mask = (jnp.arange(cache_len)[None, :] <= position[:, None])[:, None, :]  # [B, 1, S]
   h0 = model_lib.embed(cfg, params, token[:, None])
 
-  def cond(carry):
-    return (carry[0] < num_layers) & jnp.any(carry[2])
+  def body(loop: DepthLoop) -> DepthLoop:
+    # Rows that exited run the block on their frozen state: their K/V here is propagation.
+    h_new, cache = kv_cache.cached_step(cfg, params, loop.cache, loop.step, loop.h,
+                                        positions, mask)
+    h = jnp.where(loop.exits.active[:, None, None], h_new, loop.h)
+    exit_state = exit_check(cfg, params, policy, classifier, loop.step + 1, h, loop.exits,
+                            row_position)
+    return DepthLoop(step=loop.step + 1, h=h, exits=exit_state, cache=cache)
 
-  def body(carry):
-    step, h, active, exit_depth, exit_logits, h_previous, cache = carry
-    h_new, (k, v) = model_lib.apply_step(cfg, params, step, h, positions, mask,
-                                         layer_merge(cache, step, positions))
-    # Rows that exited ran the block on their frozen state: their K/V here is propagation.
-    cache = store_kv(cache, step, k, v, positions)
-    h = jnp.where(active[:, None, None], h_new, h)
-    active, exit_depth, exit_logits, h_previous = exit_check(
-        cfg, params, policy, classifier, step + 1, h, h_previous, active, exit_depth,
-        exit_logits, row_position)
-    return step + 1, h, active, exit_depth, exit_logits, h_previous, cache
+  loop = jax.lax.while_loop(
+      lambda loop: (loop.step < num_layers) & jnp.any(loop.exits.active), body,
+      DepthLoop(step=jnp.int32(0), h=h0, exits=ExitState.start(cfg, h0), cache=cache))
 
-  init = (jnp.int32(0), h0, jnp.ones((batch,), bool), jnp.full((batch,), num_layers, jnp.int32),
-          jnp.zeros((batch, cfg.vocab_size), jnp.float32), h0, cache)
-  steps_run, h, _, exit_depth, exit_logits, _, cache = jax.lax.while_loop(cond, body, init)
-
-  def propagate(carry):
+  def propagate(carry):  # once no row is active: only the K/V of the remaining steps
     step, cache = carry
-    k, v = model_lib.apply_step(cfg, params, step, h, positions, kv_only=True)
-    return step + 1, store_kv(cache, step, k, v, positions)
+    return step + 1, kv_cache.store_kv_only(cfg, params, cache, step, loop.h, positions)
 
-  _, cache = jax.lax.while_loop(lambda c: c[0] < num_layers, propagate, (steps_run, cache))
-  logits = final_logits(cfg, params, h[:, 0], exit_depth, exit_logits)
-  return cache, logits, exit_depth, steps_run
+  _, cache = jax.lax.while_loop(lambda c: c[0] < num_layers, propagate,
+                                (loop.step, loop.cache))
+  exit_state = loop.exits
+  logits = final_logits(cfg, params, loop.h[:, 0], exit_state.exit_depth,
+                        exit_state.exit_logits)
+  return cache, logits, exit_state.exit_depth, loop.step
 
 
 def pad_prompts(token_lists, pad_id: int, multiple: int = 16) -> tuple[np.ndarray, np.ndarray]:

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from adaptive_depth import exits
 from adaptive_depth import model as model_lib
 from adaptive_depth.decode import adaptive_decode as decode_lib
+from adaptive_depth.decode import kv_cache
 
 
 @flax.struct.dataclass
@@ -50,15 +51,24 @@ class ExitQueue:
     return jnp.arange(self.capacity)[None, :] < self.count[:, None]
 
 
+@flax.struct.dataclass
+class _CatchUpLoop:
+  """The depth loop's carry: the group's states h [B, G, D] and layers reached [B, G], the
+  current token's exits, and the cache."""
+  step: jax.Array
+  h: jax.Array
+  reached: jax.Array
+  exits: decode_lib.ExitState
+  cache: kv_cache.Cache
+
+
 def _run_layer(cfg, params, cache, step, h, positions, takes_part):
   """Layer `step` for the slots that take part. h: [B, G, D]; positions: [B, G];
   takes_part: [B, G]. Returns (h, cache) with only those slots' states and K/V changed."""
   scratch = cache.k.shape[2] - 1
   write_at = jnp.where(takes_part, positions, scratch)
   mask = jnp.arange(cache.k.shape[2])[None, None, :] <= positions[:, :, None]  # [B, G, S]
-  h_new, (k, v) = model_lib.apply_step(cfg, params, step, h, positions, mask,
-                                       decode_lib.layer_merge(cache, step, write_at))
-  cache = decode_lib.store_kv(cache, step, k, v, write_at)
+  h_new, cache = kv_cache.cached_step(cfg, params, cache, step, h, write_at, mask)
   return jnp.where(takes_part[:, :, None], h_new, h), cache
 
 
@@ -76,23 +86,21 @@ def decode_step(cfg: model_lib.ModelConfig, params, cache, queue: ExitQueue, tok
   valid = jnp.concatenate([queue.valid(), jnp.ones((batch, 1), bool)], axis=1)
   may_exit = queue.count < capacity
 
-  def cond(carry):
-    return (carry[0] < num_layers) & jnp.any(carry[3])
+  def body(loop: _CatchUpLoop) -> _CatchUpLoop:
+    takes_part = valid & (loop.reached <= loop.step) & loop.exits.active[:, None]
+    h, cache = _run_layer(cfg, params, loop.cache, loop.step, loop.h, positions, takes_part)
+    exit_state = decode_lib.exit_check(cfg, params, policy, classifier, loop.step + 1,
+                                       h[:, capacity:], loop.exits, row_position, may_exit)
+    return _CatchUpLoop(step=loop.step + 1, h=h,
+                        reached=jnp.where(takes_part, loop.step + 1, loop.reached),
+                        exits=exit_state, cache=cache)
 
-  def body(carry):
-    step, h, reached, active, exit_depth, exit_logits, h_previous, cache = carry
-    takes_part = valid & (reached <= step) & active[:, None]
-    h, cache = _run_layer(cfg, params, cache, step, h, positions, takes_part)
-    reached = jnp.where(takes_part, step + 1, reached)
-    active, exit_depth, exit_logits, h_previous = decode_lib.exit_check(
-        cfg, params, policy, classifier, step + 1, h[:, capacity:], h_previous, active,
-        exit_depth, exit_logits, row_position, may_exit)
-    return step + 1, h, reached, active, exit_depth, exit_logits, h_previous, cache
-
-  init = (jnp.int32(0), h, reached, jnp.ones((batch,), bool),
-          jnp.full((batch,), num_layers, jnp.int32),
-          jnp.zeros((batch, cfg.vocab_size), jnp.float32), h[:, capacity:], cache)
-  _, h, reached, _, exit_depth, exit_logits, _, cache = jax.lax.while_loop(cond, body, init)
+  loop = jax.lax.while_loop(
+      lambda loop: (loop.step < num_layers) & jnp.any(loop.exits.active), body,
+      _CatchUpLoop(step=jnp.int32(0), h=h, reached=reached,
+                   exits=decode_lib.ExitState.start(cfg, h[:, capacity:]), cache=cache))
+  h, reached, cache = loop.h, loop.reached, loop.cache
+  exit_depth, exit_logits = loop.exits.exit_depth, loop.exits.exit_logits
 
   exited = exit_depth < num_layers
   rows = jnp.arange(batch)

@@ -36,6 +36,7 @@ from adaptive_depth import costs
 from adaptive_depth import layers
 from adaptive_depth import model as model_lib
 from adaptive_depth.decode import adaptive_decode
+from adaptive_depth.decode import kv_cache
 
 
 @flax.struct.dataclass
@@ -84,9 +85,7 @@ def _run_layers(cfg, params, cache, h, positions, first, last):
 
   def body(step, carry):
     cache, h = carry
-    h, (k, v) = model_lib.apply_step(cfg, params, step, h, positions, mask,
-                                     adaptive_decode.layer_merge(cache, step, positions))
-    cache = adaptive_decode.store_kv(cache, step, k, v, positions)
+    h, cache = kv_cache.cached_step(cfg, params, cache, step, h, positions, mask)
     return cache, h
 
   return jax.lax.fori_loop(first, last, body, (cache, h))

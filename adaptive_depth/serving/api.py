@@ -60,15 +60,24 @@ class Engine:
     self.model, self.cfg, self.slots, self.cache_len = model, cfg, slots, cache_len
     self.policy = self._checked_policy(exit)
     self.sampling = self._checked_sampling(sampling)
-    self.rng = jax.random.key(seed)
+    self.seed = seed  # made into a key at first use: nothing runs on device before a request
     self.eos_id = model.tokenizer.eos_id if eos_id is None else int(eos_id)
-    self.params = model.decode_params
     self.compile_seconds = 0.0
     self.compiles = 0  # programs this engine compiled (tests count them)
     self._programs = {}
 
   def _checked_policy(self, policy):
     return check_policy(self.cfg, policy)
+
+  @property
+  def params(self):
+    """The decode layout of the model's parameters (made at first use: slicing the blocks
+    runs on device, and a request refused up front should run nothing)."""
+    return self.model.decode_params
+
+  @property
+  def rng(self):
+    return jax.random.key(self.seed)
 
   @staticmethod
   def _checked_sampling(sampling):

@@ -29,10 +29,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adaptive_depth import depth as depth_lib
 from adaptive_depth import exits
 from adaptive_depth import model as model_lib
 from adaptive_depth.decode import adaptive_decode as decode_lib
+from adaptive_depth.decode import kv_cache
 from adaptive_depth.decode import sampling as sampling_lib
 
 KV_POLICIES = ('propagate',)
@@ -62,7 +62,7 @@ class DecodeState:
   emitted (tokens, exit_depth [S, cache_len]; count [S]) out of max_new [S], live (still
   decoding) and done (finished, waiting for the host to collect it). Counters: ticks run and
   live_slot_ticks (slot-ticks spent on a live token)."""
-  cache: decode_lib.Cache
+  cache: kv_cache.Cache
   h: jax.Array
   h_previous: jax.Array
   token: jax.Array
@@ -103,8 +103,8 @@ def empty_state(cfg: model_lib.ModelConfig, slots: int, cache_len: int) -> Decod
   zeros = lambda shape, dtype=jnp.int32: jnp.zeros(shape, dtype)
   hidden = lambda: zeros((slots, cfg.width), cfg.compute_dtype)
   return DecodeState(
-      cache=decode_lib.Cache(k=zeros(kv_shape, cfg.compute_dtype),
-                             v=zeros(kv_shape, cfg.compute_dtype)),
+      cache=kv_cache.Cache(k=zeros(kv_shape, cfg.compute_dtype),
+                           v=zeros(kv_shape, cfg.compute_dtype)),
       h=hidden(), h_previous=hidden(), token=zeros((slots,)), position=zeros((slots,)),
       step=zeros((slots,)), request=jnp.full((slots,), -1, jnp.int32),
       tokens=zeros((slots, cache_len)), exit_depth=zeros((slots, cache_len)),
@@ -149,8 +149,8 @@ def insert(cfg: model_lib.ModelConfig, params, prefix: Prefix, state: DecodeStat
   tokens_row = jnp.zeros(state.tokens.shape[1], jnp.int32).at[0].set(first)
   depth_row = jnp.zeros(state.tokens.shape[1], jnp.int32).at[0].set(cfg.num_layers)
   return state.replace(
-      cache=decode_lib.Cache(k=state.cache.k.at[:, slot].set(prefix.k),
-                             v=state.cache.v.at[:, slot].set(prefix.v)),
+      cache=kv_cache.Cache(k=state.cache.k.at[:, slot].set(prefix.k),
+                           v=state.cache.v.at[:, slot].set(prefix.v)),
       h=set_row(state.h, h), h_previous=set_row(state.h_previous, h),
       token=set_row(state.token, first), position=set_row(state.position, prefix.length),
       step=set_row(state.step, 0), request=set_row(state.request, request),
@@ -159,29 +159,20 @@ def insert(cfg: model_lib.ModelConfig, params, prefix: Prefix, state: DecodeStat
       live=set_row(state.live, ~finished), done=set_row(state.done, finished))
 
 
-def _run_blocks(cfg, params, state: DecodeState) -> tuple[jax.Array, decode_lib.Cache]:
+def _run_blocks(cfg, params, state: DecodeState) -> tuple[jax.Array, kv_cache.Cache]:
   """One pass over the B blocks for every slot, each at its own position and step.
   Returns (h [S, D] after the pass, cache with each slot's K/V written at
   [step_i + b, i, position_i])."""
-  slots, cache_len = state.token.shape[0], state.cache.k.shape[2]
-  rows = jnp.arange(slots)
+  cache_len = state.cache.k.shape[2]
   positions = state.position[:, None]
   mask = (jnp.arange(cache_len)[None, :] <= state.position[:, None])[:, None, :]  # [S, 1, C]
   h, cache = state.h[:, None], state.cache
   for block in range(cfg.num_blocks):
     steps = state.step + block
-
-    def merge_kv(k, v, steps=steps):
-      # Each slot attends to its own cache row at its own step's layer, with this call's
-      # K/V written at its position first.
-      k_rows = cache.k[steps, rows].at[rows, state.position].set(k[:, 0])
-      v_rows = cache.v[steps, rows].at[rows, state.position].set(v[:, 0])
-      return k_rows, v_rows
-
-    h, (k, v) = model_lib.apply_block_rows(cfg, params, block, steps, h, positions, mask,
-                                           merge_kv)
-    cache = decode_lib.Cache(k=cache.k.at[steps, rows, state.position].set(k[:, 0]),
-                             v=cache.v.at[steps, rows, state.position].set(v[:, 0]))
+    h, cache = kv_cache.cached_call(
+        cache, steps, positions,
+        lambda merge, block=block, steps=steps, h=h: model_lib.apply_block_rows(
+            cfg, params, block, steps, h, positions, mask, merge))
   return h[:, 0], cache
 
 
@@ -195,11 +186,11 @@ def _propagate(cfg, params, cache, h, position, leaving, exit_depth):
   positions = position[:, None]
 
   def write(cache, step, k, v):
-    wanted = (leaving & (step >= exit_depth))[:, None, None]
-    k = jnp.where(wanted, k[:, 0], cache.k[step, rows, position])
-    v = jnp.where(wanted, v[:, 0], cache.v[step, rows, position])
-    return decode_lib.Cache(k=cache.k.at[step, rows, position].set(k),
-                            v=cache.v.at[step, rows, position].set(v))
+    # Slots that are not leaving, or did not skip this step, keep what the cache holds.
+    wanted = (leaving & (step >= exit_depth))[:, None, None, None]
+    k = jnp.where(wanted, k, cache.k[step, rows, position][:, None])
+    v = jnp.where(wanted, v, cache.v[step, rows, position][:, None])
+    return kv_cache.store(cache, step, k, v, positions)
 
   def kv_at(block, step):
     steps = jnp.full((slots,), step, jnp.int32)
@@ -225,37 +216,26 @@ def _propagate(cfg, params, cache, h, position, leaving, exit_depth):
 
 def tick(cfg: model_lib.ModelConfig, params, state: DecodeState, policy: exits.ExitPolicy,
          eos_id, sampling, rng) -> DecodeState:
-  """One pass of the shared blocks over all slots, then each slot's own exit decision."""
+  """One pass of the shared blocks over all slots, then each slot's own exit decision
+  (adaptive_decode.exit_check, with a depth per slot)."""
   num_layers = cfg.num_layers
   live = state.live
   h_new, cache = _run_blocks(cfg, params, state)
   h = jnp.where(live[:, None], h_new, state.h)
   depth = state.step + cfg.num_blocks  # [S], a loop boundary for every slot
-  _, exit_number = depth_lib._exit_lookup(cfg)
-  number = exit_number[depth]
-  # The t of the decaying threshold: the emitted token's index among new tokens, minus one
-  # (as generation.generate_tokens counts it); its N: the request's own max_new.
-  row_position = state.count - 1
-  if policy.schedule == 'decaying':
+  if policy.schedule == 'decaying':  # its N: each request's own max_new
     policy = policy.replace(max_len=state.max_new.astype(jnp.float32))
-  checks = live & depth_lib.checks_at(cfg, policy, depth)
-
-  def check(_):
-    score, logits = depth_lib.exit_confidence(cfg, params, policy, h, state.h_previous, number)
-    leaving = checks & depth_lib.exit_decision(policy, score, depth, row_position)
-    if logits is None:  # the measure read no head; only leaving slots need one
-      logits = model_lib.head_logits(cfg, params, h, number)
-    return leaving, logits
-
-  no_check = lambda _: (jnp.zeros_like(live), jnp.zeros((live.shape[0], cfg.vocab_size),
-                                                        jnp.float32))
-  leaving, exit_logits = jax.lax.cond(jnp.any(checks), check, no_check, None)
-  h_previous = jnp.where(checks[:, None], h, state.h_previous)
+  # The t of the decaying threshold: the emitted token's index among new tokens, minus one
+  # (as generation.generate_tokens counts it).
+  checked = decode_lib.exit_check(
+      cfg, params, policy, None, depth, h[:, None],
+      decode_lib.ExitState.start(cfg, state.h_previous[:, None], live),
+      state.count - 1)
+  leaving = live & ~checked.active
   at_bottom = live & (depth == num_layers)
-  logits = jax.lax.cond(jnp.any(at_bottom),
-                        lambda: jnp.where(at_bottom[:, None],
-                                          model_lib.head_logits(cfg, params, h), exit_logits),
-                        lambda: exit_logits)
+  # The last exit's head only for slots at the bottom (computed only if there are some).
+  logits = decode_lib.final_logits(cfg, params, h, jnp.where(at_bottom, num_layers, 0),
+                                   checked.exit_logits)
   cache = jax.lax.cond(jnp.any(leaving),
                        lambda c: _propagate(cfg, params, c, h, state.position, leaving, depth),
                        lambda c: c, cache)
@@ -273,6 +253,7 @@ def tick(cfg: model_lib.ModelConfig, params, state: DecodeState, policy: exits.E
   next_input = finishing & ~done_now
   h_next = model_lib.embed(cfg, params, new_token[:, None])[:, 0]
   h = jnp.where(next_input[:, None], h_next, h)
+  h_previous = checked.h_previous[:, 0]
   return state.replace(
       cache=cache, h=h, h_previous=jnp.where(next_input[:, None], h_next, h_previous),
       token=jnp.where(next_input, new_token, state.token),

@@ -1,0 +1,93 @@
+"""The decode KV cache and the one way every decode path calls a block against it.
+
+Cache: k, v [num_layers, B, cache_len, KV, Dh], one layer per loop step (a recursive model
+caches per recursion step), each row's prompt left-aligned and its later tokens written at
+their own positions.
+
+`cached_call` is the step every decode path shares: read each row's layer (its own loop
+step: one scalar step for the depth loops, a step per row for the depth-wise batching
+engine), let the block attend to that layer with this call's K/V written in, then store
+only the new K/V into the cache. The KV policies differ only in which rows and positions
+take part ('propagate' stores K/V computed from a frozen state, 'parallel' runs a queue of
+positions in the same call, the engine runs each slot at its own step).
+
+Why the store is a scatter of the new entries: the cache is a loop carry, updated in place,
+so a step costs its reads (one layer per row) plus the few entries it writes. Writing a
+whole merged layer back, or handing the cache itself into the block's `lax.switch` over
+blocks, makes XLA copy it, which at batch 8 with a long cache cost more than the reads.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from adaptive_depth import model as model_lib
+
+
+@flax.struct.dataclass
+class Cache:
+  k: jax.Array  # [L, B, S, KV, Dh]
+  v: jax.Array
+
+
+def empty(cfg: model_lib.ModelConfig, batch: int, cache_len: int) -> Cache:
+  shape = (cfg.num_layers, batch, cache_len, cfg.num_kv_heads, cfg.head_dim)
+  return Cache(k=jnp.zeros(shape, cfg.compute_dtype), v=jnp.zeros(shape, cfg.compute_dtype))
+
+
+def write_positions(rows_layer, values, positions):
+  """rows_layer: [B, S, ...]; values: [B, T, ...] written at each row's positions [B, T]."""
+  rows = jnp.arange(values.shape[0])[:, None]
+  return rows_layer.at[rows, positions].set(values)
+
+
+def layer_of_rows(cache: Cache, steps) -> tuple[jax.Array, jax.Array]:
+  """Each row's cache layer at its loop step: steps scalar (every row) or [B] ->
+  (k, v) [B, S, KV, Dh]."""
+  steps = jnp.asarray(steps)
+  if steps.ndim == 0:
+    return (jax.lax.dynamic_index_in_dim(cache.k, steps, keepdims=False),
+            jax.lax.dynamic_index_in_dim(cache.v, steps, keepdims=False))
+  rows = jnp.arange(steps.shape[0])
+  return cache.k[steps, rows], cache.v[steps, rows]
+
+
+def store(cache: Cache, steps, k, v, positions) -> Cache:
+  """cache with K/V [B, T, KV, Dh] written at positions [B, T] of each row's step (scalar
+  or [B]); nothing else is touched."""
+  batch, length = positions.shape
+  steps = jnp.broadcast_to(jnp.reshape(jnp.asarray(steps), (-1, 1)), (batch, length))
+  rows = jnp.broadcast_to(jnp.arange(batch)[:, None], (batch, length))
+  return Cache(k=cache.k.at[steps, rows, positions].set(k.astype(cache.k.dtype)),
+               v=cache.v.at[steps, rows, positions].set(v.astype(cache.v.dtype)))
+
+
+def cached_call(cache: Cache, steps, positions, call: Callable):
+  """The block call of a decode step against the cache.
+
+  call(merge_kv) -> (out, (k, v)) runs a block whose attention uses merge_kv(k, v) to get
+  what to attend to: each row's layer at its step with this call's K/V [B, T, KV, Dh]
+  written at positions [B, T]. Returns (out, cache with those K/V stored)."""
+  k_rows, v_rows = layer_of_rows(cache, steps)
+  merge = lambda k, v: (write_positions(k_rows, k, positions),
+                        write_positions(v_rows, v, positions))
+  out, (k, v) = call(merge)
+  return out, store(cache, steps, k, v, positions)
+
+
+def cached_step(cfg: model_lib.ModelConfig, params, cache: Cache, step, h, positions, mask):
+  """Loop step `step` (traced scalar) on h [B, T, D] at positions [B, T] against the cache.
+  Returns (h [B, T, D], cache)."""
+  return cached_call(cache, step, positions, lambda merge: model_lib.apply_step(
+      cfg, params, step, h, positions, mask, merge))
+
+
+def store_kv_only(cfg: model_lib.ModelConfig, params, cache: Cache, step, h, positions
+                  ) -> Cache:
+  """cache with the K/V that loop step `step` computes from h [B, T, D] (a frozen state:
+  'propagate') stored at positions [B, T]."""
+  k, v = model_lib.apply_step(cfg, params, step, h, positions, kv_only=True)
+  return store(cache, step, k, v, positions)
