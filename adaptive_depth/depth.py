@@ -111,6 +111,18 @@ def exit_decision(policy: exits.ExitPolicy, score, depth, row_positions):
   return jnp.where(exit_at > 0, forced, wants)
 
 
+@flax.struct.dataclass
+class _ScoringLoop:
+  """The carry of forward_adaptive's depth loop, per token [B, T]: state h [B, T, D], still
+  active, exit depth, the last confidence seen, and the state at the previous check."""
+  step: jax.Array
+  h: jax.Array
+  active: jax.Array
+  exit_depth: jax.Array
+  confidence: jax.Array
+  h_previous: jax.Array
+
+
 def forward_adaptive(cfg: model_lib.ModelConfig, params, tokens, policy: exits.ExitPolicy,
                      *, classifier: Optional[Any] = None, oracle_tokens=None,
                      positions=None, row_positions=None) -> AdaptiveOutput:
@@ -129,38 +141,34 @@ def forward_adaptive(cfg: model_lib.ModelConfig, params, tokens, policy: exits.E
   h0 = model_lib.embed(cfg, params, tokens)
   batch_shape = tokens.shape
 
-  def cond(carry):
-    step, _, active, *_ = carry
-    return (step < num_layers) & jnp.any(active)
+  def body(loop: _ScoringLoop) -> _ScoringLoop:
+    h_new, _ = model_lib.apply_step(cfg, params, loop.step, loop.h, positions, mask)
+    h = jnp.where(loop.active[..., None], h_new, loop.h)
+    depth = loop.step + 1
 
-  def body(carry):
-    step, h, active, exit_depth, confidence, h_previous = carry
-    h_new, _ = model_lib.apply_step(cfg, params, step, h, positions, mask)
-    h = jnp.where(active[..., None], h_new, h)
-    depth = step + 1
-
-    def check(args):
-      h, active, exit_depth, confidence, h_previous = args
-      score, _ = exit_confidence(cfg, params, policy, h, h_previous, exit_number[depth],
-                                 classifier, oracle_tokens)
-      leaving = active & exit_decision(policy, score, depth, row_positions)
-      confidence = jnp.where(active, score, confidence)
-      exit_depth = jnp.where(leaving, depth, exit_depth)
-      return h, active & ~leaving, exit_depth, confidence, h
+    def check(loop):
+      score, _ = exit_confidence(cfg, params, policy, loop.h, loop.h_previous,
+                                 exit_number[depth], classifier, oracle_tokens)
+      leaving = loop.active & exit_decision(policy, score, depth, row_positions)
+      return loop.replace(active=loop.active & ~leaving,
+                          exit_depth=jnp.where(leaving, depth, loop.exit_depth),
+                          confidence=jnp.where(loop.active, score, loop.confidence),
+                          h_previous=loop.h)
 
     # Checks run only where some token may leave (checks_at): not at the last depth, where
     # every token still active exits anyway, nor below min_depth (costs.token_flops charges
     # neither). Saturation therefore compares with the state at the previous check (the
     # embedding at the first one).
-    h, active, exit_depth, confidence, h_previous = jax.lax.cond(
-        checks_at(cfg, policy, depth), check, lambda args: args,
-        (h, active, exit_depth, confidence, h_previous))
-    return step + 1, h, active, exit_depth, confidence, h_previous
+    loop = jax.lax.cond(checks_at(cfg, policy, depth), check, lambda loop: loop,
+                        loop.replace(h=h))
+    return loop.replace(step=depth)
 
-  init = (jnp.int32(0), h0, jnp.ones(batch_shape, bool),
-          jnp.full(batch_shape, num_layers, jnp.int32), jnp.zeros(batch_shape, jnp.float32),
-          h0)
-  steps_run, h, _, exit_depth, confidence, _ = jax.lax.while_loop(cond, body, init)
+  loop = jax.lax.while_loop(
+      lambda loop: (loop.step < num_layers) & jnp.any(loop.active), body,
+      _ScoringLoop(step=jnp.int32(0), h=h0, active=jnp.ones(batch_shape, bool),
+                   exit_depth=jnp.full(batch_shape, num_layers, jnp.int32),
+                   confidence=jnp.zeros(batch_shape, jnp.float32), h_previous=h0))
+  steps_run, h, exit_depth, confidence = loop.step, loop.h, loop.exit_depth, loop.confidence
   # Each token's logits come from the head of the exit it left at (h is frozen there).
   logits = model_lib.head_logits(cfg, params, h, exit_number[exit_depth])
   return AdaptiveOutput(logits=logits, exit_depth=exit_depth, confidence=confidence,

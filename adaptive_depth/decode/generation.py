@@ -11,6 +11,8 @@ caching and recursive KV sharing for shared-block models slot in the same way.
 """
 from __future__ import annotations
 
+from typing import Any
+
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -30,6 +32,20 @@ class GenerationResult:
   the 'parallel' queue is flushed) of the prompt and every generated token but the last."""
   output: decode_lib.GeneratedTokens
   cache: decode_lib.Cache
+
+
+@flax.struct.dataclass
+class _PositionLoop:
+  """The carry of the loop over new tokens: the index of the token being made, the tokens
+  and exit depths so far [B, max_new], the cache, the 'parallel' queue (None otherwise),
+  which rows are done, and the sampling key."""
+  index: jax.Array
+  tokens: jax.Array
+  depths: jax.Array
+  cache: decode_lib.Cache
+  queue: Any
+  done: jax.Array
+  rng: jax.Array
 
 
 def check_kv_policy(kv: str, queue_capacity: int):
@@ -79,25 +95,25 @@ def generate_tokens(cfg: model_lib.ModelConfig, params, prompt, prompt_lengths, 
         cfg, params, cache, token, position, policy, row_position, classifier)
     return cache, None, logits, exit_depth
 
-  def cond(carry):
-    i, _, _, _, _, done, _ = carry
-    return (i < max_new_tokens) & ~jnp.all(done)
-
-  def body(carry):
-    i, tokens, depths, cache, queue, done, rng = carry
-    rng, step_rng = jax.random.split(rng)
-    cache, queue, logits, exit_depth = step(cache, queue, tokens[:, i - 1],
+  def body(loop: _PositionLoop) -> _PositionLoop:
+    i = loop.index
+    rng, step_rng = jax.random.split(loop.rng)
+    cache, queue, logits, exit_depth = step(loop.cache, loop.queue, loop.tokens[:, i - 1],
                                             prompt_lengths + i - 1, jnp.full((batch,), i - 1))
-    new = jnp.where(done, pad_id, sampling_lib.next_token(logits, sampling, step_rng))
-    tokens = tokens.at[:, i].set(new)
-    depths = depths.at[:, i].set(jnp.where(done, 0, exit_depth))
-    done = done | (new == eos_id)
+    new = jnp.where(loop.done, pad_id, sampling_lib.next_token(logits, sampling, step_rng))
+    done = loop.done | (new == eos_id)
     if row_max_new is not None:
       done |= i + 1 >= jnp.asarray(row_max_new)
-    return i + 1, tokens, depths, cache, queue, done, rng
+    return _PositionLoop(
+        index=i + 1, tokens=loop.tokens.at[:, i].set(new),
+        depths=loop.depths.at[:, i].set(jnp.where(loop.done, 0, exit_depth)), cache=cache,
+        queue=queue, done=done, rng=rng)
 
-  _, tokens, depths, cache, queue, _, _ = jax.lax.while_loop(
-      cond, body, (jnp.int32(1), tokens, depths, cache, queue, done, rng))
+  loop = jax.lax.while_loop(
+      lambda loop: (loop.index < max_new_tokens) & ~jnp.all(loop.done), body,
+      _PositionLoop(index=jnp.int32(1), tokens=tokens, depths=depths, cache=cache,
+                    queue=queue, done=done, rng=rng))
+  tokens, depths, cache, queue = loop.tokens, loop.depths, loop.cache, loop.queue
   is_eos = tokens == eos_id
   first_eos = jnp.where(is_eos.any(-1), jnp.argmax(is_eos, -1) + 1, max_new_tokens)
   if row_max_new is not None:

@@ -75,6 +75,22 @@ def draft_exit_number(cfg: model_lib.ModelConfig, draft_depth: int):
   return cfg.exit_depths.index(draft_depth) if draft_depth in cfg.exit_depths else None
 
 
+@flax.struct.dataclass
+class _RoundLoop:
+  """The carry of the loop over draft-and-verify rounds: rounds run for the whole batch,
+  the cache, tokens and depths so far [B, max_new + k + 1], per row whether it is done,
+  tokens emitted, the last emitted token (no K/V yet), its rounds and accepted drafts."""
+  loop_rounds: jax.Array
+  cache: kv_cache.Cache
+  tokens: jax.Array
+  depths: jax.Array
+  done: jax.Array
+  num_generated: jax.Array
+  last: jax.Array
+  rounds: jax.Array
+  accepted: jax.Array
+
+
 def _run_layers(cfg, params, cache, h, positions, first, last):
   """Layers first..last-1 (loop steps) on h [B, T, D] at positions [B, T], each writing its
   K/V into the cache before attending (so position t sees itself and the earlier positions
@@ -157,11 +173,9 @@ def generate_speculative(cfg: model_lib.ModelConfig, params, prompt, prompt_leng
   offsets = jnp.arange(num_draft + 1, dtype=jnp.int32)[None, :]  # [1, k+1]
   rows = jnp.arange(batch)[:, None]
 
-  def cond(carry):
-    return ~jnp.all(carry[4])
-
-  def body(carry):
-    loop_rounds, cache, tokens, depths, done, num_generated, last, rounds, accepted_total = carry
+  def body(loop: _RoundLoop) -> _RoundLoop:
+    cache, tokens, depths, done = loop.cache, loop.tokens, loop.depths, loop.done
+    num_generated, last = loop.num_generated, loop.last
     position = prompt_lengths + num_generated - 1  # where `last` goes; it has no K/V yet
     cache, hidden, drafts = _draft(cfg, params, cache, last, position, draft_depth, num_draft)
     cache, verified = _verify(cfg, params, cache, hidden, position, draft_depth)
@@ -179,16 +193,20 @@ def generate_speculative(cfg: model_lib.ModelConfig, params, prompt, prompt_leng
     depths = depths.at[rows, slots].set(jnp.where(keep, cfg.num_layers, 0))
     last = jnp.where(count > 0, jnp.take_along_axis(
         verified, jnp.maximum(count - 1, 0)[:, None], 1)[:, 0], last)
-    rounds = rounds + (~done).astype(jnp.int32)
-    accepted_total = accepted_total + jnp.minimum(accepted, count)
     num_generated = num_generated + count
-    done = done | hit_eos | (num_generated >= max_new_tokens)
-    return (loop_rounds + 1, cache, tokens, depths, done, num_generated, last, rounds,
-            accepted_total)
+    return _RoundLoop(
+        loop_rounds=loop.loop_rounds + 1, cache=cache, tokens=tokens, depths=depths,
+        done=done | hit_eos | (num_generated >= max_new_tokens), num_generated=num_generated,
+        last=last, rounds=loop.rounds + (~done).astype(jnp.int32),
+        accepted=loop.accepted + jnp.minimum(accepted, count))
 
-  init = (jnp.int32(0), cache, tokens, depths, done, num_generated, first, zeros, zeros)
-  loop_rounds, _, tokens, depths, _, num_generated, _, rounds, accepted_total = (
-      jax.lax.while_loop(cond, body, init))
+  loop = jax.lax.while_loop(
+      lambda loop: ~jnp.all(loop.done), body,
+      _RoundLoop(loop_rounds=jnp.int32(0), cache=cache, tokens=tokens, depths=depths,
+                 done=done, num_generated=num_generated, last=first, rounds=zeros,
+                 accepted=zeros))
+  tokens, depths, num_generated = loop.tokens, loop.depths, loop.num_generated
+  rounds, accepted_total, loop_rounds = loop.rounds, loop.accepted, loop.loop_rounds
   emitted = jnp.arange(max_new_tokens)[None, :] < num_generated[:, None]
   return SpeculativeTokens(
       tokens=jnp.where(emitted, tokens[:, :max_new_tokens], pad_id),
