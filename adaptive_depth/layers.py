@@ -111,22 +111,46 @@ def apply_rope(x, positions, base: float):
   return rotated.astype(x.dtype)
 
 
-def attend(q, k, v, mask):
+def attend(q, k, v, mask, kv_heads_first: bool = False):
   """Grouped-query attention on already-projected, already-rotated heads.
 
-  q: [B, T, H, Dh]; k, v: [B, S, KV, Dh] with KV dividing H; mask: [B, T, S] bool, True where
-  query t may attend key s. Returns [B, T, H, Dh]. Query head h reads KV head h // (H / KV).
+  q: [B, T, H, Dh]; k, v: [B, S, KV, Dh], or [B, KV, S, Dh] with kv_heads_first (the KV
+  cache's layout); KV divides H; mask: [B, T, S] bool, True where query t may attend key s.
+  Returns [B, T, H, Dh]. Query head h reads KV head h // (H / KV).
   """
   batch, q_len, num_heads, head_dim = q.shape
-  num_kv = k.shape[2]
+  num_kv = k.shape[1 if kv_heads_first else 2]
   group = num_heads // num_kv
   q = q.reshape(batch, q_len, num_kv, group, head_dim)
+  if kv_heads_first:
+    return _attend_kv_heads_first(q, k, v, mask).reshape(batch, q_len, num_heads, head_dim)
   scores = jnp.einsum('btkgd,bskd->bkgts', q, k, preferred_element_type=jnp.float32)
   scores = scores / jnp.sqrt(jnp.float32(head_dim))
   scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
   out = jnp.einsum('bkgts,bskd->btkgd', probs, v)
   return out.reshape(batch, q_len, num_heads, head_dim)
+
+
+def _attend_kv_heads_first(q, k, v, mask):
+  """q: [B, T, KV, G, Dh]; k, v: [B, KV, S, Dh] -> [B, T, KV, G, Dh].
+
+  Both products are dot_generals batched over (B, KV), with a KV head's queries (T
+  positions x G heads) as the rows: one matrix product per (row, KV head), straight on the
+  cache layout. The einsum form made XLA on CPU transpose K and V around the products,
+  which in decoding (T = 1) cost three times the products themselves.
+  """
+  batch, q_len, num_kv, group, head_dim = q.shape
+  rows = q.transpose(0, 2, 1, 3, 4).reshape(batch, num_kv, q_len * group, head_dim)
+  batch_dims = ((0, 1), (0, 1))
+  scores = jax.lax.dot_general(rows, k, (((3,), (3,)), batch_dims),
+                               preferred_element_type=jnp.float32)  # [B, KV, T * G, S]
+  scores = scores.reshape(batch, num_kv, q_len, group, -1) / jnp.sqrt(jnp.float32(head_dim))
+  scores = jnp.where(mask[:, None, :, None, :], scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  out = jax.lax.dot_general(probs.reshape(batch, num_kv, q_len * group, -1), v,
+                            (((3,), (2,)), batch_dims))  # [B, KV, T * G, Dh]
+  return out.reshape(batch, num_kv, q_len, group, head_dim).transpose(0, 2, 1, 3, 4)
 
 
 def causal_mask(q_positions, kv_positions):
@@ -184,15 +208,15 @@ class Attention(nn.Module):
   def __call__(self, x, positions, mask, merge_kv: Optional[Callable] = None, row_lora=None):
     """x: [B, T, D] normed input; positions: [B, T]; mask: [B, T, S].
 
-    merge_kv: optional function (k, v) -> (k_all, v_all) [B, S, KV, Dh] that writes this
-    call's K/V into a cache and returns what to attend to. Without it the call attends to
+    merge_kv: optional function (k, v) -> (k_all, v_all) [B, KV, S, Dh] (the KV cache's
+    layout) that writes this call's K/V into a cache and returns what to attend to. Without it the call attends to
     its own tokens (S = T). row_lora: optional per-row LoRA factors {q, k, v, o} (see
     row_lora_delta). Returns (out [B, T, D], (k, v) [B, T, KV, Dh] of this call).
     """
     q = apply_rope(self._project(x, 'q', row_lora), positions, self.config.rope_base)
     own_kv = self.project_kv(x, positions, row_lora)
     k, v = own_kv if merge_kv is None else merge_kv(*own_kv)
-    out = attend(q, k, v, mask)
+    out = attend(q, k, v, mask, kv_heads_first=merge_kv is not None)
     projected = dense(out, self._cast(self.o), in_dims=2)
     if row_lora is not None:
       projected = projected + row_lora_delta(out, row_lora['o'], 2, projected.shape[2:])

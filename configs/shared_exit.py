@@ -32,6 +32,9 @@ def get_config(variant: str = ''):
   config.checkpoint.every_steps = 100
   config.eval.batch_size = 16
   config.eval.num_batches = 16
+  config.benchmark.mode = 'engine'
+  config.benchmark.measure = 'max_prob'
+  config.benchmark.thresholds = '0.4,0.5,0.6,0.7,0.8'
   config.generate.measure = 'max_prob'
   config.generate.threshold = 0.6
   if variant == 'tiny':

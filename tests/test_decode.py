@@ -131,13 +131,15 @@ def test_parallel_cache_equals_full_recompute_and_exits_read_exact_states(setup)
                                       -1))  # [exits, B, T]
   for row, sequence in enumerate(sequences):
     length = len(sequence) - 1
-    np.testing.assert_allclose(result.cache.k[:, row, :length], want.k[:, row, :length],
+    np.testing.assert_allclose(result.cache.by_position().k[:, row, :length],
+                               want.by_position().k[:, row, :length],
                                rtol=1e-4, atol=1e-4, err_msg=f'row {row}')
-    np.testing.assert_allclose(result.cache.v[:, row, :length], want.v[:, row, :length],
+    np.testing.assert_allclose(result.cache.by_position().v[:, row, :length],
+                               want.by_position().v[:, row, :length],
                                rtol=1e-4, atol=1e-4, err_msg=f'row {row}')
     # The check has teeth: propagated K/V (from frozen states) is far from exact.
-    assert np.abs(propagated.cache.k[:, row, :length]
-                  - want_propagated.k[:, row, :length]).max() > 0.1
+    assert np.abs(propagated.cache.by_position().k[:, row, :length]
+                  - want_propagated.by_position().k[:, row, :length]).max() > 0.1
     n = len(PROMPTS[row])
     for i in range(1, MAX_NEW):
       assert exit_argmax[exit_index[int(depths[row, i])], row, n + i - 1] == sequence[n + i], (

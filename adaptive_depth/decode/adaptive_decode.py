@@ -144,7 +144,7 @@ def decode_step(cfg: model_lib.ModelConfig, params, cache: Cache, token, positio
   token, position, row_position: [B] (row_position is t of the decaying threshold).
   Returns (cache, logits [B, V], exit_depth [B], steps_run).
   """
-  num_layers, cache_len = cfg.num_layers, cache.k.shape[2]
+  num_layers, cache_len = cfg.num_layers, cache.length
   positions = position[:, None]
   mask = (jnp.arange(cache_len)[None, :] <= position[:, None])[:, None, :]  # [B, 1, S]
   h0 = model_lib.embed(cfg, params, token[:, None])

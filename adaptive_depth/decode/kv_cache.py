@@ -1,8 +1,11 @@
 """The decode KV cache and the one way every decode path calls a block against it.
 
-Cache: k, v [num_layers, B, cache_len, KV, Dh], one layer per loop step (a recursive model
+Cache: k, v [num_layers, B, KV, cache_len, Dh], one layer per loop step (a recursive model
 caches per recursion step), each row's prompt left-aligned and its later tokens written at
-their own positions.
+their own positions. K/V heads come before positions so that a row's layer is already in
+the layout attention multiplies with ([B, KV, S, Dh], layers.attend with
+kv_heads_first=True): a [B, S, KV, Dh] layer made XLA transpose it, a copy of the layer per
+step and layer.
 
 `cached_call` is the step every decode path shares: read each row's layer (its own loop
 step: one scalar step for the depth loops, a step per row for the depth-wise batching
@@ -29,24 +32,34 @@ from adaptive_depth import model as model_lib
 
 @flax.struct.dataclass
 class Cache:
-  k: jax.Array  # [L, B, S, KV, Dh]
+  k: jax.Array  # [L, B, KV, S, Dh]
   v: jax.Array
+
+  @property
+  def length(self) -> int:
+    """Positions per row."""
+    return self.k.shape[3]
+
+  def by_position(self) -> 'Cache':
+    """The same K/V as [L, B, S, KV, Dh] (position before head), for inspection."""
+    return Cache(k=jnp.swapaxes(self.k, 2, 3), v=jnp.swapaxes(self.v, 2, 3))
 
 
 def empty(cfg: model_lib.ModelConfig, batch: int, cache_len: int) -> Cache:
-  shape = (cfg.num_layers, batch, cache_len, cfg.num_kv_heads, cfg.head_dim)
+  shape = (cfg.num_layers, batch, cfg.num_kv_heads, cache_len, cfg.head_dim)
   return Cache(k=jnp.zeros(shape, cfg.compute_dtype), v=jnp.zeros(shape, cfg.compute_dtype))
 
 
 def write_positions(rows_layer, values, positions):
-  """rows_layer: [B, S, ...]; values: [B, T, ...] written at each row's positions [B, T]."""
+  """rows_layer: [B, KV, S, Dh]; values: [B, T, KV, Dh] written at each row's positions
+  [B, T]."""
   rows = jnp.arange(values.shape[0])[:, None]
-  return rows_layer.at[rows, positions].set(values)
+  return rows_layer.at[rows, :, positions].set(values.astype(rows_layer.dtype))
 
 
 def layer_of_rows(cache: Cache, steps) -> tuple[jax.Array, jax.Array]:
   """Each row's cache layer at its loop step: steps scalar (every row) or [B] ->
-  (k, v) [B, S, KV, Dh]."""
+  (k, v) [B, KV, S, Dh]."""
   steps = jnp.asarray(steps)
   if steps.ndim == 0:
     return (jax.lax.dynamic_index_in_dim(cache.k, steps, keepdims=False),
@@ -61,16 +74,17 @@ def store(cache: Cache, steps, k, v, positions) -> Cache:
   batch, length = positions.shape
   steps = jnp.broadcast_to(jnp.reshape(jnp.asarray(steps), (-1, 1)), (batch, length))
   rows = jnp.broadcast_to(jnp.arange(batch)[:, None], (batch, length))
-  return Cache(k=cache.k.at[steps, rows, positions].set(k.astype(cache.k.dtype)),
-               v=cache.v.at[steps, rows, positions].set(v.astype(cache.v.dtype)))
+  return Cache(k=cache.k.at[steps, rows, :, positions].set(k.astype(cache.k.dtype)),
+               v=cache.v.at[steps, rows, :, positions].set(v.astype(cache.v.dtype)))
 
 
 def cached_call(cache: Cache, steps, positions, call: Callable):
   """The block call of a decode step against the cache.
 
   call(merge_kv) -> (out, (k, v)) runs a block whose attention uses merge_kv(k, v) to get
-  what to attend to: each row's layer at its step with this call's K/V [B, T, KV, Dh]
-  written at positions [B, T]. Returns (out, cache with those K/V stored)."""
+  what to attend to: each row's layer [B, KV, S, Dh] at its step with this call's K/V
+  [B, T, KV, Dh] written at positions [B, T]. Returns (out, cache with those K/V
+  stored)."""
   k_rows, v_rows = layer_of_rows(cache, steps)
   merge = lambda k, v: (write_positions(k_rows, k, positions),
                         write_positions(v_rows, v, positions))

@@ -65,9 +65,9 @@ class _CatchUpLoop:
 def _run_layer(cfg, params, cache, step, h, positions, takes_part):
   """Layer `step` for the slots that take part. h: [B, G, D]; positions: [B, G];
   takes_part: [B, G]. Returns (h, cache) with only those slots' states and K/V changed."""
-  scratch = cache.k.shape[2] - 1
+  scratch = cache.length - 1
   write_at = jnp.where(takes_part, positions, scratch)
-  mask = jnp.arange(cache.k.shape[2])[None, None, :] <= positions[:, :, None]  # [B, G, S]
+  mask = jnp.arange(cache.length)[None, None, :] <= positions[:, :, None]  # [B, G, S]
   h_new, cache = kv_cache.cached_step(cfg, params, cache, step, h, write_at, mask)
   return jnp.where(takes_part[:, :, None], h_new, h), cache
 

@@ -95,7 +95,7 @@ def _run_layers(cfg, params, cache, h, positions, first, last):
   """Layers first..last-1 (loop steps) on h [B, T, D] at positions [B, T], each writing its
   K/V into the cache before attending (so position t sees itself and the earlier positions
   of this call). Returns (cache, h)."""
-  cache_len = cache.k.shape[2]
+  cache_len = cache.length
   slots = jnp.broadcast_to(jnp.arange(cache_len, dtype=jnp.int32), (h.shape[0], cache_len))
   mask = layers.causal_mask(positions, slots)  # [B, T, S]: the row's slots <= own position
 

@@ -43,7 +43,7 @@ MEASURES = tuple(m for m in exits.MEASURES if m not in ('classifier', 'oracle'))
 
 @flax.struct.dataclass
 class Prefix:
-  """A prompt run at full depth. k, v: [num_layers, cache_len, KV, Dh] (one cache row);
+  """A prompt run at full depth. k, v: [num_layers, KV, cache_len, Dh] (one cache row);
   logits: [V] float32 at the last prompt token (the first new token is chosen from them
   when the prefix is inserted, with the request's own random key); length: scalar int32
   prompt length (the first token's position)."""
@@ -58,7 +58,7 @@ class DecodeState:
   """The slot table (S slots). Per slot: the request it serves (-1: never used), the token
   being computed (its input token, position, loop step at the tick start, hidden state
   h [S, D], state at its previous exit check h_previous [S, D] for 'saturation'), its row of
-  the cache (k, v [num_layers, S, cache_len, KV, Dh], one layer per loop step), what it has
+  the cache (k, v [num_layers, S, KV, cache_len, Dh], one layer per loop step), what it has
   emitted (tokens, exit_depth [S, cache_len]; count [S]) out of max_new [S], live (still
   decoding) and done (finished, waiting for the host to collect it). Counters: ticks run and
   live_slot_ticks (slot-ticks spent on a live token)."""
@@ -98,7 +98,7 @@ def schedule_error(cfg: model_lib.ModelConfig):
 
 def empty_state(cfg: model_lib.ModelConfig, slots: int, cache_len: int) -> DecodeState:
   """Every slot free (not live, not done)."""
-  kv_shape = (cfg.num_layers, slots, cache_len, cfg.num_kv_heads, cfg.head_dim)
+  kv_shape = (cfg.num_layers, slots, cfg.num_kv_heads, cache_len, cfg.head_dim)
   # Every field its own buffer: the state is donated to the programs that update it.
   zeros = lambda shape, dtype=jnp.int32: jnp.zeros(shape, dtype)
   hidden = lambda: zeros((slots, cfg.width), cfg.compute_dtype)
@@ -163,7 +163,7 @@ def _run_blocks(cfg, params, state: DecodeState) -> tuple[jax.Array, kv_cache.Ca
   """One pass over the B blocks for every slot, each at its own position and step.
   Returns (h [S, D] after the pass, cache with each slot's K/V written at
   [step_i + b, i, position_i])."""
-  cache_len = state.cache.k.shape[2]
+  cache_len = state.cache.length
   positions = state.position[:, None]
   mask = (jnp.arange(cache_len)[None, :] <= state.position[:, None])[:, None, :]  # [S, 1, C]
   h, cache = state.h[:, None], state.cache
@@ -188,8 +188,8 @@ def _propagate(cfg, params, cache, h, position, leaving, exit_depth):
   def write(cache, step, k, v):
     # Slots that are not leaving, or did not skip this step, keep what the cache holds.
     wanted = (leaving & (step >= exit_depth))[:, None, None, None]
-    k = jnp.where(wanted, k, cache.k[step, rows, position][:, None])
-    v = jnp.where(wanted, v, cache.v[step, rows, position][:, None])
+    k = jnp.where(wanted, k, cache.k[step, rows, :, position][:, None])
+    v = jnp.where(wanted, v, cache.v[step, rows, :, position][:, None])
     return kv_cache.store(cache, step, k, v, positions)
 
   def kv_at(block, step):

@@ -1,0 +1,35 @@
+r"""Decode scaling probe: python launch/decode_probe.py --config=configs/deep_exit.py --out=FILE.json
+
+Full-depth decode time per token at each --batches with a short and a long cache
+(--new_tokens after --prompt_len-token prompts), and tokens/s at batch B over batch 1 next
+to a bare chain of the model's matmuls (adaptive_depth/decode/scaling_probe.py). Random
+parameters: no trained model needed.
+"""
+from absl import flags
+from ml_collections import config_flags
+
+from adaptive_depth import cli
+from adaptive_depth import config_lib
+from adaptive_depth.decode import scaling_probe
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
+                                          lock_config=True)
+_OUT = flags.DEFINE_string('out', None, 'Where to write the JSON report.')
+_BATCHES = flags.DEFINE_string('batches', '1,8', 'Batch sizes (must include 1).')
+_NEW_TOKENS = flags.DEFINE_string('new_tokens', '32,256', 'New tokens: short and long cache.')
+_PROMPT_LEN = flags.DEFINE_integer('prompt_len', 32, 'Prompt tokens per row.')
+_REPEATS = flags.DEFINE_integer('repeats', 3, 'Timed runs per setting (median).')
+flags.mark_flags_as_required(['config', 'out'])
+
+
+def main(argv):
+  del argv  # cli.run refuses positional arguments
+  scaling_probe.run_probe(
+      _CONFIG.value, _OUT.value,
+      batches=config_lib.parse_list(_BATCHES.value, int, '--batches'),
+      new_tokens=config_lib.parse_list(_NEW_TOKENS.value, int, '--new_tokens'),
+      prompt_len=_PROMPT_LEN.value, repeats=_REPEATS.value)
+
+
+if __name__ == '__main__':
+  cli.run(main)
