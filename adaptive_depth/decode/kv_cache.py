@@ -14,10 +14,10 @@ only the new K/V into the cache. The KV policies differ only in which rows and p
 take part ('propagate' stores K/V computed from a frozen state, 'parallel' runs a queue of
 positions in the same call, the engine runs each slot at its own step).
 
-Why the store is a scatter of the new entries: the cache is a loop carry, updated in place,
-so a step costs its reads (one layer per row) plus the few entries it writes. Writing a
-whole merged layer back, or handing the cache itself into the block's `lax.switch` over
-blocks, makes XLA copy it, which at batch 8 with a long cache cost more than the reads.
+Why the store is a scatter of the new entries, after attention: the cache is a loop carry,
+updated in place, so a step costs its reads (one layer per row) plus the few entries it
+writes. Writing a whole merged layer back, or a write XLA may schedule before the layer is
+read, makes it copy the cache, which at batch 8 with a long cache cost more than the reads.
 """
 from __future__ import annotations
 
@@ -68,35 +68,49 @@ def layer_of_rows(cache: Cache, steps) -> tuple[jax.Array, jax.Array]:
   return cache.k[steps, rows], cache.v[steps, rows]
 
 
-def store(cache: Cache, steps, k, v, positions) -> Cache:
-  """cache with K/V [B, T, KV, Dh] written at positions [B, T] of each row's step (scalar
-  or [B]); nothing else is touched."""
+def store(cache: Cache, steps, k, v, positions, keep=None) -> Cache:
+  """cache with K/V [B, T, KV, Dh] written at positions [B, T] of their loop steps (scalar,
+  [B] per row, or [B, T] per entry); nothing else is touched. keep: optional [B, T] bool,
+  the entries to write (the others are dropped: one scatter serves a ragged set)."""
   batch, length = positions.shape
-  steps = jnp.broadcast_to(jnp.reshape(jnp.asarray(steps), (-1, 1)), (batch, length))
+  steps = jnp.asarray(steps)
+  steps = jnp.broadcast_to(steps[:, None] if steps.ndim == 1 else steps, (batch, length))
   rows = jnp.broadcast_to(jnp.arange(batch)[:, None], (batch, length))
-  return Cache(k=cache.k.at[steps, rows, :, positions].set(k.astype(cache.k.dtype)),
-               v=cache.v.at[steps, rows, :, positions].set(v.astype(cache.v.dtype)))
+  mode = None
+  if keep is not None:  # an out-of-range position: the scatter drops the entry
+    positions, mode = jnp.where(keep, positions, cache.length), 'drop'
+  return Cache(
+      k=cache.k.at[steps, rows, :, positions].set(k.astype(cache.k.dtype), mode=mode),
+      v=cache.v.at[steps, rows, :, positions].set(v.astype(cache.v.dtype), mode=mode))
 
 
-def cached_call(cache: Cache, steps, positions, call: Callable):
+def cached_call(cache: Cache, steps, positions, call: Callable, kv_of_call: Callable):
   """The block call of a decode step against the cache.
 
-  call(merge_kv) -> (out, (k, v)) runs a block whose attention uses merge_kv(k, v) to get
-  what to attend to: each row's layer [B, KV, S, Dh] at its step with this call's K/V
-  [B, T, KV, Dh] written at positions [B, T]. Returns (out, cache with those K/V
-  stored)."""
+  kv_of_call() -> (k, v) [B, T, KV, Dh]: the K/V this call's tokens write (the block's own
+  projections, Block.kv_only). They are stored first, at positions [B, T] of each row's
+  step; then call(merge_kv) -> (out, _) runs the block, whose attention reads, through
+  merge_kv, each row's layer [B, KV, S, Dh] of the updated cache. Returns (out, cache).
+
+  Store, then read: the layer read happens after the write, so the write is in place. The
+  other order (read the layer, write K/V into a copy of it, store later) leaves XLA free to
+  store before the read, and it then copies the whole cache to keep the read right: at
+  batch 8 with 289 positions that made a step three times slower.
+  """
+  k, v = kv_of_call()
+  cache = store(cache, steps, k, v, positions)
   k_rows, v_rows = layer_of_rows(cache, steps)
-  merge = lambda k, v: (write_positions(k_rows, k, positions),
-                        write_positions(v_rows, v, positions))
-  out, (k, v) = call(merge)
-  return out, store(cache, steps, k, v, positions)
+  out, _ = call(lambda *_: (k_rows, v_rows))
+  return out, cache
 
 
 def cached_step(cfg: model_lib.ModelConfig, params, cache: Cache, step, h, positions, mask):
   """Loop step `step` (traced scalar) on h [B, T, D] at positions [B, T] against the cache.
   Returns (h [B, T, D], cache)."""
-  return cached_call(cache, step, positions, lambda merge: model_lib.apply_step(
-      cfg, params, step, h, positions, mask, merge))
+  return cached_call(
+      cache, step, positions,
+      lambda merge: model_lib.apply_step(cfg, params, step, h, positions, mask, merge),
+      lambda: model_lib.apply_step(cfg, params, step, h, positions, kv_only=True))
 
 
 def store_kv_only(cfg: model_lib.ModelConfig, params, cache: Cache, step, h, positions

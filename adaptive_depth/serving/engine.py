@@ -172,46 +172,38 @@ def _run_blocks(cfg, params, state: DecodeState) -> tuple[jax.Array, kv_cache.Ca
     h, cache = kv_cache.cached_call(
         cache, steps, positions,
         lambda merge, block=block, steps=steps, h=h: model_lib.apply_block_rows(
-            cfg, params, block, steps, h, positions, mask, merge))
+            cfg, params, block, steps, h, positions, mask, merge),
+        lambda block=block, steps=steps, h=h: model_lib.apply_block_rows(
+            cfg, params, block, steps, h, positions, kv_only=True))
   return h[:, 0], cache
 
 
 def _propagate(cfg, params, cache, h, position, leaving, exit_depth):
   """KV policy 'propagate': for each slot in `leaving` [S], the K/V of every step it skipped
   (exit_depth <= s < num_layers) computed from its frozen state h [S, D], written at its
-  position. Without LoRA the frozen state gives one block the same K/V at every step that
-  runs it, so each block's K/V is computed once and written to all its remaining steps."""
-  slots = h.shape[0]
-  rows = jnp.arange(slots)
+  position in one scatter (the other slots' and steps' entries are dropped). Without LoRA
+  the frozen state gives one block the same K/V at every step that runs it, so each
+  block's K/V is computed once and placed at all its steps."""
+  slots, num_layers = h.shape[0], cfg.num_layers
   positions = position[:, None]
 
-  def write(cache, step, k, v):
-    # Slots that are not leaving, or did not skip this step, keep what the cache holds.
-    wanted = (leaving & (step >= exit_depth))[:, None, None, None]
-    k = jnp.where(wanted, k, cache.k[step, rows, :, position][:, None])
-    v = jnp.where(wanted, v, cache.v[step, rows, :, position][:, None])
-    return kv_cache.store(cache, step, k, v, positions)
-
-  def kv_at(block, step):
+  def kv_at(step):
     steps = jnp.full((slots,), step, jnp.int32)
+    block = int(model_lib.block_table(cfg)[step])
     return model_lib.apply_block_rows(cfg, params, block, steps, h[:, None], positions,
-                                      kv_only=True)
+                                      kv_only=True)  # [S, 1, KV, Dh] each
 
-  blocks, loops = cfg.num_blocks, cfg.num_layers // cfg.num_blocks
-  if 'lora' not in params:
-    for block in range(blocks):
-      k, v = kv_at(block, block)
-      for loop in range(loops):
-        cache = write(cache, loop * blocks + block, k, v)
-    return cache
-
-  def one_loop(loop, cache):  # every step has LoRA factors of its own
-    for block in range(blocks):
-      step = loop * blocks + block
-      cache = write(cache, step, *kv_at(block, step))
-    return cache
-
-  return jax.lax.fori_loop(0, loops, one_loop, cache)
+  if 'lora' in params:  # every step has LoRA factors of its own
+    per_step = [kv_at(step) for step in range(num_layers)]
+  else:
+    per_block = [kv_at(block) for block in range(cfg.num_blocks)]
+    per_step = [per_block[block] for block in model_lib.block_table(cfg)]
+  k = jnp.concatenate([k for k, _ in per_step], axis=1)  # [S, L, KV, Dh]
+  v = jnp.concatenate([v for _, v in per_step], axis=1)
+  steps = jnp.broadcast_to(jnp.arange(num_layers)[None, :], (slots, num_layers))
+  wanted = leaving[:, None] & (steps >= exit_depth[:, None])
+  return kv_cache.store(cache, steps, k, v, jnp.broadcast_to(positions, steps.shape),
+                        keep=wanted)
 
 
 def tick(cfg: model_lib.ModelConfig, params, state: DecodeState, policy: exits.ExitPolicy,
