@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from adaptive_depth import cli
 from adaptive_depth import config_lib
 from adaptive_depth import costs
 from adaptive_depth import exits
@@ -86,11 +87,12 @@ def full_depth_choices(cfg: model_lib.ModelConfig, params, prompt, tokens) -> np
   """The full model's greedy choice at every generated position given the generated
   prefix: [B, N] for tokens [B, N] generated after prompt [B, P]."""
   sequence = jnp.concatenate([prompt, tokens[:, :-1]], axis=1)
-  return np.asarray(_last_exit_argmax(cfg, params, sequence))[:, prompt.shape[1] - 1:]
+  return np.asarray(last_exit_argmax(cfg, params, sequence))[:, prompt.shape[1] - 1:]
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _last_exit_argmax(cfg, params, sequence):
+def last_exit_argmax(cfg, params, sequence):
+  """The last exit's greedy choice at every position of sequence [B, T] -> [B, T]."""
   # params is an argument, not a closed-over constant: one compile per shape, and XLA does
   # not constant-fold the weights.
   return jnp.argmax(model_lib.forward_train(cfg, params, sequence)[-1], -1)
@@ -107,6 +109,7 @@ def run_benchmark(config, workdir: str, out_path: str,
   launch/transformers_reference.py when config.benchmark.transformers_source is set).
   """
   b = config_lib.validate(config).benchmark
+  cli.check_output_path('--out', out_path)
   batches = config_lib.parse_list(b.batches, int, 'config.benchmark.batches')
   thresholds = config_lib.parse_list(b.thresholds, float, 'config.benchmark.thresholds')
   kv_policies = config_lib.parse_list(b.kv, str, 'config.benchmark.kv')

@@ -62,6 +62,14 @@ def unknown_key(config: ml_collections.ConfigDict, dotted: str,
   return None
 
 
+def check_output_path(flag: str, path: str) -> None:
+  """A PathError naming the flag unless `path` can be written (its folder exists): checked
+  before the work, not after."""
+  folder = os.path.dirname(os.path.abspath(path))
+  if not os.path.isdir(folder):
+    raise PathError(f'{flag}={path}: the folder {folder} does not exist')
+
+
 def _fail(message):
   lines = str(message).strip().splitlines() or [type(message).__name__]
   sys.stderr.write(''.join(f'error: {line}\n' for line in lines))

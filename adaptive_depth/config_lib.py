@@ -415,7 +415,10 @@ def _benchmark_problems(b, num_layers: int) -> list[str]:
     p.append(str(e))
   for key in ('prompt_lens', 'output_lens'):
     try:
-      parse_range(b[key], f'config.benchmark.{key}')
+      low, _ = parse_range(b[key], f'config.benchmark.{key}')
+      if key == 'output_lens' and low < 2:
+        p.append(f'config.benchmark.output_lens={b[key]!r}: min must be >= 2 (the first '
+                 'token comes from the prefill; the methods differ from the second on)')
     except ConfigError as e:
       p.append(str(e))
   return p

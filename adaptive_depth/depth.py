@@ -79,8 +79,9 @@ def exit_confidence(cfg, params, policy: exits.ExitPolicy, h, h_previous, exit_n
 
 
 def checks_at(cfg: model_lib.ModelConfig, policy: exits.ExitPolicy, depth):
-  """Scalar bool: whether some token may leave at loop depth `depth` (traced), so that the
-  exit check has to run there.
+  """Whether some token may leave at loop depth `depth` (traced), so that the exit check has
+  to run there: a scalar bool for one depth, [B] for one depth per row (the engine; exit_at
+  is then one value for every row).
 
   Only exits below the last qualify (every token still active leaves at the last anyway).
   A token with exit_at > 0 leaves at the first exit from exit_at on, whatever the measure

@@ -209,9 +209,9 @@ class Attention(nn.Module):
     """x: [B, T, D] normed input; positions: [B, T]; mask: [B, T, S].
 
     merge_kv: optional function (k, v) -> (k_all, v_all) [B, KV, S, Dh] (the KV cache's
-    layout) that writes this call's K/V into a cache and returns what to attend to. Without it the call attends to
-    its own tokens (S = T). row_lora: optional per-row LoRA factors {q, k, v, o} (see
-    row_lora_delta). Returns (out [B, T, D], (k, v) [B, T, KV, Dh] of this call).
+    layout): what to attend to, with this call's K/V in it (kv_cache.cached_call). Without
+    it the call attends to its own tokens (S = T). row_lora: optional per-row LoRA factors
+    {q, k, v, o} (see row_lora_delta). Returns (out [B, T, D], (k, v) [B, T, KV, Dh] of this call).
     """
     q = apply_rope(self._project(x, 'q', row_lora), positions, self.config.rope_base)
     own_kv = self.project_kv(x, positions, row_lora)

@@ -99,7 +99,7 @@ def _workdirs(root: pathlib.Path) -> dict:
           'prompts': str(root / 'prompts.txt'), 'bad_jsonl': str(root / 'bad.jsonl'),
           'config_only': str(config_only), 'not_gguf': str(root / 'notes.txt'),
           'fake_gguf': str(root / 'fake.gguf'), 'missing_gguf': str(root / 'missing.gguf'),
-          'out': str(root / 'missing' / 'bench.json'),
+          'out': str(root / 'bench.json'), 'out_nowhere': str(root / 'missing' / 'out.json'),
           'needs_file': str(root / 'needs_file.py'), 'weights': str(root / 'weights.gguf')}
 
 
@@ -180,6 +180,8 @@ def _cases(p: dict) -> dict:
                               ['config.serve.slots']),
           'parallel_kv': _Case([serving, nowhere, prompts, out, '--config.generate.kv=parallel'],
                                ['config.generate.kv', 'propagate']),
+          'out_folder_missing': _Case([serving, nowhere, prompts, f'--out={p["out_nowhere"]}'],
+                                      ['--out', p['out_nowhere']]),
           **workdirs(serving, prompts, out),
       },
       'convert': {

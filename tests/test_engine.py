@@ -284,16 +284,16 @@ def test_sampling_depends_on_the_request_not_on_its_slot():
   policy = MODELS['one_block'][1]
   prompts, max_new = _requests(seed=4, count=10)
   hot = ad.Sampling(temperature=1.5)
-  two = serve(model, prompts, max_new_tokens=max_new, exit=policy, slots=2, cache_len=32,
-              sampling=hot, seed=3, eos_id=-1)
+  engine = Engine(model, slots=2, cache_len=32, exit=policy, sampling=hot, seed=3, eos_id=-1)
+  two = serve(model, prompts, max_new_tokens=max_new, exit=policy, engine=engine)
   five = serve(model, prompts, max_new_tokens=max_new, exit=policy, slots=5, cache_len=32,
                sampling=hot, seed=3, eos_id=-1, chunk_ticks=7)
-  other_seed = serve(model, prompts, max_new_tokens=max_new, exit=policy, slots=2,
-                     cache_len=32, sampling=hot, seed=4, eos_id=-1)
+  engine.seed = 4  # a traced key: the same programs serve another seed
+  other_seed = serve(model, prompts, max_new_tokens=max_new, exit=policy, engine=engine)
   assert two.tokens == five.tokens and two.exit_depths == five.exit_depths
   assert [len(t) for t in two.tokens] == max_new  # eos_id=-1: every request runs its budget
   assert two.tokens != other_seed.tokens
-  greedy = serve(model, prompts, max_new_tokens=max_new, exit=policy, slots=3, cache_len=32,
+  greedy = serve(model, prompts, max_new_tokens=max_new, exit=policy, slots=2, cache_len=32,
                  sampling=ad.Sampling(top_k=1), seed=9)
   for i, prompt in enumerate(prompts):
     tokens, depths = _alone(model, prompt, max_new[i], policy)

@@ -15,7 +15,7 @@ def test_engine_benchmark_rows(tmp_path):
   config = ad.load_config('configs/shared_exit.py:tiny')
   b = config.benchmark
   b.mode, b.slots, b.num_requests = 'engine', '3', 7
-  b.prompt_lens, b.output_lens, b.thresholds, b.measure = '2,20', '1,6', '0.5', 'max_prob'
+  b.prompt_lens, b.output_lens, b.thresholds, b.measure = '2,20', '2,6', '0.5', 'max_prob'
   config.serve.chunk_ticks = 4
   out = str(tmp_path / 'engine.json')
   rows = stream_benchmark.run_engine_benchmark(config, workdir, out, progress=lambda _: None)
@@ -23,7 +23,8 @@ def test_engine_benchmark_rows(tmp_path):
   assert (tmp_path / 'engine.png').exists()
   by_mode = {r['mode']: r for r in rows}
   assert sorted(by_mode) == ['engine', 'engine_exit', 'per_row_exit', 'static']
-  prompts, max_new = stream_benchmark.request_stream(tokenizers.ByteTokenizer(), 7, (2, 20), (1, 6), 0)
+  prompts, max_new = stream_benchmark.request_stream(tokenizers.ByteTokenizer(), 7, (2, 20),
+                                                     (2, 6), 0)
   assert all(2 <= len(p) <= 20 for p in prompts) and sum(max_new) == rows[0]['tokens']
   assert by_mode['engine']['sequence_agreement'] == 1.0
   assert by_mode['engine']['agreement'] == by_mode['static']['agreement'] == 1.0

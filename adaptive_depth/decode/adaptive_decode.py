@@ -101,7 +101,9 @@ def exit_check(cfg: model_lib.ModelConfig, params, policy: exits.ExitPolicy, cla
   """
   _, exit_number = depth_lib._exit_lookup(cfg)
   depth = jnp.asarray(depth)
-  checks = depth_lib.checks_at(cfg, policy, depth)  # scalar, or [B] with per-row depths
+  # Only rows still going deeper check (the engine's free and finished slots keep stale
+  # depths, which must not open the check).
+  checks = depth_lib.checks_at(cfg, policy, depth) & state.active
 
   def check(state):
     score, logits = depth_lib.exit_confidence(cfg, params, policy, h, state.h_previous,

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from adaptive_depth import cli
 from adaptive_depth import config_lib
 from adaptive_depth import exits
 from adaptive_depth import model as model_lib
@@ -31,6 +32,7 @@ from adaptive_depth.decode import sampling as sampling_lib
 
 
 def _median_seconds(compiled, args, repeats: int) -> float:
+  """The median wall time of `repeats` runs after one warm-up."""
   jax.block_until_ready(compiled(*args))
   runs = []
   for _ in range(repeats):
@@ -80,10 +82,16 @@ def run_probe(config, out_path: str, *, batches: Sequence[int] = (1, 8),
   """Measures both questions for config.model; writes a JSON report to out_path and
   returns it."""
   config_lib.validate(config)
-  if min(batches) < 1 or min(new_tokens) < 1 or prompt_len < 1 or repeats < 1:
-    raise config_lib.ConfigError('batches, new_tokens, prompt_len and repeats must be >= 1')
+  cli.check_output_path('--out', out_path)
+  for name, values in (('batches', batches), ('new_tokens', new_tokens),
+                       ('prompt_len', [prompt_len]), ('repeats', [repeats])):
+    if min(values) < 1:
+      raise config_lib.ConfigError(f'--{name}={list(values)}: must be >= 1')
   if 1 not in batches:
-    raise config_lib.ConfigError(f'batches={list(batches)}: include 1 (the ratios are to it)')
+    raise config_lib.ConfigError(f'--batches={list(batches)}: include 1 (the ratios are to it)')
+  if len(set(new_tokens)) < 2:
+    raise config_lib.ConfigError(f'--new_tokens={list(new_tokens)}: give a short and a long '
+                                 'length (the cache-length cost compares them)')
   cfg = model_lib.ModelConfig.from_config(config.model)
   params = model_lib.per_block_layout(model_lib.init_params(cfg, jax.random.key(0)))
   progress(f'Decode scaling probe: {cfg.num_layers} layers, width {cfg.width}, mlp '

@@ -48,7 +48,8 @@ class Engine:
   traced, so `generate(state, ticks, exit=other)` with the same measure reuses the program.
   sampling: Greedy() (default) or Sampling(temperature, top_k, top_p), traced too; seed: the
   base of every request's random key (a request's tokens depend only on its id, the seed
-  and the model, not on the slot it gets). eos_id: the token that ends a request (default:
+  and the model, not on the slot it gets); an attribute, read at every insert and generate
+  as a traced key, so setting engine.seed compiles nothing. eos_id: the token that ends a request (default:
   the tokenizer's; -1: none, every request runs to its max_new_tokens).
   """
 
@@ -61,7 +62,11 @@ class Engine:
     self.policy = self._checked_policy(exit)
     self.sampling = self._checked_sampling(sampling)
     self.seed = seed  # made into a key at first use: nothing runs on device before a request
-    self.eos_id = model.tokenizer.eos_id if eos_id is None else int(eos_id)
+    self.eos_id = model.tokenizer.eos_id if eos_id is None else eos_id
+    if (not isinstance(self.eos_id, (int, np.integer)) or isinstance(self.eos_id, bool)
+        or not -1 <= self.eos_id < cfg.vocab_size):
+      raise cli.UserError(f'eos_id={self.eos_id!r}: must be an int in -1..{cfg.vocab_size - 1}'
+                          ' (-1: no end-of-sequence token)')
     self.compile_seconds = 0.0
     self.compiles = 0  # programs this engine compiled (tests count them)
     self._programs = {}
@@ -104,7 +109,8 @@ class Engine:
 
   def prefill(self, prompt_ids: Sequence[int]) -> engine_lib.Prefix:
     """One prompt (token ids) at full depth, padded to a multiple of PROMPT_MULTIPLE."""
-    prompt, lengths = decode_lib.pad_prompts([list(prompt_ids)], pad_id=self.eos_id,
+    # Pad tokens sit where the mask hides them until real tokens overwrite them.
+    prompt, lengths = decode_lib.pad_prompts([list(prompt_ids)], pad_id=0,
                                              multiple=PROMPT_MULTIPLE)
     if prompt.shape[1] > self.cache_len:
       raise cli.UserError(f'a prompt of {len(prompt_ids)} tokens (padded to {prompt.shape[1]}) '

@@ -25,8 +25,12 @@ def read_requests(path: str, default_max_new: int) -> tuple[list[str], list[int]
   and line for anything that is not a request."""
   if not os.path.isfile(path):
     raise cli.PathError(f'--prompts={path}: no such file')
-  with open(path, encoding='utf-8') as f:
-    lines = f.read().splitlines()
+  try:
+    with open(path, encoding='utf-8') as f:
+      lines = f.read().splitlines()
+  except UnicodeDecodeError as e:
+    raise cli.UserError(f'--prompts={path} is not UTF-8 text ({e.reason} at byte '
+                        f'{e.start})') from None
   prompts, max_new = [], []
   jsonl = path.endswith('.jsonl')
   for number, line in enumerate(lines, start=1):
@@ -76,6 +80,7 @@ def serve_file(config, workdir: str, prompts_path: str, out_path: str,
   if g.kv not in engine_lib.KV_POLICIES:
     raise config_lib.ConfigError(f'config.generate.kv={g.kv!r}: the engine runs '
                                  f'{", ".join(engine_lib.KV_POLICIES)}')
+  cli.check_output_path('--out', out_path)
   prompts, max_new = read_requests(prompts_path, g.max_new_tokens)
   model = saved_model.load(workdir)
   policy, sampling = decode_api.policy_and_sampling(g)

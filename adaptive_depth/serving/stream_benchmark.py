@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from adaptive_depth import benchmark as decode_benchmark
+from adaptive_depth import cli
 from adaptive_depth import config_lib
 from adaptive_depth import costs
 from adaptive_depth import exits
@@ -115,7 +116,8 @@ def teacher_forced_choices(cfg, params, prompts, tokens, rows_per_call: int = 16
     sequence = np.zeros((rows_per_call, width), np.int32)
     for r, (p, t) in enumerate(group):
       sequence[r, :len(p) + len(t)] = p + t
-    argmax = np.asarray(decode_benchmark._last_exit_argmax(cfg, params, jnp.asarray(sequence)))
+    argmax = np.asarray(decode_benchmark.last_exit_argmax(cfg, params,
+                                                           jnp.asarray(sequence)))
     choices += [argmax[r, len(p) - 1:len(p) - 1 + len(t)].tolist()
                 for r, (p, t) in enumerate(group)]
   return choices
@@ -126,6 +128,7 @@ def run_engine_benchmark(config, workdir: str, out_path: str,
   """Runs the four methods at every slot count and threshold; writes the rows to out_path
   (JSON) and a plot beside it. Returns the rows."""
   b = config_lib.validate(config).benchmark
+  cli.check_output_path('--out', out_path)
   slot_counts = config_lib.parse_list(b.slots, int, 'config.benchmark.slots')
   thresholds = config_lib.parse_list(b.thresholds, float, 'config.benchmark.thresholds')
   prompt_lens = config_lib.parse_range(b.prompt_lens, 'config.benchmark.prompt_lens')
@@ -176,7 +179,8 @@ def run_engine_benchmark(config, workdir: str, out_path: str,
            'requests': b.num_requests, 'tokens': generated}
     rows.append(row)
     shown = '-' if threshold is None else threshold
-    progress(f'  {slots:>2} slots  {mode:<12} threshold {shown:<5} {tps:8.1f} tok/s  depth {row["mean_depth"]:5.2f}  utilisation '
+    progress(f'  {slots:>2} slots  {mode:<12} threshold {shown:<5} '
+             f'{tps:8.1f} tok/s  depth {row["mean_depth"]:5.2f}  utilisation '
              f'{utilisation:.3f}  speedup over static {row["realized_speedup"]:.2f}x (theory '
              f'{row["theoretical_speedup"]:.2f}x)  agreement {agree:.3f}  (compile '
              f'{compile_s:.1f} s)')
