@@ -11,6 +11,8 @@ Two questions about the decode step itself, with nothing adaptive in the way:
 
 The parameters are random (timing does not depend on their values): no workdir needed.
 Every program is compiled and run once before `repeats` timed runs; figures are medians.
+A decode step's time excludes the prefill: each setting is also timed with one new token
+(the prefill's) and that time is subtracted.
 """
 from __future__ import annotations
 
@@ -44,16 +46,20 @@ def _median_seconds(compiled, args, repeats: int) -> float:
 
 def decode_seconds_per_token(cfg, params, batch: int, prompt_len: int, new_tokens: int,
                              repeats: int) -> float:
-  """Median wall seconds per new token of full-depth greedy decoding (prefill included,
-  amortised over new_tokens; the cache holds prompt_len + new_tokens + 1 positions)."""
+  """Median wall seconds per decode step of full-depth greedy decoding with a cache of
+  prompt_len + new_tokens + 1 positions: (time for new_tokens - time for the prefill and
+  its one token) / (new_tokens - 1), so the prefill is not amortised into the step."""
   prompt = jnp.ones((batch, prompt_len), jnp.int32)
   lengths = jnp.full((batch,), prompt_len, jnp.int32)
-  run = lambda params: generation.generate_tokens(
-      cfg, params, prompt, lengths, max_new_tokens=new_tokens,
-      policy=exits.ExitPolicy(measure='never'), sampling=sampling_lib.Greedy(),
-      rng=jax.random.key(0), eos_id=-1, pad_id=0)
-  compiled = jax.jit(run).lower(params).compile()
-  return _median_seconds(compiled, (params,), repeats) / new_tokens
+
+  def seconds(max_new):
+    run = lambda params: generation.generate_tokens(
+        cfg, params, prompt, lengths, max_new_tokens=max_new,
+        policy=exits.ExitPolicy(measure='never'), sampling=sampling_lib.Greedy(),
+        rng=jax.random.key(0), eos_id=-1, pad_id=0)
+    return _median_seconds(jax.jit(run).lower(params).compile(), (params,), repeats)
+
+  return (seconds(new_tokens) - seconds(1)) / (new_tokens - 1)
 
 
 def matmul_chain_seconds_per_token(cfg, batch: int, steps: int, repeats: int) -> float:
@@ -89,6 +95,9 @@ def run_probe(config, out_path: str, *, batches: Sequence[int] = (1, 8),
       raise config_lib.ConfigError(f'--{name}={list(values)}: must be >= 1')
   if 1 not in batches:
     raise config_lib.ConfigError(f'--batches={list(batches)}: include 1 (the ratios are to it)')
+  if min(new_tokens) < 2:
+    raise config_lib.ConfigError(f'--new_tokens={list(new_tokens)}: must be >= 2 (the '
+                                 'first comes from the prefill, whose time is subtracted)')
   if len(set(new_tokens)) < 2:
     raise config_lib.ConfigError(f'--new_tokens={list(new_tokens)}: give a short and a long '
                                  'length (the cache-length cost compares them)')
