@@ -45,11 +45,17 @@ from adaptive_depth.train import classifier as classifier_lib
 Reference = Callable[[np.ndarray, int, int], tuple[np.ndarray, float]]
 
 
-def benchmark_prompts(tokenizer, batch: int, prompt_len: int) -> np.ndarray:
-  """[batch, prompt_len] token ids: passages spread over the bundled validation text."""
+def validation_ids(tokenizer) -> np.ndarray:
+  """[N] int32: the bundled corpus's validation part, tokenized (where benchmark prompts
+  are cut from)."""
   text = '\n\n'.join(tiny_shakespeare.split_train_validation(
       tiny_shakespeare.read_bundled_corpus())['validation'])
-  ids = np.asarray(tokenizer.encode(text), np.int32)
+  return np.asarray(tokenizer.encode(text), np.int32)
+
+
+def benchmark_prompts(tokenizer, batch: int, prompt_len: int) -> np.ndarray:
+  """[batch, prompt_len] token ids: passages spread over the bundled validation text."""
+  ids = validation_ids(tokenizer)
   if len(ids) < batch * prompt_len * 2:
     raise config_lib.ConfigError(f'config.benchmark.prompt_len={prompt_len} is too long for '
                                  f'batch {batch}: the bundled validation text has {len(ids)} '

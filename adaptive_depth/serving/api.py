@@ -127,7 +127,7 @@ class Engine:
     if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
       raise cli.UserError(f'max_new_tokens={max_new_tokens!r} for {name}: must be an int '
                           '>= 1')
-    padded = -(-num_tokens // PROMPT_MULTIPLE) * PROMPT_MULTIPLE  # what prefill runs
+    padded = padded_length(num_tokens)  # what prefill runs
     if max(num_tokens + max_new_tokens, padded) > self.cache_len:
       raise cli.UserError(f'{name} has {num_tokens} tokens (prefilled padded to {padded}) and '
                        f'max_new_tokens={max_new_tokens}: they do not fit '
@@ -172,6 +172,11 @@ def check_engine_args(cfg, *, slots, cache_len, kv):
   message = engine_lib.schedule_error(cfg)
   if message:
     raise cli.UserError(message)
+
+
+def padded_length(num_tokens: int) -> int:
+  """num_tokens rounded up to a multiple of PROMPT_MULTIPLE (the prefill's padding)."""
+  return -(-num_tokens // PROMPT_MULTIPLE) * PROMPT_MULTIPLE
 
 
 def check_policy(cfg, policy: Optional[exits.ExitPolicy]) -> exits.ExitPolicy:
@@ -219,7 +224,7 @@ def serve(model: saved_model.LoadedModel, prompts, *, slots: int = 4,
     raise cli.UserError(f'chunk_ticks={chunk_ticks!r}: must be an int >= 1')
   needed = max(len(t) + m for t, m in zip(token_lists, max_new))
   if cache_len is None and engine is None:
-    cache_len = -(-needed // PROMPT_MULTIPLE) * PROMPT_MULTIPLE
+    cache_len = padded_length(needed)
   if engine is None:
     engine = Engine(model, slots=slots, cache_len=cache_len, exit=exit, kv=kv,
                     sampling=sampling, seed=seed, eos_id=eos_id)

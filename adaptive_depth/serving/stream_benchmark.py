@@ -41,7 +41,6 @@ from adaptive_depth import config_lib
 from adaptive_depth import costs
 from adaptive_depth import exits
 from adaptive_depth import saved_model
-from adaptive_depth.data import tiny_shakespeare
 from adaptive_depth.decode import adaptive_decode as decode_lib
 from adaptive_depth.decode import generation
 from adaptive_depth.decode import sampling as sampling_lib
@@ -53,9 +52,7 @@ NO_EOS = -1
 def request_stream(tokenizer, count: int, prompt_lens: tuple, output_lens: tuple, seed: int
                    ) -> tuple[list[list[int]], list[int]]:
   """(prompts as token id lists, max_new_tokens per request), drawn as the module says."""
-  text = '\n\n'.join(tiny_shakespeare.split_train_validation(
-      tiny_shakespeare.read_bundled_corpus())['validation'])
-  ids = np.asarray(tokenizer.encode(text), np.int32)
+  ids = decode_benchmark.validation_ids(tokenizer)
   rng = np.random.default_rng(seed)
   lengths = rng.integers(prompt_lens[0], prompt_lens[1] + 1, count)
   starts = rng.integers(0, len(ids) - prompt_lens[1], count)
@@ -109,7 +106,7 @@ def teacher_forced_choices(cfg, params, prompts, tokens, rows_per_call: int = 16
   """Per request, the full model's greedy choice at each generated position given the
   generated prefix (right-padded batches: causal attention ignores the padding)."""
   width = max(len(p) + len(t) for p, t in zip(prompts, tokens))
-  width = -(-width // 16) * 16
+  width = serving_api.padded_length(width)
   choices = []
   for i in range(0, len(prompts), rows_per_call):
     group = list(zip(prompts[i:i + rows_per_call], tokens[i:i + rows_per_call]))
@@ -145,8 +142,8 @@ def run_engine_benchmark(config, workdir: str, out_path: str,
   generated = sum(max_new)
   context = float(np.mean([len(p) for p in prompts]) + np.mean(max_new) / 2.0)
   block, full = costs.block_flops(cfg, context), costs.full_depth_flops(cfg, context)
-  cache_len = -(-max(len(p) + n for p, n in zip(prompts, max_new)) // 16) * 16
-  cache_len = max(cache_len, -(-prompt_lens[1] // 16) * 16)
+  cache_len = serving_api.padded_length(max(max(len(p) + n for p, n in zip(prompts, max_new)),
+                                             prompt_lens[1]))
   progress(f'Engine benchmark: {b.num_requests} requests, prompts {prompt_lens[0]}-'
            f'{prompt_lens[1]} tokens, outputs {output_lens[0]}-{output_lens[1]} tokens '
            f'(seed {b.seed}; {generated} tokens in all), {cfg.num_layers} steps over '
