@@ -17,7 +17,7 @@ from adaptive_depth import model as model_lib
 from adaptive_depth.data import tokenizers
 
 EXIT_LOSS_WEIGHTS = ('uniform', 'linear', 'last')
-EXIT_LOSSES = ('lm', 'distill')
+EXIT_LOSSES = ('lm', 'distill', 'lm_distill')
 TRAINABLE = ('all', 'exit_heads')
 STAGES = ('model', 'exit_classifier')
 
@@ -76,7 +76,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.grad_clip_norm = 1.0
   c.train.exit_loss_weights = 'uniform'  # one of EXIT_LOSS_WEIGHTS
   c.train.exit_loss = 'lm'        # 'lm': cross entropy on the corpus at every exit;
-                                  # 'distill': early exits match the last exit (KL)
+                                  # 'distill': early exits match the last exit (KL);
+                                  # 'lm_distill': early exits get both
   c.train.trainable = 'all'       # 'all' | 'exit_heads' (trunk frozen: only exit heads train)
   c.train.init_from = ''          # a workdir: start from its latest checkpoint's parameters
   c.train.log_every = 25

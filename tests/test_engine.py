@@ -276,6 +276,27 @@ def test_other_exit_policies_equal_each_request_decoded_alone(policy):
     assert set(decoded) == {2}
 
 
+def test_classifier_exits_equal_each_request_decoded_alone():
+  """Measure 'classifier' (CALM's learned exit) with one exit per slot: the classifier sees
+  each slot's own exit one-hot, so slots at different depths in one tick decide as batch-1
+  decoding does. Without its parameters the engine refuses the measure."""
+  model = _model(num_blocks=1, schedule='cycle')
+  cfg = model.model_config
+  classifier = exits.init_classifier(jax.random.key(3), cfg.width + 3 + len(cfg.exit_depths))
+  policy = exits.ExitPolicy(measure='classifier', threshold=0.5)
+  prompts, _ = _requests(seed=2, count=8)
+  out = serve(model, prompts, max_new_tokens=REFERENCE_MAX_NEW, exit=policy, slots=3,
+              cache_len=32, classifier=classifier)
+  for i, prompt in enumerate(prompts):
+    alone = ad.generate(model, [prompt], max_new_tokens=REFERENCE_MAX_NEW, exit=policy,
+                        kv='propagate', classifier=classifier)
+    assert out.tokens[i] == alone.tokens[0] and out.exit_depths[i] == alone.exit_depths[0], i
+  decoded = {d for depths in out.exit_depths for d in depths[1:]}
+  assert len(decoded) >= 2, ('the classifier must make a real mix of depths', decoded)
+  with pytest.raises(ad.UserError, match="classifier="):
+    Engine(model, slots=2, cache_len=32, exit=policy)
+
+
 def test_sampling_depends_on_the_request_not_on_its_slot():
   """A sampled request draws from its own key (seed, request id, token index): through 2 or
   5 slots it gets the same tokens and depths; another seed changes them; top_k=1 sampling

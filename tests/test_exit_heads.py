@@ -182,6 +182,32 @@ def _exit_losses(cfg, params, batches, kind):
   return np.mean(values, axis=0)
 
 
+@pytest.mark.parametrize('kind', ['lm', 'distill', 'lm_distill'])
+def test_multi_exit_loss_against_numpy(kind):
+  """Each exit's term from a numpy log-softmax: cross entropy on the targets ('lm'), the KL
+  from the last exit for early exits ('distill'), or both summed ('lm_distill'); the last
+  exit always keeps its cross entropy. Only the early exits get the KL's gradient."""
+  rng = np.random.default_rng(0)
+  logits = rng.standard_normal((3, 2, 5, 7)).astype(np.float32) * 2
+  targets = rng.integers(0, 7, (2, 5))
+  weights = np.asarray([0.2, 0.3, 0.5], np.float32)
+  log_p = logits - logits.max(-1, keepdims=True)
+  log_p = log_p - np.log(np.exp(log_p).sum(-1, keepdims=True))
+  ce = -np.take_along_axis(log_p, targets[None, ..., None], -1)[..., 0].mean((1, 2))
+  kl = (np.exp(log_p[-1]) * (log_p[-1] - log_p)).sum(-1).mean((1, 2))
+  early = {'lm': ce, 'distill': kl, 'lm_distill': ce + kl}[kind]
+  want = weights[:2] @ early[:2] + weights[2] * ce[2]
+  loss, per_exit, _ = losses.multi_exit_loss(jnp.asarray(logits), jnp.asarray(targets),
+                                             weights, kind)
+  np.testing.assert_allclose(loss, want, rtol=1e-5)
+  np.testing.assert_allclose(per_exit, ce, rtol=1e-5)
+  if kind != 'lm':  # the teacher is held fixed: its KL term moves only the early exits
+    kl_only = lambda x: losses.multi_exit_loss(x, jnp.asarray(targets),
+                                               np.asarray([1.0, 1.0, 0.0]), 'distill')[0]
+    grad = np.asarray(jax.grad(kl_only)(jnp.asarray(logits)))
+    assert np.abs(grad[-1]).max() == 0 and np.abs(grad[:2]).max() > 1e-3
+
+
 @pytest.mark.parametrize('exit_loss', ['lm', 'distill'])
 def test_frozen_trunk_fine_tune(source_run, tmp_path, exit_loss):
   config = ad.load_config(EXITS_TINY)

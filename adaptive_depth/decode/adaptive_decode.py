@@ -106,8 +106,11 @@ def exit_check(cfg: model_lib.ModelConfig, params, policy: exits.ExitPolicy, cla
   checks = depth_lib.checks_at(cfg, policy, depth) & state.active
 
   def check(state):
+    number = exit_number[depth]
+    if number.ndim:  # one exit per row: [B] -> [B, 1], broadcastable to h's [B, 1]
+      number = number[:, None]
     score, logits = depth_lib.exit_confidence(cfg, params, policy, h, state.h_previous,
-                                              exit_number[depth], classifier)
+                                              number, classifier)
     leaving = (state.active & may_exit & checks
                & depth_lib.exit_decision(policy, score[:, 0], depth, row_position))
     exit_logits = state.exit_logits

@@ -110,7 +110,7 @@ def generate_from_config(model, prompts, config, *, workdir: Optional[str] = Non
     return generate(model, prompts, max_new_tokens=g.max_new_tokens,
                     speculative=config_lib.parse_speculative(g.speculative)[0])
   policy, sampling = policy_and_sampling(g)
-  classifier = _saved_classifier(model, workdir) if g.measure == 'classifier' else None
+  classifier = saved_classifier(model, workdir) if g.measure == 'classifier' else None
   return generate(model, prompts, max_new_tokens=g.max_new_tokens, exit=policy, kv=g.kv,
                   queue_capacity=g.queue_capacity, sampling=sampling, seed=g.seed,
                   classifier=classifier)
@@ -125,7 +125,7 @@ def policy_and_sampling(g) -> tuple[exits.ExitPolicy, Any]:
   return policy, sampling
 
 
-def _saved_classifier(model, workdir: Optional[str]):
+def saved_classifier(model, workdir: Optional[str]):
   """The exit classifier parameters saved in `workdir` for this model."""
   train_it = ('train it with python launch/train.py --config=configs/exit_classifier.py '
               f'--workdir={workdir or "DIR"}')

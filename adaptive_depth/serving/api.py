@@ -50,15 +50,19 @@ class Engine:
   base of every request's random key (a request's tokens depend only on its id, the seed
   and the model, not on the slot it gets); an attribute, read at every insert and generate
   as a traced key, so setting engine.seed compiles nothing. eos_id: the token that ends a request (default:
-  the tokenizer's; -1: none, every request runs to its max_new_tokens).
+  the tokenizer's; -1: none, every request runs to its max_new_tokens). classifier: the
+  exit classifier's parameters (train/classifier.require_classifier reads the ones
+  configs/exit_classifier.py saved), needed by measure 'classifier' and by no other.
   """
 
   def __init__(self, model: saved_model.LoadedModel, *, slots: int, cache_len: int,
                exit: Optional[exits.ExitPolicy] = None, kv: str = 'propagate',
-               sampling=None, seed: int = 0, eos_id: Optional[int] = None):
+               sampling=None, seed: int = 0, eos_id: Optional[int] = None,
+               classifier=None):
     cfg = model.model_config
     check_engine_args(cfg, slots=slots, cache_len=cache_len, kv=kv)
     self.model, self.cfg, self.slots, self.cache_len = model, cfg, slots, cache_len
+    self.classifier = classifier
     self.policy = self._checked_policy(exit)
     self.sampling = self._checked_sampling(sampling)
     self.seed = seed  # made into a key at first use: nothing runs on device before a request
@@ -72,7 +76,11 @@ class Engine:
     self._programs = {}
 
   def _checked_policy(self, policy):
-    return check_policy(self.cfg, policy)
+    policy = check_policy(self.cfg, policy)
+    if policy.measure == 'classifier' and self.classifier is None:
+      raise cli.UserError("ExitPolicy.measure='classifier' needs the engine's classifier= "
+                          '(the parameters configs/exit_classifier.py trains)')
+    return policy
 
   @property
   def params(self):
@@ -154,10 +162,13 @@ class Engine:
     when no slot is live)."""
     policy = self.policy if exit is None else self._checked_policy(exit)
     cfg = self.cfg
-    run = lambda params, state, policy, ticks, eos, sampling, rng: engine_lib.generate(
-        cfg, params, state, policy, ticks, eos, sampling, rng)
+    run = lambda params, state, policy, ticks, eos, sampling, rng, classifier: (
+        engine_lib.generate(cfg, params, state, policy, ticks, eos, sampling, rng, classifier))
+    # The classifier goes only to the programs of its measure: the others need not change
+    # when it does.
+    classifier = self.classifier if policy.measure == 'classifier' else None
     args = (self.params, state, policy, np.int32(num_ticks), np.int32(self.eos_id),
-            self.sampling, self.rng)
+            self.sampling, self.rng, classifier)
     return self._compiled('generate', run, args, donate=(1,))(*args)
 
 
@@ -205,13 +216,14 @@ def serve(model: saved_model.LoadedModel, prompts, *, slots: int = 4,
           exit: Optional[exits.ExitPolicy] = None, kv: str = 'propagate',
           cache_len: Optional[int] = None, chunk_ticks: int = 16,
           sampling=None, seed: int = 0, eos_id: Optional[int] = None,
-          engine: Optional[Engine] = None,
+          classifier=None, engine: Optional[Engine] = None,
           on_finished: Optional[Callable[[int], None]] = None) -> ServeOutput:
   """Generation for a stream of requests through `slots` slots of the depth-wise batching
   engine. prompts: strings or token id lists (as ad.generate takes them);
   max_new_tokens: one int or one per prompt; exit: the exit policy (default: the engine's,
   which is never exit when serve makes the engine); sampling, seed, eos_id: as Engine
-  takes them (default greedy; a given engine keeps its own);
+  takes them (default greedy; a given engine keeps its own); classifier: the exit
+  classifier's parameters, for measure 'classifier' (as Engine takes them);
   cache_len: positions per slot (default: the longest prompt plus its max_new_tokens, rounded
   up to a multiple of 16); chunk_ticks: ticks per device loop between host refills.
   engine: an Engine to reuse (its slots and cache_len then rule). on_finished: called with
@@ -227,12 +239,12 @@ def serve(model: saved_model.LoadedModel, prompts, *, slots: int = 4,
     cache_len = padded_length(needed)
   if engine is None:
     engine = Engine(model, slots=slots, cache_len=cache_len, exit=exit, kv=kv,
-                    sampling=sampling, seed=seed, eos_id=eos_id)
+                    sampling=sampling, seed=seed, eos_id=eos_id, classifier=classifier)
   else:
     check_engine_args(cfg, slots=engine.slots, cache_len=engine.cache_len, kv=kv)
-    if sampling is not None or eos_id is not None:
-      raise cli.UserError('sampling= and eos_id= belong to the engine when engine= is given: '
-                       'pass them to Engine(...)')
+    if sampling is not None or eos_id is not None or classifier is not None:
+      raise cli.UserError('sampling=, eos_id= and classifier= belong to the engine when '
+                          'engine= is given: pass them to Engine(...)')
   for i, (ids, m) in enumerate(zip(token_lists, max_new)):
     engine.check_request(len(ids), m, name=f'prompts[{i}]')
   policy = engine.policy if exit is None else engine._checked_policy(exit)

@@ -36,9 +36,9 @@ from adaptive_depth.decode import kv_cache
 from adaptive_depth.decode import sampling as sampling_lib
 
 KV_POLICIES = ('propagate',)
-# Measures the engine can decide with (the classifier and the oracle need inputs the
-# engine does not carry yet).
-MEASURES = tuple(m for m in exits.MEASURES if m not in ('classifier', 'oracle'))
+# Measures the engine can decide with: every one but the oracle, which needs the full
+# model's choice before the token is computed ('classifier' takes the classifier's params).
+MEASURES = tuple(m for m in exits.MEASURES if m != 'oracle')
 
 
 @flax.struct.dataclass
@@ -207,7 +207,7 @@ def _propagate(cfg, params, cache, h, position, leaving, exit_depth):
 
 
 def tick(cfg: model_lib.ModelConfig, params, state: DecodeState, policy: exits.ExitPolicy,
-         eos_id, sampling, rng) -> DecodeState:
+         eos_id, sampling, rng, classifier=None) -> DecodeState:
   """One pass of the shared blocks over all slots, then each slot's own exit decision
   (adaptive_decode.exit_check, with a depth per slot)."""
   num_layers = cfg.num_layers
@@ -220,7 +220,7 @@ def tick(cfg: model_lib.ModelConfig, params, state: DecodeState, policy: exits.E
   # The t of the decaying threshold: the emitted token's index among new tokens, minus one
   # (as generation.generate_tokens counts it).
   checked = decode_lib.exit_check(
-      cfg, params, policy, None, depth, h[:, None],
+      cfg, params, policy, classifier, depth, h[:, None],
       decode_lib.ExitState.start(cfg, state.h_previous[:, None], live),
       state.count - 1)
   leaving = live & ~checked.active
@@ -228,9 +228,9 @@ def tick(cfg: model_lib.ModelConfig, params, state: DecodeState, policy: exits.E
   # The last exit's head only for slots at the bottom (computed only if there are some).
   logits = decode_lib.final_logits(cfg, params, h, jnp.where(at_bottom, num_layers, 0),
                                    checked.exit_logits)
-  cache = jax.lax.cond(jnp.any(leaving),
-                       lambda c: _propagate(cfg, params, c, h, state.position, leaving, depth),
-                       lambda c: c, cache)
+  # No lax.cond around it: a conditional that returns the cache untouched in one branch
+  # made XLA copy the whole cache at every tick (more than the K/V projection costs).
+  cache = _propagate(cfg, params, cache, h, state.position, leaving, depth)
 
   # Slots whose token is finished emit it and start the next one at step 0.
   finishing = leaving | at_bottom
@@ -264,13 +264,16 @@ class _Chunk:
 
 
 def generate(cfg: model_lib.ModelConfig, params, state: DecodeState, policy: exits.ExitPolicy,
-             num_ticks, eos_id, sampling=sampling_lib.Greedy(), rng=None) -> DecodeState:
-  """Up to num_ticks (traced) ticks on device; stops early when no slot is live."""
+             num_ticks, eos_id, sampling=sampling_lib.Greedy(), rng=None,
+             classifier=None) -> DecodeState:
+  """Up to num_ticks (traced) ticks on device; stops early when no slot is live.
+  classifier: the exit classifier's parameters, for policy.measure 'classifier'."""
   def cond(chunk):
     return (chunk.ticks_run < num_ticks) & jnp.any(chunk.state.live)
 
   def body(chunk):
     return _Chunk(ticks_run=chunk.ticks_run + 1,
-                  state=tick(cfg, params, chunk.state, policy, eos_id, sampling, rng))
+                  state=tick(cfg, params, chunk.state, policy, eos_id, sampling, rng,
+                             classifier))
 
   return jax.lax.while_loop(cond, body, _Chunk(ticks_run=jnp.int32(0), state=state)).state

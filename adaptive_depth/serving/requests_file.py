@@ -84,6 +84,7 @@ def serve_file(config, workdir: str, prompts_path: str, out_path: str,
   prompts, max_new = read_requests(prompts_path, g.max_new_tokens)
   model = saved_model.load(workdir)
   policy, sampling = decode_api.policy_and_sampling(g)
+  classifier = decode_api.saved_classifier(model, workdir) if g.measure == 'classifier' else None
   bar = tqdm.tqdm(total=len(prompts), unit='request', desc='serving')
   last = [0]
 
@@ -94,7 +95,8 @@ def serve_file(config, workdir: str, prompts_path: str, out_path: str,
   try:
     out = serving_api.serve(model, prompts, slots=s.slots, max_new_tokens=max_new, exit=policy,
                             kv=g.kv, cache_len=s.cache_len or None, chunk_ticks=s.chunk_ticks,
-                            sampling=sampling, seed=g.seed, on_finished=finished)
+                            sampling=sampling, seed=g.seed, classifier=classifier,
+                            on_finished=finished)
   finally:
     bar.close()
   with open(out_path, 'w', encoding='utf-8') as f:

@@ -42,6 +42,7 @@ from adaptive_depth import costs
 from adaptive_depth import exits
 from adaptive_depth import saved_model
 from adaptive_depth.decode import adaptive_decode as decode_lib
+from adaptive_depth.decode import api as decode_api
 from adaptive_depth.decode import generation
 from adaptive_depth.decode import sampling as sampling_lib
 from adaptive_depth.serving import api as serving_api
@@ -61,7 +62,7 @@ def request_stream(tokenizer, count: int, prompt_lens: tuple, output_lens: tuple
           [int(n) for n in outputs])
 
 
-def static_batches(cfg, params, prompts, max_new, slots: int, policy):
+def static_batches(cfg, params, prompts, max_new, slots: int, policy, classifier=None):
   """Decodes the stream in arrival-order batches of `slots` (the last one filled with
   one-token dummies) with generation.generate_tokens. Returns (compile seconds, stream
   seconds, tokens per request, depths per request, per batch the deepest exit depth of
@@ -74,15 +75,15 @@ def static_batches(cfg, params, prompts, max_new, slots: int, policy):
   lengths = np.concatenate([lengths, np.repeat(lengths[:1], padded - count)])
   budgets = np.asarray(max_new + [1] * (padded - count), np.int32)
 
-  def run(params, prompt, lengths, budgets, policy):
+  def run(params, prompt, lengths, budgets, policy, classifier):
     return generation.generate_tokens(
         cfg, params, prompt, lengths, max_new_tokens=longest, policy=policy,
         sampling=sampling_lib.Greedy(), rng=jax.random.key(0), eos_id=NO_EOS, pad_id=0,
-        kv='propagate', row_max_new=budgets)
+        kv='propagate', row_max_new=budgets, classifier=classifier)
 
   batch = lambda i: (params, jnp.asarray(prompt[i:i + slots]),
                      jnp.asarray(lengths[i:i + slots]), jnp.asarray(budgets[i:i + slots]),
-                     policy)
+                     policy, classifier)
   start = time.perf_counter()
   compiled = jax.jit(run).lower(*batch(0)).compile()
   compile_seconds = time.perf_counter() - start
@@ -132,6 +133,8 @@ def run_engine_benchmark(config, workdir: str, out_path: str,
   output_lens = config_lib.parse_range(b.output_lens, 'config.benchmark.output_lens')
   model = saved_model.load(workdir)
   cfg = model.model_config
+  classifier = (decode_api.saved_classifier(model, workdir) if b.measure == 'classifier'
+                else None)
   serving_api.check_engine_args(cfg, slots=max(slot_counts), cache_len=2, kv='propagate')
   prompts, max_new = request_stream(model.tokenizer, b.num_requests, prompt_lens, output_lens,
                                     b.seed)
@@ -186,7 +189,7 @@ def run_engine_benchmark(config, workdir: str, out_path: str,
     static_tokens = None
     for threshold, policy in policies:
       compile_s, seconds, tokens, depths, deepest = static_batches(
-          cfg, model.decode_params, prompts, max_new, slots, policy)
+          cfg, model.decode_params, prompts, max_new, slots, policy, classifier)
       positions = sum(slots * (len(d) + 1) for d in deepest)
       utilisation = generated / positions
       if threshold is None:
@@ -199,7 +202,8 @@ def run_engine_benchmark(config, workdir: str, out_path: str,
                                                      kv='propagate').sum() for d in deepest)
         record('per_row_exit', slots, threshold, tokens, depths, seconds, compile_s, flops,
                utilisation, static_tokens)
-    engine = serving_api.Engine(model, slots=slots, cache_len=cache_len, eos_id=NO_EOS)
+    engine = serving_api.Engine(model, slots=slots, cache_len=cache_len, eos_id=NO_EOS,
+                                classifier=classifier)
     kv_cost = serving_api.kv_cost(cfg)
     for threshold, policy in policies:
       compile_before = engine.compile_seconds

@@ -45,7 +45,9 @@ def multi_exit_loss(logits, targets, weights, kind: str = 'lm'):
   kind 'lm': each exit's mean token cross entropy on the targets. kind 'distill': each
   early exit's mean KL(p_last || p_exit) with the last exit's distribution held fixed
   (stop_gradient), which trains the early exits to agree with full depth rather than with
-  the corpus; the last exit keeps its cross entropy.
+  the corpus; the last exit keeps its cross entropy. kind 'lm_distill': both for each early
+  exit (its cross entropy plus that KL): the exits learn the corpus and also to agree with
+  full depth, which lets them leave earlier at the same agreement.
   logits: [E, B, T, V]; targets: [B, T]; weights: [E].
   Returns (scalar loss, per-exit mean cross entropy [E] and accuracy [E]; both reported
   whatever the kind).
@@ -57,10 +59,12 @@ def multi_exit_loss(logits, targets, weights, kind: str = 'lm'):
       axis=(1, 2))
   if kind == 'lm':
     objective = per_exit
-  elif kind == 'distill':
+  elif kind in ('distill', 'lm_distill'):
     teacher = jax.lax.stop_gradient(log_probs[-1])
     kl = jnp.sum(jnp.exp(teacher) * (teacher - log_probs[:-1]), axis=-1).mean(axis=(1, 2))
+    if kind == 'lm_distill':
+      kl = kl + per_exit[:-1]
     objective = jnp.concatenate([kl, per_exit[-1:]])
   else:
-    raise ValueError(f"config.train.exit_loss={kind!r}; allowed: lm, distill")
+    raise ValueError(f"config.train.exit_loss={kind!r}; allowed: lm, distill, lm_distill")
   return jnp.dot(jnp.asarray(weights), objective), per_exit, accuracy
