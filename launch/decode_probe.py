@@ -18,7 +18,8 @@ _OUT = flags.DEFINE_string('out', None, 'Where to write the JSON report.')
 _BATCHES = flags.DEFINE_string('batches', '1,8', 'Batch sizes (must include 1).')
 _NEW_TOKENS = flags.DEFINE_string('new_tokens', '32,256', 'New tokens: short and long cache.')
 _PROMPT_LEN = flags.DEFINE_integer('prompt_len', 32, 'Prompt tokens per row.')
-_REPEATS = flags.DEFINE_integer('repeats', 3, 'Timed runs per setting (median).')
+_REPEATS = flags.DEFINE_integer('repeats', 5, 'Timed rounds, each running every setting '
+                                 'once in turn (figures are medians over rounds).')
 flags.mark_flags_as_required(['config', 'out'])
 
 

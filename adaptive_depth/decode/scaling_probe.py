@@ -10,14 +10,15 @@ Two questions about the decode step itself, with nothing adaptive in the way:
                  lax.fori_loop: what the hardware gives for free at that batch.
 
 The parameters are random (timing does not depend on their values): no workdir needed.
-Every program is compiled and run once before `repeats` timed runs; figures are medians.
-A decode step's time excludes the prefill: each setting is also timed with one new token
-(the prefill's) and that time is subtracted.
+Every program is compiled and run once, then timed in `repeats` rounds, each round running
+every program once in turn; each figure is the median over rounds, and each ratio the
+median of the rounds' ratios (both sides of a ratio ran side by side: this machine's speed
+drifts by tens of percent between minutes). A decode step's time excludes the prefill:
+each setting is also timed with one new token (the prefill's) and that time is subtracted.
 """
 from __future__ import annotations
 
 import json
-import statistics
 import time
 from typing import Callable, Sequence
 
@@ -33,37 +34,20 @@ from adaptive_depth.decode import generation
 from adaptive_depth.decode import sampling as sampling_lib
 
 
-def _median_seconds(compiled, args, repeats: int) -> float:
-  """The median wall time of `repeats` runs after one warm-up."""
-  jax.block_until_ready(compiled(*args))
-  runs = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(compiled(*args))
-    runs.append(time.perf_counter() - start)
-  return statistics.median(runs)
-
-
-def decode_seconds_per_token(cfg, params, batch: int, prompt_len: int, new_tokens: int,
-                             repeats: int) -> float:
-  """Median wall seconds per decode step of full-depth greedy decoding with a cache of
-  prompt_len + new_tokens + 1 positions: (time for new_tokens - time for the prefill and
-  its one token) / (new_tokens - 1), so the prefill is not amortised into the step."""
+def decode_program(cfg, params, batch: int, prompt_len: int, max_new: int):
+  """(compiled, args) of full-depth greedy decoding of max_new tokens after prompt_len-token
+  prompts at `batch`, with a cache of prompt_len + max_new + 1 positions."""
   prompt = jnp.ones((batch, prompt_len), jnp.int32)
   lengths = jnp.full((batch,), prompt_len, jnp.int32)
-
-  def seconds(max_new):
-    run = lambda params: generation.generate_tokens(
-        cfg, params, prompt, lengths, max_new_tokens=max_new,
-        policy=exits.ExitPolicy(measure='never'), sampling=sampling_lib.Greedy(),
-        rng=jax.random.key(0), eos_id=-1, pad_id=0)
-    return _median_seconds(jax.jit(run).lower(params).compile(), (params,), repeats)
-
-  return (seconds(new_tokens) - seconds(1)) / (new_tokens - 1)
+  run = lambda params: generation.generate_tokens(
+      cfg, params, prompt, lengths, max_new_tokens=max_new,
+      policy=exits.ExitPolicy(measure='never'), sampling=sampling_lib.Greedy(),
+      rng=jax.random.key(0), eos_id=-1, pad_id=0)
+  return jax.jit(run).lower(params).compile(), (params,)
 
 
-def matmul_chain_seconds_per_token(cfg, batch: int, steps: int, repeats: int) -> float:
-  """Median wall seconds per token of `steps` passes of the bare matmul chain at `batch`."""
+def matmul_chain_program(cfg, batch: int, steps: int):
+  """(compiled, args) of `steps` passes of the bare matmul chain at `batch`."""
   rng = np.random.default_rng(0)
   w_in = jnp.asarray(rng.normal(0, 0.02, (cfg.num_layers, cfg.width, cfg.mlp_dim)), jnp.float32)
   w_out = jnp.asarray(rng.normal(0, 0.02, (cfg.num_layers, cfg.mlp_dim, cfg.width)),
@@ -78,8 +62,23 @@ def matmul_chain_seconds_per_token(cfg, batch: int, steps: int, repeats: int) ->
     return jax.lax.fori_loop(0, steps, one_token, x)
 
   x = jnp.ones((batch, cfg.width), jnp.float32)
-  compiled = jax.jit(run).lower(weights, x).compile()
-  return _median_seconds(compiled, (weights, x), repeats) / steps
+  return jax.jit(run).lower(weights, x).compile(), (weights, x)
+
+
+def interleaved_seconds(programs: dict, repeats: int) -> dict:
+  """Wall seconds of every program in `programs` ({key: (compiled, args)}), `repeats`
+  rounds after one warm-up each; a round runs every program once, in turn, so that the
+  figures compared with each other are measured side by side while the machine's speed
+  drifts. Returns {key: [seconds per round]}."""
+  for compiled, args in programs.values():
+    jax.block_until_ready(compiled(*args))
+  times = {key: [] for key in programs}
+  for _ in range(repeats):
+    for key, (compiled, args) in programs.items():
+      start = time.perf_counter()
+      jax.block_until_ready(compiled(*args))
+      times[key].append(time.perf_counter() - start)
+  return times
 
 
 def run_probe(config, out_path: str, *, batches: Sequence[int] = (1, 8),
@@ -104,30 +103,38 @@ def run_probe(config, out_path: str, *, batches: Sequence[int] = (1, 8),
   cfg = model_lib.ModelConfig.from_config(config.model)
   params = model_lib.per_block_layout(model_lib.init_params(cfg, jax.random.key(0)))
   progress(f'Decode scaling probe: {cfg.num_layers} layers, width {cfg.width}, mlp '
-           f'{cfg.mlp_dim}, {prompt_len}-token prompts, median of {repeats} runs, on '
+           f'{cfg.mlp_dim}, {prompt_len}-token prompts, median of {repeats} interleaved rounds, on '
            f'{jax.devices()[0].platform}')
   short, long = min(new_tokens), max(new_tokens)
+  programs = {}
+  for batch in batches:
+    # A step's time excludes the prefill: max_new=1 is the prefill and its one token.
+    for n in sorted({1, short, long}):
+      programs[('decode', batch, n)] = decode_program(cfg, params, batch, prompt_len, n)
+    programs[('chain', batch)] = matmul_chain_program(cfg, batch, short)
+  times = {key: np.asarray(t) for key, t in interleaved_seconds(programs, repeats).items()}
+  step = lambda batch, n: (times[('decode', batch, n)] - times[('decode', batch, 1)]) / (n - 1)
+  decode_tps = {b: b / step(b, short) for b in batches}  # per round
+  chain_tps = {b: b * short / times[('chain', b)] for b in batches}
+  median = lambda x: float(np.median(x))
   rows = []
   for batch in batches:
-    decode = {n: decode_seconds_per_token(cfg, params, batch, prompt_len, n, repeats)
-              for n in sorted(set(new_tokens))}
-    chain = matmul_chain_seconds_per_token(cfg, batch, short, repeats)
     row = {'batch': batch,
-           **{f'decode_ms_per_step_{n}_new': 1e3 * s for n, s in decode.items()},
-           'cache_positions': {n: prompt_len + n + 1 for n in decode},
-           'cache_length_cost': decode[long] / decode[short] - 1.0,
-           'decode_tokens_per_second': batch / decode[short],
-           'matmul_chain_tokens_per_second': batch / chain}
+           **{f'decode_ms_per_step_{n}_new': 1e3 * median(step(batch, n))
+              for n in (short, long)},
+           'cache_positions': {n: prompt_len + n + 1 for n in (short, long)},
+           # The median of each round's ratio: both steps of a round ran side by side.
+           'cache_length_cost': median(step(batch, long) / step(batch, short) - 1.0),
+           'decode_tokens_per_second': median(decode_tps[batch]),
+           'matmul_chain_tokens_per_second': median(chain_tps[batch]),
+           'decode_batch_ratio': median(decode_tps[batch] / decode_tps[1]),
+           'matmul_chain_batch_ratio': median(chain_tps[batch] / chain_tps[1])}
     rows.append(row)
     progress(f'  batch {batch:>2}: ' + ', '.join(
-        f'{1e3 * s:.1f} ms/step with {prompt_len + n + 1} cached positions'
-        for n, s in decode.items()) + f' (+{100 * row["cache_length_cost"]:.0f}%); matmul '
-        f'chain {row["matmul_chain_tokens_per_second"]:.0f} tok/s')
-  one = next(r for r in rows if r['batch'] == 1)
+        f'{row[f"decode_ms_per_step_{n}_new"]:.1f} ms/step with {prompt_len + n + 1} cached '
+        'positions' for n in (short, long)) + f' ({100 * row["cache_length_cost"]:+.0f}%); '
+        f'matmul chain {row["matmul_chain_tokens_per_second"]:.0f} tok/s')
   for row in rows:
-    row['decode_batch_ratio'] = row['decode_tokens_per_second'] / one['decode_tokens_per_second']
-    row['matmul_chain_batch_ratio'] = (row['matmul_chain_tokens_per_second']
-                                       / one['matmul_chain_tokens_per_second'])
     if row['batch'] != 1:
       progress(f'  batch {row["batch"]} over batch 1, tokens/s: decode '
                f'{row["decode_batch_ratio"]:.2f}x, bare matmul chain '

@@ -14,7 +14,8 @@ starting at uniformly drawn offsets, with lengths uniform in config.benchmark.pr
 max_new_tokens uniform in config.benchmark.output_lens (numpy default_rng(seed)); no EOS, so
 every request decodes exactly its max_new_tokens and every method produces the same tokens
 count. Each method is compiled and warmed up first (compile time reported apart), then the
-whole stream is timed once.
+whole stream is timed config.benchmark.repeats times and the median is kept (this 2-core
+machine's run-to-run noise reaches +-20%; outputs are the same at every repeat).
 
 Per row: tokens_per_second (generated tokens over the stream's wall time, prefill included);
 agreement (fraction of decode-step tokens equal to the full model's greedy choice for the
@@ -62,11 +63,13 @@ def request_stream(tokenizer, count: int, prompt_lens: tuple, output_lens: tuple
           [int(n) for n in outputs])
 
 
-def static_batches(cfg, params, prompts, max_new, slots: int, policy, classifier=None):
+def static_batches(cfg, params, prompts, max_new, slots: int, policy, classifier=None,
+                   repeats: int = 1):
   """Decodes the stream in arrival-order batches of `slots` (the last one filled with
-  one-token dummies) with generation.generate_tokens. Returns (compile seconds, stream
-  seconds, tokens per request, depths per request, per batch the deepest exit depth of
-  each decode step [steps - 1]: what every row of that batch computes)."""
+  one-token dummies) with generation.generate_tokens. Returns (compile seconds, median
+  stream seconds over `repeats` runs, tokens per request, depths per request, per batch the
+  deepest exit depth of each decode step [steps - 1]: what every row of that batch
+  computes)."""
   prompt, lengths = decode_lib.pad_prompts(prompts, pad_id=0)
   longest = max(max_new)
   count = len(prompts)
@@ -88,9 +91,12 @@ def static_batches(cfg, params, prompts, max_new, slots: int, policy, classifier
   compiled = jax.jit(run).lower(*batch(0)).compile()
   compile_seconds = time.perf_counter() - start
   jax.block_until_ready(compiled(*batch(0)))  # warm-up
-  start = time.perf_counter()
-  outs = [jax.block_until_ready(compiled(*batch(i))) for i in range(0, padded, slots)]
-  seconds = time.perf_counter() - start
+  runs = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    outs = [jax.block_until_ready(compiled(*batch(i))) for i in range(0, padded, slots)]
+    runs.append(time.perf_counter() - start)
+  seconds = float(np.median(runs))
   tokens, depths, deepest = [], [], []
   for out, i in zip(outs, range(0, padded, slots)):
     rows = min(slots, count - i)
@@ -189,7 +195,7 @@ def run_engine_benchmark(config, workdir: str, out_path: str,
     static_tokens = None
     for threshold, policy in policies:
       compile_s, seconds, tokens, depths, deepest = static_batches(
-          cfg, model.decode_params, prompts, max_new, slots, policy, classifier)
+          cfg, model.decode_params, prompts, max_new, slots, policy, classifier, b.repeats)
       positions = sum(slots * (len(d) + 1) for d in deepest)
       utilisation = generated / positions
       if threshold is None:
@@ -210,12 +216,15 @@ def run_engine_benchmark(config, workdir: str, out_path: str,
       # Warm-up: every program (a prefill per padded prompt length, insert, generate).
       serving_api.serve(model, prompts[:slots * 2], max_new_tokens=max_new[:slots * 2],
                         exit=policy, engine=engine)
-      out = serving_api.serve(model, prompts, max_new_tokens=max_new, exit=policy,
-                              engine=engine, chunk_ticks=config.serve.chunk_ticks)
+      runs = [serving_api.serve(model, prompts, max_new_tokens=max_new, exit=policy,
+                                engine=engine, chunk_ticks=config.serve.chunk_ticks)
+              for _ in range(b.repeats)]
+      out = runs[-1]
       decoded = np.concatenate([np.asarray(d[1:], int) for d in out.exit_depths])
       flops = costs.policy_token_flops(cfg, decoded, policy, context, kv=kv_cost).sum()
       record('engine' if threshold is None else 'engine_exit', slots, threshold, out.tokens,
-             out.exit_depths, out.stats['seconds'], engine.compile_seconds - compile_before,
+             out.exit_depths, float(np.median([r.stats['seconds'] for r in runs])),
+             engine.compile_seconds - compile_before,
              flops,
              out.stats['slot_utilisation'], static_tokens)
   with open(out_path, 'w') as f:
