@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ml_collections
 
+from adaptive_depth import attention as attention_lib
 from adaptive_depth import config_decoding
 # Re-exported: the rest of the library reads them as config_lib.*.
 from adaptive_depth.config_decoding import (  # pylint: disable=unused-import
@@ -50,6 +51,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.exit_norms = False      # each early exit gets its own RMSNorm scale
   c.model.exit_adapter_rank = 0   # each early exit gets a low-rank residual adapter (0 = none)
   c.model.qkv_bias = False        # biases on the q/k/v projections (Qwen2 checkpoints)
+  c.model.attention = 'auto'      # one of attention.IMPLEMENTATIONS; 'auto': the platform's best
 
   c.data = ml_collections.ConfigDict()
   c.data.dataset = 'bundled_tiny_shakespeare'
@@ -210,6 +212,11 @@ def _value_problems(c) -> list[str]:
     p.append(f'config.model.schedule={m.schedule!r}; allowed: {", ".join(model_lib.SCHEDULES)}')
   if m.dtype not in model_lib.DTYPES:
     p.append(f'config.model.dtype={m.dtype!r}; allowed: {", ".join(model_lib.DTYPES)}')
+  if m.attention not in attention_lib.IMPLEMENTATIONS:
+    p.append(f'config.model.attention={m.attention!r}; allowed: '
+             f'{", ".join(attention_lib.IMPLEMENTATIONS)}')
+  elif attention_lib.platform_error(m.attention):
+    p.append(attention_lib.platform_error(m.attention))
   if not m.head_dim and m.width % m.num_heads:
     p.append(f'config.model.num_heads={m.num_heads} does not divide '
              f'config.model.width={m.width} (or set config.model.head_dim)')

@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from adaptive_depth import attention as attention_lib
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class BlockConfig:
@@ -36,6 +38,8 @@ class BlockConfig:
   residual_init_scale: float = 1.0
   # Additive biases on the q, k, v projections (Qwen2 checkpoints have them).
   qkv_bias: bool = False
+  # How a block attends to its own tokens (attention.py; resolved: never 'auto').
+  attention: str = 'xla'
 
 
 def _dense_init(std):
@@ -111,13 +115,19 @@ def apply_rope(x, positions, base: float):
   return rotated.astype(x.dtype)
 
 
-def attend(q, k, v, mask, kv_heads_first: bool = False):
+def attend(q, k, v, mask, kv_heads_first: bool = False, implementation: str = 'xla'):
   """Grouped-query attention on already-projected, already-rotated heads.
 
   q: [B, T, H, Dh]; k, v: [B, S, KV, Dh], or [B, KV, S, Dh] with kv_heads_first (the KV
   cache's layout); KV divides H; mask: [B, T, S] bool, True where query t may attend key s.
-  Returns [B, T, H, Dh]. Query head h reads KV head h // (H / KV).
+  Returns [B, T, H, Dh]. Query head h reads KV head h // (H / KV). implementation: one of
+  attention.IMPLEMENTATIONS but 'auto', for attention without the cache ('splash' applies
+  the index-causal mask, which is what `mask` is there; see attention.py).
   """
+  if implementation == 'dot_product_attention' and not kv_heads_first:
+    return attention_lib.dot_product_attention(q, k, v, mask)
+  if implementation == 'splash' and not kv_heads_first:
+    return attention_lib.splash(q, k, v)
   batch, q_len, num_heads, head_dim = q.shape
   num_kv = k.shape[1 if kv_heads_first else 2]
   group = num_heads // num_kv
@@ -216,7 +226,8 @@ class Attention(nn.Module):
     q = apply_rope(self._project(x, 'q', row_lora), positions, self.config.rope_base)
     own_kv = self.project_kv(x, positions, row_lora)
     k, v = own_kv if merge_kv is None else merge_kv(*own_kv)
-    out = attend(q, k, v, mask, kv_heads_first=merge_kv is not None)
+    out = attend(q, k, v, mask, kv_heads_first=merge_kv is not None,
+                 implementation=self.config.attention)
     projected = dense(out, self._cast(self.o), in_dims=2)
     if row_lora is not None:
       projected = projected + row_lora_delta(out, row_lora['o'], 2, projected.shape[2:])

@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from adaptive_depth import attention as attention_lib
 from adaptive_depth import exit_heads
 from adaptive_depth import layers
 
@@ -69,6 +70,7 @@ class ModelConfig:
   # an RMSNorm scale of its own, and a low-rank residual adapter of this rank (0 = none).
   exit_norms: bool = False
   exit_adapter_rank: int = 0
+  attention: str = 'xla'  # resolved (attention.resolve): never 'auto'
 
   @classmethod
   def from_config(cls, model_config) -> 'ModelConfig':
@@ -83,7 +85,8 @@ class ModelConfig:
         exit_depths=parse_exit_layers(m.exit_layers, m.num_layers, m.min_exit_layer),
         rope_base=m.rope_base, norm_eps=m.norm_eps, tie_embeddings=m.tie_embeddings,
         dtype=m.dtype, remat=m.remat, init_std=m.init_std, lora_rank=m.lora_rank,
-        qkv_bias=m.qkv_bias, exit_norms=m.exit_norms, exit_adapter_rank=m.exit_adapter_rank)
+        qkv_bias=m.qkv_bias, exit_norms=m.exit_norms, exit_adapter_rank=m.exit_adapter_rank,
+        attention=attention_lib.resolve(m.attention))
 
   @property
   def compute_dtype(self):
@@ -95,7 +98,8 @@ class ModelConfig:
         width=self.width, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
         head_dim=self.head_dim, mlp_dim=self.mlp_dim, rope_base=self.rope_base,
         norm_eps=self.norm_eps, dtype=self.compute_dtype, init_std=self.init_std,
-        residual_init_scale=1.0 / np.sqrt(2.0 * self.num_layers), qkv_bias=self.qkv_bias)
+        residual_init_scale=1.0 / np.sqrt(2.0 * self.num_layers), qkv_bias=self.qkv_bias,
+        attention=self.attention)
 
   @property
   def block(self) -> layers.Block:

@@ -228,9 +228,12 @@ def tick(cfg: model_lib.ModelConfig, params, state: DecodeState, policy: exits.E
   # The last exit's head only for slots at the bottom (computed only if there are some).
   logits = decode_lib.final_logits(cfg, params, h, jnp.where(at_bottom, num_layers, 0),
                                    checked.exit_logits)
-  # No lax.cond around it: a conditional that returns the cache untouched in one branch
-  # made XLA copy the whole cache at every tick (more than the K/V projection costs).
-  cache = _propagate(cfg, params, cache, h, state.position, leaving, depth)
+  # Under a lax.cond: ticks where no slot leaves skip it, and with it XLA's scatter into
+  # the cache (interleaved tick timings at 16 slots: running it unconditionally cost
+  # 0.5-0.7 ms a tick, at full depth and at max_prob 0.7 alike).
+  cache = jax.lax.cond(jnp.any(leaving),
+                       lambda c: _propagate(cfg, params, c, h, state.position, leaving, depth),
+                       lambda c: c, cache)
 
   # Slots whose token is finished emit it and start the next one at step 0.
   finishing = leaving | at_bottom

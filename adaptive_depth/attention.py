@@ -1,0 +1,87 @@
+"""Attention implementations behind `config.model.attention`.
+
+  'xla'                    layers.attend: an einsum over the whole [B, KV, G, T, S] score
+                           tensor. The reference the others are tested against; the only
+                           one for attention against the decode cache.
+  'dot_product_attention'  jax.nn.dot_product_attention, which reaches cuDNN's fused
+                           attention on GPU where it applies (XLA elsewhere).
+  'splash'                 Pallas splash attention for TPU (causal, GQA as one MQA kernel per
+                           KV head). Pallas TPU kernels run on TPU only; the tests run it in
+                           the Pallas interpreter on CPU.
+  'auto'                   the best of these for the platform: splash on TPU,
+                           dot_product_attention on GPU, xla on CPU.
+
+Every implementation computes the same function. Only the self-attention of a block over its
+own tokens (training, prefill, scoring) goes through them; decode steps against the KV
+cache keep 'xla', whose products run straight on the cache layout. Where a block attends
+to its own tokens, the mask is causal_mask(positions, positions) with positions strictly
+increasing along each row, which is exactly the index-causal mask splash applies.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+IMPLEMENTATIONS = ('auto', 'xla', 'dot_product_attention', 'splash')
+
+
+def resolve(name: str, platform: str | None = None) -> str:
+  """The implementation `name` runs as on `platform` (default: jax's default backend):
+  'auto' becomes the platform's best; the others stay as they are."""
+  if name not in IMPLEMENTATIONS:
+    raise ValueError(f'config.model.attention={name!r}; allowed: {", ".join(IMPLEMENTATIONS)}')
+  if name != 'auto':
+    return name
+  platform = platform or jax.default_backend()
+  return {'tpu': 'splash', 'gpu': 'dot_product_attention'}.get(platform, 'xla')
+
+
+def platform_error(name: str, platform: str | None = None) -> str | None:
+  """Why `name` cannot run on `platform`, or None."""
+  platform = platform or jax.default_backend()
+  if resolve(name, platform) == 'splash' and platform != 'tpu':
+    return (f"config.model.attention='splash' runs on TPU only (this is {platform}); "
+            "allowed here: auto, xla, dot_product_attention")
+  return None
+
+
+def dot_product_attention(q, k, v, mask):
+  """q: [B, T, H, Dh]; k, v: [B, S, KV, Dh]; mask: [B, T, S] bool -> [B, T, H, Dh]."""
+  return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None])
+
+
+@functools.lru_cache(maxsize=None)
+def _splash_kernel(group: int, q_len: int, kv_len: int, interpret: bool):
+  """One causal MQA kernel (the `group` query heads of one KV head), built once per shape."""
+  from jax.experimental.pallas.ops.tpu.splash_attention import (  # pylint: disable=g-import-not-at-top
+      splash_attention_kernel as kernel_lib, splash_attention_mask as mask_lib)
+  causal = mask_lib.MultiHeadMask([mask_lib.CausalMask((q_len, kv_len))] * group)
+  block_q, block_kv = min(512, q_len), min(512, kv_len)
+  sizes = kernel_lib.BlockSizes(block_q=block_q, block_kv=block_kv, block_kv_compute=block_kv,
+                                block_q_dkv=block_q, block_kv_dkv=block_kv,
+                                block_kv_dkv_compute=block_kv, block_q_dq=block_q,
+                                block_kv_dq=block_kv)
+  return kernel_lib.make_splash_mqa(causal, block_sizes=sizes, head_shards=1, q_seq_shards=1,
+                                    interpret=interpret)
+
+
+def splash(q, k, v, interpret: bool = False):
+  """Causal splash attention. q: [B, T, H, Dh]; k, v: [B, T, KV, Dh] -> [B, T, H, Dh].
+  interpret: run the kernel in the Pallas interpreter (any platform; for tests)."""
+  batch, q_len, num_heads, head_dim = q.shape
+  if q_len % 128:  # the kernel's blocks span whole 128-lane tiles
+    raise ValueError(f"config.model.attention='splash' needs sequences of a multiple of 128 "
+                     f'tokens; this call has {q_len} (set config.data.seq_len, or use '
+                     "attention='xla')")
+  num_kv = k.shape[2]
+  group = num_heads // num_kv
+  kernel = _splash_kernel(group, q_len, k.shape[1], interpret)
+  # The kernel takes unscaled queries: scale them as the reference scales the scores.
+  q = (q / np.sqrt(head_dim).astype(np.float32)).astype(q.dtype)
+  q = q.reshape(batch, q_len, num_kv, group, head_dim).transpose(0, 2, 3, 1, 4)  # [B,KV,G,T,Dh]
+  k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, KV, S, Dh]
+  out = jax.vmap(jax.vmap(kernel))(q, k, v)  # [B, KV, G, T, Dh]
+  return out.transpose(0, 3, 1, 2, 4).reshape(batch, q_len, num_heads, head_dim)

@@ -1,0 +1,101 @@
+"""config.model.attention: every implementation equals the 'xla' reference (layers.attend)
+within 1e-5 in float32, forward and gradient, with grouped K/V heads. Splash runs in the
+Pallas interpreter here (its TPU kernel cannot run on CPU)."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import adaptive_depth as ad
+from adaptive_depth import attention
+from adaptive_depth import config_lib
+from adaptive_depth import layers
+from adaptive_depth import model as model_lib
+
+HEADS, KV_HEADS, HEAD_DIM = 4, 2, 8
+
+
+def _inputs(batch, q_len, kv_len, seed=0):
+  rng = np.random.default_rng(seed)
+  q = jnp.asarray(rng.standard_normal((batch, q_len, HEADS, HEAD_DIM)), jnp.float32)
+  k, v = (jnp.asarray(rng.standard_normal((batch, kv_len, KV_HEADS, HEAD_DIM)), jnp.float32)
+          for _ in range(2))
+  return q, k, v
+
+
+def _ragged_causal_mask(lengths, q_len):
+  """Causal, and no key beyond each row's length (right-padded rows of ragged prompts);
+  every query keeps at least its first key."""
+  positions = jnp.broadcast_to(jnp.arange(q_len), (len(lengths), q_len))
+  valid = positions < jnp.asarray(lengths)[:, None]
+  return layers.causal_mask(positions, positions) & valid[:, None, :]
+
+
+def _check_against_xla(run, q, k, v, mask):
+  """run(q, k, v, mask) against layers.attend's einsum: outputs, and the gradients of a
+  fixed random projection of the output with respect to q, k and v."""
+  weights = jnp.asarray(np.random.default_rng(9).standard_normal(q.shape), jnp.float32)
+  reference = lambda q, k, v, mask: layers.attend(q, k, v, mask)
+
+  @jax.jit  # one program each (eager ops would compile one by one)
+  def output_and_grads(q, k, v):
+    outputs = [fn(q, k, v, mask) for fn in (run, reference)]
+    grads = [jax.grad(lambda q, k, v, fn=fn: jnp.sum(fn(q, k, v, mask) * weights),
+                      argnums=(0, 1, 2))(q, k, v) for fn in (run, reference)]
+    return outputs, grads
+
+  (out, out_ref), (got, want) = output_and_grads(q, k, v)
+  np.testing.assert_allclose(out, out_ref, atol=1e-5, rtol=1e-5)
+  for g, w in zip(got, want):
+    assert np.abs(np.asarray(w)).max() > 1e-3  # a gradient that is there to compare
+    np.testing.assert_allclose(g, w, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize('shape', ['ragged_prompts', 'decode'])
+def test_dot_product_attention_equals_xla(shape):
+  if shape == 'ragged_prompts':
+    q, k, v = _inputs(3, 12, 12)
+    mask = _ragged_causal_mask([12, 7, 3], 12)
+  else:  # one new token per row against a cache with its own filled length per row
+    q, k, v = _inputs(3, 1, 20)
+    mask = (jnp.arange(20)[None, :] < jnp.asarray([20, 9, 1])[:, None])[:, None, :]
+  _check_against_xla(lambda q, k, v, mask: layers.attend(
+      q, k, v, mask, implementation='dot_product_attention'), q, k, v, mask)
+
+
+def test_splash_equals_xla_in_the_interpreter():
+  pytest.importorskip('jax.experimental.pallas.ops.tpu.splash_attention',
+                      reason='this jax has no Pallas splash attention')
+  q, k, v = _inputs(1, 128, 128, seed=1)  # the kernel's smallest block is 128 tokens
+  positions = jnp.broadcast_to(jnp.arange(128), (1, 128))
+  _check_against_xla(lambda q, k, v, mask: attention.splash(q, k, v, interpret=True), q, k, v,
+                     layers.causal_mask(positions, positions))
+
+
+def test_the_config_key_reaches_the_blocks():
+  """'dot_product_attention' through config.model.attention: the model's exit logits equal
+  those under 'xla' on a tiny GQA model (the gradients are compared above, per layer)."""
+  config = ad.load_config('configs/quickstart.py:tiny')
+  config.model.num_kv_heads, config.model.num_layers = 2, 2
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 10)))
+  logits = {}
+  for name in ('xla', 'dot_product_attention'):
+    config.model.attention = name
+    cfg = model_lib.ModelConfig.from_config(config_lib.validate(config).model)
+    assert cfg.block_config.attention == name
+    params = model_lib.init_params(cfg, jax.random.key(0))
+    logits[name] = jax.jit(lambda p, cfg=cfg: model_lib.forward_train(cfg, p, tokens))(params)
+  np.testing.assert_allclose(logits['dot_product_attention'], logits['xla'], atol=1e-5)
+
+
+def test_auto_picks_the_platforms_best_and_bad_values_are_named():
+  assert [attention.resolve('auto', p) for p in ('cpu', 'gpu', 'tpu')] == [
+      'xla', 'dot_product_attention', 'splash']
+  config = ad.load_config('configs/quickstart.py:tiny')
+  config.model.attention = 'flash'
+  with pytest.raises(config_lib.ConfigError, match="attention='flash'; allowed: auto, xla"):
+    config_lib.validate(config)
+  if jax.default_backend() != 'tpu':
+    config.model.attention = 'splash'
+    with pytest.raises(config_lib.ConfigError, match='runs on TPU only'):
+      config_lib.validate(config)
