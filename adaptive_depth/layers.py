@@ -124,6 +124,8 @@ def attend(q, k, v, mask, kv_heads_first: bool = False, implementation: str = 'x
   attention.IMPLEMENTATIONS but 'auto', for attention without the cache ('splash' applies
   the index-causal mask, which is what `mask` is there; see attention.py).
   """
+  if implementation == 'heads_major' and not kv_heads_first:
+    return attention_lib.heads_major(q, k, v, mask)
   if implementation == 'dot_product_attention' and not kv_heads_first:
     return attention_lib.dot_product_attention(q, k, v, mask)
   if implementation == 'splash' and not kv_heads_first:

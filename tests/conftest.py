@@ -9,6 +9,7 @@
   spend far more time in XLA's optimisation passes than running, and the passes change
   speed, not results. Tests marked `pretrained` (a real 135M-parameter model, where running
   time dominates) compile with the optimisations on.
+* One persistent compilation cache per session, shared with subprocesses.
 """
 import os
 
@@ -30,6 +31,27 @@ def private_tfds_data_dir(tmp_path_factory):
     os.environ.pop('TFDS_DATA_DIR', None)
   else:
     os.environ['TFDS_DATA_DIR'] = previous
+
+
+@pytest.fixture(scope='session', autouse=True)
+def shared_compilation_cache(tmp_path_factory):
+  """One persistent compilation cache per session (per xdist worker), also for the launch
+  scripts the tests start (they inherit the environment): the same tiny programs recur
+  across tests and processes, and a cache hit skips XLA. Tests that set their own cache
+  directory in a subprocess's environment keep it."""
+  cache_dir = str(tmp_path_factory.mktemp('jax_compilation_cache'))
+  saved = {name: os.environ.get(name) for name in
+           ('JAX_COMPILATION_CACHE_DIR', 'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS')}
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = cache_dir
+  os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
+  jax.config.update('jax_compilation_cache_dir', cache_dir)
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+  yield cache_dir
+  for name, value in saved.items():
+    if value is None:
+      os.environ.pop(name, None)
+    else:
+      os.environ[name] = value
 
 
 @pytest.fixture(scope='module', autouse=True)

@@ -51,8 +51,9 @@ def _check_against_xla(run, q, k, v, mask):
     np.testing.assert_allclose(g, w, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize('implementation', ['heads_major', 'dot_product_attention'])
 @pytest.mark.parametrize('shape', ['ragged_prompts', 'decode'])
-def test_dot_product_attention_equals_xla(shape):
+def test_implementation_equals_xla(implementation, shape):
   if shape == 'ragged_prompts':
     q, k, v = _inputs(3, 12, 12)
     mask = _ragged_causal_mask([12, 7, 3], 12)
@@ -60,7 +61,7 @@ def test_dot_product_attention_equals_xla(shape):
     q, k, v = _inputs(3, 1, 20)
     mask = (jnp.arange(20)[None, :] < jnp.asarray([20, 9, 1])[:, None])[:, None, :]
   _check_against_xla(lambda q, k, v, mask: layers.attend(
-      q, k, v, mask, implementation='dot_product_attention'), q, k, v, mask)
+      q, k, v, mask, implementation=implementation), q, k, v, mask)
 
 
 def test_splash_equals_xla_in_the_interpreter():
@@ -73,24 +74,27 @@ def test_splash_equals_xla_in_the_interpreter():
 
 
 def test_the_config_key_reaches_the_blocks():
-  """'dot_product_attention' through config.model.attention: the model's exit logits equal
-  those under 'xla' on a tiny GQA model (the gradients are compared above, per layer)."""
+  """config.model.attention reaches every block: under 'heads_major' (the CPU default) the
+  model's exit logits equal those under 'xla' on a tiny GQA model (every implementation's
+  outputs and gradients are compared above, per call)."""
   config = ad.load_config('configs/quickstart.py:tiny')
   config.model.num_kv_heads, config.model.num_layers = 2, 2
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 10)))
-  logits = {}
-  for name in ('xla', 'dot_product_attention'):
+  names = ('xla', 'heads_major')  # the reference and the CPU default
+  cfgs = []
+  for name in names:
     config.model.attention = name
-    cfg = model_lib.ModelConfig.from_config(config_lib.validate(config).model)
-    assert cfg.block_config.attention == name
-    params = model_lib.init_params(cfg, jax.random.key(0))
-    logits[name] = jax.jit(lambda p, cfg=cfg: model_lib.forward_train(cfg, p, tokens))(params)
-  np.testing.assert_allclose(logits['dot_product_attention'], logits['xla'], atol=1e-5)
+    cfgs.append(model_lib.ModelConfig.from_config(config.model))
+    assert cfgs[-1].block_config.attention == name
+  params = jax.jit(lambda key: model_lib.init_params(cfgs[0], key))(jax.random.key(0))
+  logits = jax.jit(lambda p: [model_lib.forward_train(cfg, p, tokens) for cfg in cfgs])(params)
+  for got in logits[1:]:
+    np.testing.assert_allclose(got, logits[0], atol=1e-5)
 
 
 def test_auto_picks_the_platforms_best_and_bad_values_are_named():
   assert [attention.resolve('auto', p) for p in ('cpu', 'gpu', 'tpu')] == [
-      'xla', 'dot_product_attention', 'splash']
+      'heads_major', 'dot_product_attention', 'splash']
   config = ad.load_config('configs/quickstart.py:tiny')
   config.model.attention = 'flash'
   with pytest.raises(config_lib.ConfigError, match="attention='flash'; allowed: auto, xla"):
@@ -99,3 +103,16 @@ def test_auto_picks_the_platforms_best_and_bad_values_are_named():
     config.model.attention = 'splash'
     with pytest.raises(config_lib.ConfigError, match='runs on TPU only'):
       config_lib.validate(config)
+
+
+@pytest.mark.parametrize('kwargs, message', [
+    (dict(implementations=['flash']), "--attention='flash'; allowed: auto, xla"),
+    (dict(implementations=['xla'], rounds=0), '--rounds=0: must be >= 1'),
+])
+def test_train_benchmark_refuses_bad_settings(tmp_path, kwargs, message):
+  """launch/train_benchmark.py: bad settings are named before anything compiles. (Its
+  timings are figures quoted in the README, not tested.)"""
+  from adaptive_depth.train import step_benchmark  # pylint: disable=g-import-not-at-top
+  with pytest.raises(config_lib.ConfigError, match=message):
+    step_benchmark.run_step_benchmark(ad.load_config('configs/quickstart.py:tiny'),
+                                      str(tmp_path / 'out.json'), **kwargs)

@@ -14,7 +14,7 @@ def test_engine_benchmark_rows(tmp_path):
   workdir = tiny_models.save_workdir(str(tmp_path / 'model'), 'configs/shared_exit.py:tiny')
   config = ad.load_config('configs/shared_exit.py:tiny')
   b = config.benchmark
-  b.mode, b.slots, b.num_requests, b.repeats = 'engine', '3', 7, 2
+  b.mode, b.slots, b.num_requests, b.repeats = 'engine', '3', 7, 1
   b.prompt_lens, b.output_lens, b.thresholds, b.measure = '2,20', '2,6', '0.5', 'max_prob'
   config.serve.chunk_ticks = 4
   out = str(tmp_path / 'engine.json')
