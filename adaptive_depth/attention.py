@@ -7,11 +7,15 @@
                            head), K and V moved head-major first. On the 2-core CPU the
                            quickstart train step ran up to 1.07x faster than with 'xla'
                            (launch/train_benchmark.py; README, Scale).
-  'dot_product_attention'  jax.nn.dot_product_attention, which reaches cuDNN's fused
-                           attention on GPU where it applies (XLA elsewhere).
+  'dot_product_attention'  jax.nn.dot_product_attention. On GPU in bfloat16 or float16 it
+                           asks for cuDNN's fused causal attention (implementation='cudnn'),
+                           falling back to jax's XLA version where cuDNN refuses the call;
+                           elsewhere it is jax's XLA version (jax picks no cuDNN by itself).
+                           The cuDNN branch is untested here (no GPU).
   'splash'                 Pallas splash attention for TPU (causal, GQA as one MQA kernel per
-                           KV head). Pallas TPU kernels run on TPU only; the tests run it in
-                           the Pallas interpreter on CPU.
+                           KV head), for sequences of a multiple of 128 tokens; shorter or
+                           other lengths (a prefill padded to 16) fall back to 'heads_major'.
+                           Off TPU it runs in the Pallas interpreter (the tests do this).
   'auto'                   the best of these for the platform: splash on TPU,
                            dot_product_attention on GPU, heads_major on CPU.
 
@@ -24,6 +28,7 @@ increasing along each row, which is exactly the index-causal mask splash applies
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -47,8 +52,9 @@ def platform_error(name: str, platform: str | None = None) -> str | None:
   """Why `name` cannot run on `platform`, or None."""
   platform = platform or jax.default_backend()
   if resolve(name, platform) == 'splash' and platform != 'tpu':
+    allowed = ', '.join(n for n in IMPLEMENTATIONS if n != 'splash')
     return (f"config.model.attention='splash' runs on TPU only (this is {platform}); "
-            "allowed here: auto, xla, dot_product_attention")
+            f'allowed here: {allowed}')
   return None
 
 
@@ -76,6 +82,12 @@ def heads_major(q, k, v, mask):
 
 def dot_product_attention(q, k, v, mask):
   """q: [B, T, H, Dh]; k, v: [B, S, KV, Dh]; mask: [B, T, S] bool -> [B, T, H, Dh]."""
+  if (jax.default_backend() == 'gpu' and q.dtype in (jnp.bfloat16, jnp.float16)
+      and q.shape[1] == k.shape[1]):
+    try:  # self-attention: `mask` is the index-causal mask (module docstring)
+      return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation='cudnn')
+    except (ValueError, NotImplementedError, RuntimeError):  # a shape or build cuDNN refuses
+      pass
   return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None])
 
 
@@ -85,7 +97,8 @@ def _splash_kernel(group: int, q_len: int, kv_len: int, interpret: bool):
   from jax.experimental.pallas.ops.tpu.splash_attention import (  # pylint: disable=g-import-not-at-top
       splash_attention_kernel as kernel_lib, splash_attention_mask as mask_lib)
   causal = mask_lib.MultiHeadMask([mask_lib.CausalMask((q_len, kv_len))] * group)
-  block_q, block_kv = min(512, q_len), min(512, kv_len)
+  # The largest block up to 512 that divides the length (lengths are multiples of 128).
+  block_q, block_kv = math.gcd(512, q_len), math.gcd(512, kv_len)
   sizes = kernel_lib.BlockSizes(block_q=block_q, block_kv=block_kv, block_kv_compute=block_kv,
                                 block_q_dkv=block_q, block_kv_dkv=block_kv,
                                 block_kv_dkv_compute=block_kv, block_q_dq=block_q,
@@ -94,14 +107,22 @@ def _splash_kernel(group: int, q_len: int, kv_len: int, interpret: bool):
                                     interpret=interpret)
 
 
-def splash(q, k, v, interpret: bool = False):
-  """Causal splash attention. q: [B, T, H, Dh]; k, v: [B, T, KV, Dh] -> [B, T, H, Dh].
-  interpret: run the kernel in the Pallas interpreter (any platform; for tests)."""
+def splash_applies(q_len: int, kv_len: int) -> bool:
+  """Whether splash can run a self-attention call of these lengths (its blocks span whole
+  128-lane tiles); the others fall back to heads_major."""
+  return q_len == kv_len and q_len % 128 == 0
+
+
+def splash(q, k, v, interpret: bool | None = None):
+  """Causal splash attention. q: [B, T, H, Dh]; k, v: [B, T, KV, Dh] -> [B, T, H, Dh], T a
+  multiple of 128 (splash_applies). interpret: run the kernel in the Pallas interpreter
+  (default: off TPU only)."""
   batch, q_len, num_heads, head_dim = q.shape
-  if q_len % 128:  # the kernel's blocks span whole 128-lane tiles
-    raise ValueError(f"config.model.attention='splash' needs sequences of a multiple of 128 "
-                     f'tokens; this call has {q_len} (set config.data.seq_len, or use '
-                     "attention='xla')")
+  if not splash_applies(q_len, k.shape[1]):
+    raise ValueError(f'splash needs equal query and key lengths of a multiple of 128; got '
+                     f'{q_len} and {k.shape[1]}')
+  if interpret is None:
+    interpret = jax.default_backend() != 'tpu'
   num_kv = k.shape[2]
   group = num_heads // num_kv
   kernel = _splash_kernel(group, q_len, k.shape[1], interpret)

@@ -124,12 +124,14 @@ def attend(q, k, v, mask, kv_heads_first: bool = False, implementation: str = 'x
   attention.IMPLEMENTATIONS but 'auto', for attention without the cache ('splash' applies
   the index-causal mask, which is what `mask` is there; see attention.py).
   """
-  if implementation == 'heads_major' and not kv_heads_first:
-    return attention_lib.heads_major(q, k, v, mask)
   if implementation == 'dot_product_attention' and not kv_heads_first:
     return attention_lib.dot_product_attention(q, k, v, mask)
   if implementation == 'splash' and not kv_heads_first:
-    return attention_lib.splash(q, k, v)
+    if attention_lib.splash_applies(q.shape[1], k.shape[1]):
+      return attention_lib.splash(q, k, v)
+    implementation = 'heads_major'  # e.g. a prefill padded to 16 tokens
+  if implementation == 'heads_major' and not kv_heads_first:
+    return attention_lib.heads_major(q, k, v, mask)
   batch, q_len, num_heads, head_dim = q.shape
   num_kv = k.shape[1 if kv_heads_first else 2]
   group = num_heads // num_kv

@@ -9,6 +9,7 @@ from typing import Any, Optional
 
 import ml_collections
 
+from adaptive_depth import attention as attention_lib
 from adaptive_depth import checkpoint as checkpoint_lib
 from adaptive_depth import cli
 from adaptive_depth import config_lib
@@ -44,6 +45,10 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
   config = config_lib.base_config()
   config.update_from_flattened_dict(_flatten(saved))
   config.sharding.rules = tuple(tuple(r) for r in saved['sharding']['rules'])
+  if attention_lib.platform_error(config.model.attention):
+    # How attention is computed is this machine's choice, not the model's: a run trained
+    # with 'splash' on TPU loads anywhere.
+    config.model.attention = 'auto'
   tokenizer_file = config.data.tokenizer_file
   if tokenizer_file and not os.path.isabs(tokenizer_file):
     # A relative tokenizer file belongs to the workdir (so a workdir can be moved).

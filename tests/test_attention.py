@@ -64,19 +64,31 @@ def test_implementation_equals_xla(implementation, shape):
       q, k, v, mask, implementation=implementation), q, k, v, mask)
 
 
-def test_splash_equals_xla_in_the_interpreter():
+@pytest.mark.parametrize('length', [128, 384])
+def test_splash_equals_xla_in_the_interpreter(length):
+  """Through layers.attend, as a block calls it: 128 and 384 tokens (blocks of 128, since
+  512 does not divide 384). Off TPU the kernel runs in the Pallas interpreter."""
   pytest.importorskip('jax.experimental.pallas.ops.tpu.splash_attention',
                       reason='this jax has no Pallas splash attention')
-  q, k, v = _inputs(1, 128, 128, seed=1)  # the kernel's smallest block is 128 tokens
-  positions = jnp.broadcast_to(jnp.arange(128), (1, 128))
-  _check_against_xla(lambda q, k, v, mask: attention.splash(q, k, v, interpret=True), q, k, v,
-                     layers.causal_mask(positions, positions))
+  q, k, v = _inputs(1, length, length, seed=1)
+  positions = jnp.broadcast_to(jnp.arange(length), (1, length))
+  _check_against_xla(lambda q, k, v, mask: layers.attend(q, k, v, mask, implementation='splash'),
+                     q, k, v, layers.causal_mask(positions, positions))
 
 
-def test_the_config_key_reaches_the_blocks():
-  """config.model.attention reaches every block: under 'heads_major' (the CPU default) the
-  model's exit logits equal those under 'xla' on a tiny GQA model (every implementation's
-  outputs and gradients are compared above, per call)."""
+def test_splash_falls_back_where_it_cannot_run(monkeypatch):
+  """A length that is not a multiple of 128 (a prefill padded to 16) runs heads_major."""
+  monkeypatch.setattr(attention, 'splash', lambda *a, **k: pytest.fail('splash ran'))
+  q, k, v = _inputs(2, 16, 16)
+  mask = _ragged_causal_mask([16, 9], 16)
+  np.testing.assert_allclose(layers.attend(q, k, v, mask, implementation='splash'),
+                             layers.attend(q, k, v, mask), atol=1e-5, rtol=1e-5)
+
+
+def test_the_config_key_reaches_the_blocks(monkeypatch):
+  """config.model.attention reaches every block: under 'heads_major' (the CPU default) each
+  block calls it (counted while tracing), and the model's exit logits equal those under
+  'xla' on a tiny GQA model (outputs and gradients are compared above, per call)."""
   config = ad.load_config('configs/quickstart.py:tiny')
   config.model.num_kv_heads, config.model.num_layers = 2, 2
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 10)))
@@ -87,7 +99,11 @@ def test_the_config_key_reaches_the_blocks():
     cfgs.append(model_lib.ModelConfig.from_config(config.model))
     assert cfgs[-1].block_config.attention == name
   params = jax.jit(lambda key: model_lib.init_params(cfgs[0], key))(jax.random.key(0))
+  calls = []
+  real = attention.heads_major
+  monkeypatch.setattr(attention, 'heads_major', lambda *a: calls.append(1) or real(*a))
   logits = jax.jit(lambda p: [model_lib.forward_train(cfg, p, tokens) for cfg in cfgs])(params)
+  assert calls  # the scanned block traces once: heads_major was called by the model
   for got in logits[1:]:
     np.testing.assert_allclose(got, logits[0], atol=1e-5)
 
@@ -116,3 +132,20 @@ def test_train_benchmark_refuses_bad_settings(tmp_path, kwargs, message):
   with pytest.raises(config_lib.ConfigError, match=message):
     step_benchmark.run_step_benchmark(ad.load_config('configs/quickstart.py:tiny'),
                                       str(tmp_path / 'out.json'), **kwargs)
+
+
+def test_a_workdir_trained_with_splash_loads_off_tpu(tmp_path):
+  """How attention runs is the machine's choice: a run saved with 'splash' loads here, as
+  'auto'."""
+  import json  # pylint: disable=g-import-not-at-top
+  from adaptive_depth import saved_model  # pylint: disable=g-import-not-at-top
+  from tests import tiny_models  # pylint: disable=g-import-not-at-top
+  if jax.default_backend() == 'tpu':
+    pytest.skip('splash runs here')
+  workdir = tiny_models.save_workdir(str(tmp_path / 'run'), 'configs/shared_exit.py:tiny')
+  path = tmp_path / 'run' / 'config.json'
+  saved = json.loads(path.read_text())
+  saved['model']['attention'] = 'splash'
+  path.write_text(json.dumps(saved))
+  config = saved_model.load_run_config(workdir)
+  assert config.model.attention == 'auto'

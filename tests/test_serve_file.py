@@ -3,6 +3,7 @@ the engine, one JSON result per request in file order, each equal to the request
 alone by ad.generate (greedy, same exit policy)."""
 import json
 
+import jax
 import pytest
 
 import adaptive_depth as ad
@@ -88,7 +89,6 @@ def test_a_request_longer_than_the_cache_is_refused_before_compiling(workdir, tm
 def test_measure_classifier_reads_the_workdirs_classifier(tmp_path):
   """config.generate.measure='classifier' serves with the classifier saved beside the model.
   Without a saved classifier the error names its path and the command that trains it."""
-  import jax  # pylint: disable=g-import-not-at-top
   from adaptive_depth.train import classifier as classifier_lib  # pylint: disable=g-import-not-at-top
   workdir = tiny_models.save_workdir(str(tmp_path / 'model'), CONFIG)
   (tmp_path / 'in.txt').write_text('To be\nA horse!\n')

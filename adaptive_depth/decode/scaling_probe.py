@@ -82,7 +82,7 @@ def interleaved_seconds(programs: dict, repeats: int) -> dict:
 
 
 def run_probe(config, out_path: str, *, batches: Sequence[int] = (1, 8),
-              new_tokens: Sequence[int] = (32, 256), prompt_len: int = 32, repeats: int = 3,
+              new_tokens: Sequence[int] = (32, 256), prompt_len: int = 32, repeats: int = 5,
               progress: Callable[[str], None] = print) -> dict:
   """Measures both questions for config.model; writes a JSON report to out_path and
   returns it."""
@@ -97,9 +97,9 @@ def run_probe(config, out_path: str, *, batches: Sequence[int] = (1, 8),
   if min(new_tokens) < 2:
     raise config_lib.ConfigError(f'--new_tokens={list(new_tokens)}: must be >= 2 (the '
                                  'first comes from the prefill, whose time is subtracted)')
-  if len(set(new_tokens)) < 2:
+  if len(set(new_tokens)) != 2:
     raise config_lib.ConfigError(f'--new_tokens={list(new_tokens)}: give a short and a long '
-                                 'length (the cache-length cost compares them)')
+                                 'length, two values (the cache-length cost compares them)')
   cfg = model_lib.ModelConfig.from_config(config.model)
   params = model_lib.per_block_layout(model_lib.init_params(cfg, jax.random.key(0)))
   progress(f'Decode scaling probe: {cfg.num_layers} layers, width {cfg.width}, mlp '

@@ -15,7 +15,7 @@ max_new_tokens uniform in config.benchmark.output_lens (numpy default_rng(seed))
 every request decodes exactly its max_new_tokens and every method produces the same tokens
 count. Each method is compiled and warmed up first (compile time reported apart), then the
 whole stream is timed config.benchmark.repeats times and the median is kept (this 2-core
-machine's run-to-run noise reaches +-20%; outputs are the same at every repeat).
+machine's run-to-run noise reaches +-20%; every repeat decodes the same tokens, checked).
 
 Per row: tokens_per_second (generated tokens over the stream's wall time, prefill included);
 agreement (fraction of decode-step tokens equal to the full model's greedy choice for the
@@ -220,6 +220,7 @@ def run_engine_benchmark(config, workdir: str, out_path: str,
                                 engine=engine, chunk_ticks=config.serve.chunk_ticks)
               for _ in range(b.repeats)]
       out = runs[-1]
+      assert all(r.tokens == out.tokens for r in runs), 'a repeat decoded other tokens'
       decoded = np.concatenate([np.asarray(d[1:], int) for d in out.exit_depths])
       flops = costs.policy_token_flops(cfg, decoded, policy, context, kv=kv_cost).sum()
       record('engine' if threshold is None else 'engine_exit', slots, threshold, out.tokens,

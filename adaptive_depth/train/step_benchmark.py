@@ -34,7 +34,8 @@ def _compiled_step(config, rng_batch):
   tx = state_lib.make_optimizer(config.train)
   state = state_lib.TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params))
   weights = losses.exit_loss_weights(config.train.exit_loss_weights, cfg.exit_depths)
-  step = loop.make_train_step(cfg, tx, weights, lambda x: x, exit_loss=config.train.exit_loss)
+  step = loop.make_train_step(cfg, tx, weights, lambda x: x, exit_loss=config.train.exit_loss,
+                              trainable=config.train.trainable)
   compiled = jax.jit(step).lower(state, rng_batch).compile()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # a list in older jax
@@ -61,10 +62,14 @@ def run_step_benchmark(config, out_path: str, *, implementations: Sequence[str],
   progress(f'Train step benchmark: batch {batch_size} x {seq_len}, {rounds} interleaved '
            f'rounds, on {jax.devices()[0].platform}')
   programs = {}
-  for name in implementations:
-    config.model.attention = name
-    programs[name] = _compiled_step(config, batch)
-    jax.block_until_ready(programs[name][0](*programs[name][1]))  # warm-up
+  chosen = config.model.attention
+  try:
+    for name in implementations:
+      config.model.attention = name
+      programs[name] = _compiled_step(config, batch)
+      jax.block_until_ready(programs[name][0](*programs[name][1]))  # warm-up
+  finally:
+    config.model.attention = chosen  # the caller's config as it was
   times = {name: [] for name in programs}
   for _ in range(rounds):
     for name, (compiled, args, _) in programs.items():
