@@ -19,7 +19,6 @@ each setting is also timed with one new token (the prefill's) and that time is s
 from __future__ import annotations
 
 import json
-import time
 from typing import Callable, Sequence
 
 import jax
@@ -30,6 +29,7 @@ from adaptive_depth import cli
 from adaptive_depth import config_lib
 from adaptive_depth import exits
 from adaptive_depth import model as model_lib
+from adaptive_depth import timing
 from adaptive_depth.decode import generation
 from adaptive_depth.decode import sampling as sampling_lib
 
@@ -65,22 +65,6 @@ def matmul_chain_program(cfg, batch: int, steps: int):
   return jax.jit(run).lower(weights, x).compile(), (weights, x)
 
 
-def interleaved_seconds(programs: dict, repeats: int) -> dict:
-  """Wall seconds of every program in `programs` ({key: (compiled, args)}), `repeats`
-  rounds after one warm-up each; a round runs every program once, in turn, so that the
-  figures compared with each other are measured side by side while the machine's speed
-  drifts. Returns {key: [seconds per round]}."""
-  for compiled, args in programs.values():
-    jax.block_until_ready(compiled(*args))
-  times = {key: [] for key in programs}
-  for _ in range(repeats):
-    for key, (compiled, args) in programs.items():
-      start = time.perf_counter()
-      jax.block_until_ready(compiled(*args))
-      times[key].append(time.perf_counter() - start)
-  return times
-
-
 def run_probe(config, out_path: str, *, batches: Sequence[int] = (1, 8),
               new_tokens: Sequence[int] = (32, 256), prompt_len: int = 32, repeats: int = 5,
               progress: Callable[[str], None] = print) -> dict:
@@ -112,7 +96,7 @@ def run_probe(config, out_path: str, *, batches: Sequence[int] = (1, 8),
     for n in sorted({1, short, long}):
       programs[('decode', batch, n)] = decode_program(cfg, params, batch, prompt_len, n)
     programs[('chain', batch)] = matmul_chain_program(cfg, batch, short)
-  times = {key: np.asarray(t) for key, t in interleaved_seconds(programs, repeats).items()}
+  times = {key: np.asarray(t) for key, t in timing.interleaved_seconds(programs, repeats).items()}
   step = lambda batch, n: (times[('decode', batch, n)] - times[('decode', batch, 1)]) / (n - 1)
   decode_tps = {b: b / step(b, short) for b in batches}  # per round
   chain_tps = {b: b * short / times[('chain', b)] for b in batches}

@@ -11,7 +11,6 @@ compiled step (cost_analysis). The data pipeline is left out: one random batch.
 from __future__ import annotations
 
 import json
-import time
 from typing import Callable, Sequence
 
 import jax
@@ -22,6 +21,7 @@ from adaptive_depth import attention as attention_lib
 from adaptive_depth import cli
 from adaptive_depth import config_lib
 from adaptive_depth import model as model_lib
+from adaptive_depth import timing
 from adaptive_depth.train import loop
 from adaptive_depth.train import losses
 from adaptive_depth.train import state as state_lib
@@ -67,15 +67,10 @@ def run_step_benchmark(config, out_path: str, *, implementations: Sequence[str],
     for name in implementations:
       config.model.attention = name
       programs[name] = _compiled_step(config, batch)
-      jax.block_until_ready(programs[name][0](*programs[name][1]))  # warm-up
   finally:
     config.model.attention = chosen  # the caller's config as it was
-  times = {name: [] for name in programs}
-  for _ in range(rounds):
-    for name, (compiled, args, _) in programs.items():
-      start = time.perf_counter()
-      jax.block_until_ready(compiled(*args))
-      times[name].append(time.perf_counter() - start)
+  times = timing.interleaved_seconds(
+      {name: (compiled, args) for name, (compiled, args, _) in programs.items()}, rounds)
   rows = []
   for name, (_, _, flops) in programs.items():
     seconds = float(np.median(times[name]))
