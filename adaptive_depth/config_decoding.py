@@ -62,6 +62,11 @@ def generate_problems(g) -> list[str]:
     p.append(f'config.generate.measure={g.measure!r}; allowed: {", ".join(allowed)}')
   if g.schedule not in exits.SCHEDULES:
     p.append(f'config.generate.schedule={g.schedule!r}; allowed: {", ".join(exits.SCHEDULES)}')
+  threshold = g.threshold
+  if not (threshold == 'calibrated' or isinstance(threshold, (int, float)) and
+          not isinstance(threshold, bool)):
+    p.append(f"config.generate.threshold={threshold!r}: a number, or 'calibrated' (the "
+             'threshold launch/calibrate.py wrote to WORKDIR/calibration.json)')
   if g.kv not in ('propagate', 'parallel'):
     p.append(f"config.generate.kv={g.kv!r}; allowed: propagate, parallel")
   if g.queue_capacity < 1:
@@ -145,4 +150,15 @@ def serve_problems(s) -> list[str]:
   if s.cache_len < 0:
     p.append(f'config.serve.cache_len={s.cache_len}: must be >= 0 (0 = fit the longest '
              'request)')
+  return p
+
+
+def calibrate_problems(c) -> list[str]:
+  p = [f'config.calibrate.{key}={c[key]}: must be >= 1'
+       for key in ('num_examples', 'prompt_len', 'new_tokens', 'batch_size') if c[key] < 1]
+  if c.kv not in ('propagate', 'parallel'):
+    p.append(f"config.calibrate.kv={c.kv!r}; allowed: propagate, parallel")
+  if not 0 < c.calibration_fraction < 1:
+    p.append(f'config.calibrate.calibration_fraction={c.calibration_fraction}: must be in '
+             '(0, 1)')
   return p

@@ -104,7 +104,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.generate = ml_collections.ConfigDict()  # launch/generate.py and generate_from_config
   c.generate.max_new_tokens = 64
   c.generate.measure = 'never'    # an exits.MEASURES name
-  c.generate.threshold = 0.9
+  # A number, or 'calibrated': the threshold launch/calibrate.py wrote to
+  # WORKDIR/calibration.json for this measure (object-typed, so it takes either).
+  c.generate.threshold = ml_collections.FieldReference(0.9, field_type=object)
   c.generate.schedule = 'constant'  # 'constant' | 'decaying'
   c.generate.tau = 4.0
   c.generate.min_depth = 1
@@ -120,6 +122,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.serve.slots = 16              # requests decoded at once, each at its own depth
   c.serve.chunk_ticks = 16        # engine ticks per device loop between host refills
   c.serve.cache_len = 0           # positions per slot; 0 = fit the longest request
+
+  c.calibrate = ml_collections.ConfigDict()  # launch/calibrate.py (Learn-then-Test)
+  c.calibrate.num_examples = 512  # validation windows: a prompt, then a reference continuation
+  c.calibrate.prompt_len = 32
+  c.calibrate.new_tokens = 16     # continuation length compared with full depth's
+  c.calibrate.batch_size = 128    # examples decoded at once
+  c.calibrate.kv = 'propagate'    # KV policy of the early-exit continuations
+  c.calibrate.calibration_fraction = 0.5  # --splits: calibration share of each random split
 
   c.benchmark = ml_collections.ConfigDict()  # launch/benchmark.py (decode speed)
   c.benchmark.mode = 'decode'     # 'decode': the settings below at fixed batches;
@@ -272,6 +282,7 @@ def _value_problems(c) -> list[str]:
     p.append('config.eval.every_steps and config.eval.num_batches must be >= 0 (0 = default)')
   p.extend(config_decoding.generate_problems(c.generate))
   p.extend(config_decoding.serve_problems(c.serve))
+  p.extend(config_decoding.calibrate_problems(c.calibrate))
   p.extend(config_decoding.benchmark_problems(c.benchmark, m.num_layers))
   for axis in ('data', 'fsdp', 'tensor'):
     size = c.mesh[axis]

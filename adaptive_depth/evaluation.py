@@ -26,6 +26,7 @@ from adaptive_depth import exits
 from adaptive_depth import metrics as metrics_lib
 from adaptive_depth import model as model_lib
 from adaptive_depth import saved_model
+from adaptive_depth.calibrate import calibration_run
 from adaptive_depth.data import pipeline
 from adaptive_depth.train import classifier as classifier_lib
 from adaptive_depth.train import losses
@@ -121,6 +122,13 @@ def evaluate_run(config, workdir: str, *, measures=None, num_batches: int = 0) -
   start = time.perf_counter()
   config_lib.validate(config)
   measures = None if measures is None else check_measures(measures)
+  calibrated = None  # config.generate.threshold='calibrated': also the calibrated point
+  if config.generate.threshold == 'calibrated':
+    if config.generate.measure not in SWEEPS:
+      raise cli.UserError("config.generate.threshold='calibrated' evaluates the calibrated "
+                          f'threshold of config.generate.measure={config.generate.measure!r};'
+                          f' set it to one of {", ".join(SWEEPS)}')
+    calibrated = calibration_run.calibrated_threshold(workdir, config.generate.measure)
   model = saved_model.load(workdir)
   classifier = classifier_lib.load_classifier(workdir, model_step=model.step)
   if measures and 'classifier' in measures and classifier is None:
@@ -158,6 +166,15 @@ def evaluate_run(config, workdir: str, *, measures=None, num_batches: int = 0) -
                  adaptive_fn=adaptive_fn)[0]
 
   auc = _agreement_auc(cfg, params, batches, exit_logits, classifier)
+  extra = {}
+  if config.generate.threshold == 'calibrated':
+    measure = config.generate.measure
+    extra['calibrated'] = (
+        {'measure': measure, 'threshold': None, 'mean_depth': float(cfg.num_layers),
+         'agreement': 1.0} if calibrated is None else
+        sweep(cfg, params, batches, full_argmax, measure, [calibrated], classifier=classifier,
+              adaptive_fn=adaptive_fn)[0])
+    extra['calibrated']['source'] = os.path.join(workdir, calibration_run.CALIBRATION_FILE)
   result = {
       'step': model.step,
       'num_eval_tokens': int(sum(b[:, 1:].size for b in batches)),
@@ -166,6 +183,7 @@ def evaluate_run(config, workdir: str, *, measures=None, num_batches: int = 0) -
       'oracle': oracle,
       'agreement_auc': auc,
       'best': best_operating_points(curves, min_agreement=0.95),
+      **extra,
       'seconds': round(time.perf_counter() - start, 1),
   }
   metrics_lib.write_json(os.path.join(workdir, 'eval.json'), result)

@@ -14,6 +14,7 @@ from adaptive_depth import config_lib
 from adaptive_depth import costs
 from adaptive_depth import exits
 from adaptive_depth import saved_model
+from adaptive_depth.calibrate import calibration_run
 from adaptive_depth.decode import adaptive_decode as decode_lib
 from adaptive_depth.decode import generation
 from adaptive_depth.decode import sampling as sampling_lib
@@ -102,23 +103,32 @@ def generate_from_config(model, prompts, config, *, workdir: Optional[str] = Non
 
   config.generate.measure='classifier' reads the exit classifier that the
   configs/exit_classifier.py stage trained for this model into WORKDIR/exit_classifier/
-  (where evaluation finds it too): pass `workdir`.
+  (where evaluation finds it too), and config.generate.threshold='calibrated' reads
+  WORKDIR/calibration.json: pass `workdir`.
   """
   config_lib.validate(config)
   g = config.generate
   if g.speculative:
     return generate(model, prompts, max_new_tokens=g.max_new_tokens,
                     speculative=config_lib.parse_speculative(g.speculative)[0])
-  policy, sampling = policy_and_sampling(g)
+  policy, sampling = policy_and_sampling(g, workdir)
   classifier = saved_classifier(model, workdir) if g.measure == 'classifier' else None
   return generate(model, prompts, max_new_tokens=g.max_new_tokens, exit=policy, kv=g.kv,
                   queue_capacity=g.queue_capacity, sampling=sampling, seed=g.seed,
                   classifier=classifier)
 
 
-def policy_and_sampling(g) -> tuple[exits.ExitPolicy, Any]:
-  """The exit policy and the sampling of a validated config.generate group."""
-  policy = exits.ExitPolicy(measure=g.measure, schedule=g.schedule, threshold=g.threshold,
+def policy_and_sampling(g, workdir: Optional[str] = None) -> tuple[exits.ExitPolicy, Any]:
+  """The exit policy and the sampling of a validated config.generate group. Threshold
+  'calibrated' reads WORKDIR/calibration.json (launch/calibrate.py); where no threshold
+  passed calibration the policy never exits."""
+  measure, threshold = g.measure, g.threshold
+  if threshold == 'calibrated' and measure != 'never':
+    threshold = calibration_run.calibrated_threshold(workdir, measure)
+    if threshold is None:
+      measure, threshold = 'never', 1.0
+  policy = exits.ExitPolicy(measure=measure, schedule=g.schedule,
+                            threshold=1.0 if threshold == 'calibrated' else threshold,
                             tau=g.tau, min_depth=g.min_depth)
   sampling = (sampling_lib.Greedy() if g.temperature == 0 else
               sampling_lib.Sampling(temperature=g.temperature, top_k=g.top_k, top_p=g.top_p))
