@@ -122,6 +122,7 @@ def run_benchmark(config, workdir: str, out_path: str,
       config, workdir, b.measure,
       config_lib.parse_list(b.thresholds, float, 'config.benchmark.thresholds'), progress)
   kv_policies = config_lib.parse_list(b.kv, str, 'config.benchmark.kv')
+  zetas = config_lib.parse_list(b.zetas, float, 'config.benchmark.zetas') if b.zetas else []
   spec_settings = config_lib.parse_speculative(b.speculative)
   for kv in kv_policies:
     generation.check_kv_policy(kv, b.queue_capacity)
@@ -165,13 +166,16 @@ def run_benchmark(config, workdir: str, out_path: str,
           # What the batch computes: every row runs until the deepest row has exited.
           'theoretical_speedup_synchronised': float(full_flops / costs.token_flops(
               cfg, np.broadcast_to(decoded.max(0), decoded.shape), measure, context,
-              kv=policy_name).mean()) if mode == 'early_exit' else float(full_flops / flops),
+              kv=policy_name).mean()) if mode in ('early_exit', 'adaptive')
+          else float(full_flops / flops),
           'seconds': seconds, 'compile_seconds': compile_s, 'new_tokens': max_new,
-          'prompt_len': b.prompt_len, 'measure': measure if mode == 'early_exit' else None,
+          'prompt_len': b.prompt_len,
+          'measure': measure if mode in ('early_exit', 'adaptive') else None,
           **(extra or {})}
       rows.append(row)
-      progress(f'  batch {batch:>2} {mode:<11} {policy_name:<10} '
-               f'threshold {"-" if threshold is None else threshold:<5} '
+      shown = (f'zeta {extra["zeta"]:<6}' if mode == 'adaptive' else
+               f'threshold {"-" if threshold is None else threshold:<5}')
+      progress(f'  batch {batch:>2} {mode:<11} {policy_name:<10} {shown} '
                f'{tps:8.1f} tok/s  depth {row["mean_depth"]:5.2f}  '
                f'speedup {row["realized_speedup"]:.2f}x (theory '
                f'{row["theoretical_speedup"]:.2f}x)  agreement {agree:.3f}  '
@@ -198,6 +202,19 @@ def run_benchmark(config, workdir: str, out_path: str,
         depths = np.asarray(out.exit_depth)[:, 1:]
         flops = costs.token_flops(cfg, depths, measure, context, kv=kv).mean()
         record('early_exit', kv, threshold, out, compile_s, seconds, flops)
+
+    if zetas:  # FREE's adaptive threshold (kv 'parallel'); zeta is traced: one compile
+      start = max(thresholds) if thresholds else 0.9
+      adaptive = lambda z: exits.ExitPolicy(measure=measure, threshold=start, zeta=z,
+                                            schedule='adaptive')
+      compiled, compile_s = _compile(lambda p, pol, c: generate(p, pol, 'parallel', c), (
+          decode_params, adaptive(zetas[0]), classifier))
+      for zeta in zetas:
+        out, seconds = _time(compiled, (decode_params, adaptive(zeta), classifier), b.repeats)
+        depths = np.asarray(out.exit_depth)[:, 1:]
+        flops = costs.token_flops(cfg, depths, measure, context, kv='parallel').mean()
+        record('adaptive', 'parallel', None, out, compile_s, seconds, flops,
+               {'zeta': zeta, 'start_threshold': start})
 
     for depth, num in spec_settings:
       out, compile_s, seconds = _timed(

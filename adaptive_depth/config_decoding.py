@@ -67,6 +67,17 @@ def generate_problems(g) -> list[str]:
           not isinstance(threshold, bool)):
     p.append(f"config.generate.threshold={threshold!r}: a number, or 'calibrated' (the "
              'threshold launch/calibrate.py wrote to WORKDIR/calibration.json)')
+  if g.schedule == 'adaptive':
+    if g.kv != 'parallel':
+      p.append(f"config.generate.schedule='adaptive' learns from the tokens that catch up "
+               f"under config.generate.kv='parallel' (got {g.kv!r})")
+    if g.measure not in exits.ADAPTIVE_MEASURES:
+      p.append(f"config.generate.measure={g.measure!r} with schedule 'adaptive'; allowed: "
+               f'{", ".join(exits.ADAPTIVE_MEASURES)}')
+  if not 0 < g.zeta < 1:
+    p.append(f'config.generate.zeta={g.zeta}: must be in (0, 1)')
+  if g.refit_every < 1:
+    p.append(f'config.generate.refit_every={g.refit_every}: must be >= 1')
   if g.kv not in ('propagate', 'parallel'):
     p.append(f"config.generate.kv={g.kv!r}; allowed: propagate, parallel")
   if g.queue_capacity < 1:
@@ -93,6 +104,16 @@ def generate_problems(g) -> list[str]:
 
 def benchmark_problems(b, num_layers: int) -> list[str]:
   p = []
+  if b.zetas:
+    try:
+      zetas = parse_list(b.zetas, float, 'config.benchmark.zetas')
+      if not all(0 < z < 1 for z in zetas):
+        p.append(f'config.benchmark.zetas={b.zetas!r}: each must be in (0, 1)')
+      if b.measure not in exits.ADAPTIVE_MEASURES:
+        p.append(f'config.benchmark.zetas needs config.benchmark.measure in '
+                 f'{", ".join(exits.ADAPTIVE_MEASURES)} (got {b.measure!r})')
+    except ConfigError as e:
+      p.append(str(e))
   for key, kind in (('batches', int), ('thresholds', float), ('kv', str)):
     try:
       values = parse_list(b[key], kind, f'config.benchmark.{key}')

@@ -109,6 +109,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.generate.threshold = ml_collections.FieldReference(0.9, field_type=object)
   c.generate.schedule = 'constant'  # 'constant' | 'decaying'
   c.generate.tau = 4.0
+  c.generate.zeta = 0.9           # 'adaptive': target posterior probability of agreement
+  c.generate.refit_every = 16     # 'adaptive': observations between refits
+  c.generate.per_row_statistics = False  # 'adaptive': each row fits its own mixture
   c.generate.min_depth = 1
   c.generate.kv = 'propagate'     # 'propagate' | 'parallel'
   c.generate.queue_capacity = 8   # 'parallel': queued tokens per row before a forced deep pass
@@ -146,6 +149,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.benchmark.measure = 'max_prob'
   c.benchmark.thresholds = '0.5,0.7,0.8,0.9,0.95'
   c.benchmark.kv = 'propagate,parallel'
+  c.benchmark.zetas = ''          # e.g. '0.99,0.995': FREE's adaptive threshold rows (kv
+                                  # parallel, schedule 'adaptive'), one per target zeta
   c.benchmark.queue_capacity = 8
   c.benchmark.speculative = ''    # e.g. '4x4,6x3': draft depth x drafted tokens; '' = none
   c.benchmark.transformers_source = ''  # .gguf / HF dir: launch/benchmark.py times transformers

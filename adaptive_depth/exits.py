@@ -16,7 +16,10 @@ import numpy as np
 
 MEASURES = ('softmax_diff', 'softmax_diff_approx', 'max_prob', 'neg_entropy', 'saturation',
             'classifier', 'oracle', 'never')
-SCHEDULES = ('constant', 'decaying')
+SCHEDULES = ('constant', 'decaying', 'adaptive')
+# Measures the adaptive schedule can fit a Beta mixture to: in [0, 1], and read the exit head
+# (whose argmax is what the deep model agrees with or not).
+ADAPTIVE_MEASURES = ('max_prob', 'softmax_diff', 'softmax_diff_approx')
 
 
 @flax.struct.dataclass
@@ -29,7 +32,15 @@ class ExitPolicy:
   min_depth: no exit before this depth (traced).
   schedule: 'constant', or 'decaying' (CALM):
     threshold_t = clip(0.9 * threshold + 0.1 * exp(-tau * t / max_len), 0, 1),
-    with t the token's position in its own row (generation: its index among new tokens).
+    with t the token's position in its own row (generation: its index among new tokens);
+    or 'adaptive' (FREE): `threshold` is only the starting value; decoding with kv='parallel'
+    fits a labelled Beta mixture to (exit confidence, did the full model agree) pairs as
+    queued tokens catch up, and every `refit_every` observations moves the threshold to the
+    lowest grid value whose posterior probability of agreement is at least `zeta`
+    (decode/adaptive_threshold.py). Measures: ADAPTIVE_MEASURES.
+  zeta: the adaptive schedule's target posterior probability of agreement (traced).
+  refit_every: observations between refits (static). per_row_statistics: each row fits its
+    own mixture, else the rows share one (static).
   exit_at: for analysis, force every token out at exactly this depth, whatever the measure
     and min_depth; one of the model's exit depths, or 0 = off (traced).
   """
@@ -40,13 +51,16 @@ class ExitPolicy:
   tau: Any = 4.0
   max_len: Any = 128
   exit_at: Any = 0
+  zeta: Any = 0.9
+  refit_every: int = flax.struct.field(pytree_node=False, default=16)
+  per_row_statistics: bool = flax.struct.field(pytree_node=False, default=False)
 
   def __post_init__(self):
     # Fixed dtypes for concrete values, so that 0.9, np.float64(0.9) and 1 all hit the same
     # compiled program (jit keys on dtype and weak type). Tracers pass through untouched.
     for name, dtype in (('threshold', np.float32), ('tau', np.float32),
                         ('max_len', np.float32), ('min_depth', np.int32),
-                        ('exit_at', np.int32)):
+                        ('exit_at', np.int32), ('zeta', np.float32)):
       value = getattr(self, name)
       if isinstance(value, (int, float, np.number, np.ndarray, list)):
         object.__setattr__(self, name, np.asarray(value, dtype))
@@ -58,6 +72,15 @@ class ExitPolicy:
       raise ValueError(f'ExitPolicy.measure={self.measure!r}; allowed: {", ".join(MEASURES)}')
     if self.schedule not in SCHEDULES:
       raise ValueError(f'ExitPolicy.schedule={self.schedule!r}; allowed: {", ".join(SCHEDULES)}')
+    if self.schedule == 'adaptive' and self.measure not in ADAPTIVE_MEASURES + ('never',):
+      raise ValueError(f"ExitPolicy.schedule='adaptive' fits a Beta mixture to confidences in "
+                       f'[0, 1] read from the exit head; measure={self.measure!r} is not one; '
+                       f'allowed: {", ".join(ADAPTIVE_MEASURES)}')
+    if not isinstance(self.refit_every, int) or self.refit_every < 1:
+      raise ValueError(f'ExitPolicy.refit_every={self.refit_every!r}: must be an int >= 1')
+    zeta = _concrete(self.zeta)
+    if zeta is not None and not np.all((zeta > 0) & (zeta < 1)):
+      raise ValueError(f'ExitPolicy.zeta={zeta}: must be in (0, 1)')
     exit_at = _concrete(self.exit_at)
     if exit_depths is not None and exit_at is not None:
       allowed = [int(d) for d in exit_depths]
@@ -80,7 +103,7 @@ def threshold_at(policy: ExitPolicy, t):
   """Threshold for tokens at row position t ([B, T] int) -> [B, T] float32."""
   base = jnp.asarray(policy.threshold, jnp.float32)
   t = jnp.asarray(t, jnp.float32)
-  if policy.schedule == 'constant':
+  if policy.schedule != 'decaying':  # 'adaptive': the decode loop sets the threshold
     return jnp.broadcast_to(base, t.shape)
   decay = jnp.exp(-jnp.asarray(policy.tau, jnp.float32) * t /
                   jnp.asarray(policy.max_len, jnp.float32))

@@ -44,19 +44,30 @@ class GeneratedTokens:
 class ExitState:
   """Per row, one token's way through the depth loop: active (still going deeper),
   exit_depth (num_layers until it leaves), exit_logits [B, V] (of the exit it left at),
-  h_previous [B, 1, D] (the state at its previous check, for 'saturation')."""
+  h_previous [B, 1, D] (the state at its previous check, for 'saturation').
+  For the adaptive threshold, a record of every check (else None): checks [B, E] (which
+  exits checked), check_scores [B, E] and check_argmax [B, E] (the exit's prediction), so
+  the full model's prediction can label each of them later."""
   active: jax.Array
   exit_depth: jax.Array
   exit_logits: jax.Array
   h_previous: jax.Array
+  checks: Any = None
+  check_scores: Any = None
+  check_argmax: Any = None
 
   @classmethod
-  def start(cls, cfg: model_lib.ModelConfig, h, active=None) -> 'ExitState':
-    """Every row (or those in `active` [B]) entering the loop with state h [B, 1, D]."""
-    batch = h.shape[0]
+  def start(cls, cfg: model_lib.ModelConfig, h, active=None,
+            record: bool = False) -> 'ExitState':
+    """Every row (or those in `active` [B]) entering the loop with state h [B, 1, D];
+    record: keep the record of checks (the adaptive threshold's observations)."""
+    batch, num_exits = h.shape[0], len(cfg.exit_depths)
+    empty = lambda dtype: jnp.zeros((batch, num_exits), dtype) if record else None
     return cls(active=jnp.ones((batch,), bool) if active is None else active,
                exit_depth=jnp.full((batch,), cfg.num_layers, jnp.int32),
-               exit_logits=jnp.zeros((batch, cfg.vocab_size), jnp.float32), h_previous=h)
+               exit_logits=jnp.zeros((batch, cfg.vocab_size), jnp.float32), h_previous=h,
+               checks=empty(bool), check_scores=empty(jnp.float32),
+               check_argmax=empty(jnp.int32))
 
 
 @flax.struct.dataclass
@@ -123,10 +134,18 @@ def exit_check(cfg: model_lib.ModelConfig, params, policy: exits.ExitPolicy, cla
     else:
       exit_logits = jnp.where(leaving[:, None], logits[:, 0], exit_logits)
     checked = jnp.broadcast_to(checks, leaving.shape)[:, None, None]
-    return ExitState(active=state.active & ~leaving,
-                     exit_depth=jnp.where(leaving, depth, state.exit_depth),
-                     exit_logits=exit_logits,
-                     h_previous=jnp.where(checked, h, state.h_previous))
+    record = {}
+    if state.checks is not None:  # the adaptive threshold's record of this check
+      here = (jax.nn.one_hot(number.reshape(-1), state.checks.shape[1], dtype=bool)
+              & checked[:, 0])  # [B, E]: this row's exit column, where it checked
+      record = dict(checks=state.checks | here,
+                    check_scores=jnp.where(here, score[:, :1], state.check_scores),
+                    check_argmax=jnp.where(here, jnp.argmax(logits[:, 0], -1)[:, None],
+                                           state.check_argmax))
+    return state.replace(active=state.active & ~leaving,
+                         exit_depth=jnp.where(leaving, depth, state.exit_depth),
+                         exit_logits=exit_logits,
+                         h_previous=jnp.where(checked, h, state.h_previous), **record)
 
   # Under measure 'never' the check only opens where exit_at forces the exit, so full depth
   # computes no head or confidence (exit_at is traced: the test itself has to stay).

@@ -129,7 +129,9 @@ def policy_and_sampling(g, workdir: Optional[str] = None) -> tuple[exits.ExitPol
       measure, threshold = 'never', 1.0
   policy = exits.ExitPolicy(measure=measure, schedule=g.schedule,
                             threshold=1.0 if threshold == 'calibrated' else threshold,
-                            tau=g.tau, min_depth=g.min_depth)
+                            tau=g.tau, min_depth=g.min_depth, zeta=g.zeta,
+                            refit_every=g.refit_every,
+                            per_row_statistics=g.per_row_statistics)
   sampling = (sampling_lib.Greedy() if g.temperature == 0 else
               sampling_lib.Sampling(temperature=g.temperature, top_k=g.top_k, top_p=g.top_p))
   return policy, sampling
@@ -177,7 +179,7 @@ def generate(model, prompts, *args, max_new_tokens: int = 64,
     raise TypeError(f'generate(model, prompts, ...): unexpected positional arguments {args}')
   cfg, tokenizer = model.model_config, model.tokenizer
   token_lists = _prompt_ids(prompts, tokenizer, cfg.vocab_size)
-  generation.check_kv_policy(kv, queue_capacity)
+  generation.check_kv_policy(kv, queue_capacity, exit)
   if max_new_tokens < 1:
     raise ValueError(f'max_new_tokens={max_new_tokens}: must be >= 1')
   policy = (exit or exits.ExitPolicy(measure='never')).validated(cfg.exit_depths)

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from adaptive_depth import exits
 from adaptive_depth import model as model_lib
 from adaptive_depth.decode import adaptive_decode as decode_lib
+from adaptive_depth.decode import adaptive_threshold
 from adaptive_depth.decode import parallel_kv
 from adaptive_depth.decode import sampling as sampling_lib
 
@@ -29,16 +30,19 @@ KV_POLICIES = ('propagate', 'parallel')
 @flax.struct.dataclass
 class GenerationResult:
   """What generate_tokens returns: the tokens and, for inspection, the final cache (complete:
-  the 'parallel' queue is flushed) of the prompt and every generated token but the last."""
+  the 'parallel' queue is flushed) of the prompt and every generated token but the last; and
+  the adaptive threshold's final state (None unless policy.schedule == 'adaptive')."""
   output: decode_lib.GeneratedTokens
   cache: decode_lib.Cache
+  adaptive: Any = None
 
 
 @flax.struct.dataclass
 class _PositionLoop:
   """The carry of the loop over new tokens: the index of the token being made, the tokens
   and exit depths so far [B, max_new], the cache, the 'parallel' queue (None otherwise),
-  which rows are done, and the sampling key."""
+  which rows are done, the sampling key, and the adaptive threshold's state (None unless
+  policy.schedule == 'adaptive')."""
   index: jax.Array
   tokens: jax.Array
   depths: jax.Array
@@ -46,12 +50,16 @@ class _PositionLoop:
   queue: Any
   done: jax.Array
   rng: jax.Array
+  adaptive: Any = None
 
 
-def check_kv_policy(kv: str, queue_capacity: int):
+def check_kv_policy(kv: str, queue_capacity: int, policy=None):
   """Raises ValueError naming the argument (before anything compiles)."""
   if kv not in KV_POLICIES:
     raise ValueError(f'kv={kv!r}; allowed: {", ".join(KV_POLICIES)}')
+  if policy is not None and policy.schedule == 'adaptive' and kv != 'parallel':
+    raise ValueError(f"ExitPolicy.schedule='adaptive' learns from the tokens that catch up "
+                     f"under kv='parallel'; got kv={kv!r}")
   if kv == 'parallel' and queue_capacity < 1:
     raise ValueError(f'queue_capacity={queue_capacity}: must be >= 1 for kv=\'parallel\'')
 
@@ -71,8 +79,9 @@ def generate_tokens(cfg: model_lib.ModelConfig, params, prompt, prompt_lengths, 
 
   Returns GeneratedTokens, or a GenerationResult when return_cache.
   """
-  check_kv_policy(kv, queue_capacity)
+  check_kv_policy(kv, queue_capacity, policy)
   policy = policy.validated(cfg.exit_depths)  # exit_at is checked when it is concrete
+  adaptive = policy.schedule == 'adaptive'
   sampling_lib.check_sampling(sampling)
   batch = prompt.shape[0]
   cache, logits = decode_lib.prefill(cfg, params, prompt, prompt_lengths,
@@ -84,22 +93,30 @@ def generate_tokens(cfg: model_lib.ModelConfig, params, prompt, prompt_lengths, 
   done = first == eos_id
   if row_max_new is not None:
     done |= jnp.asarray(row_max_new) <= 1
-  queue = (parallel_kv.ExitQueue.empty(batch, queue_capacity, cfg.width, cfg.compute_dtype)
+  queue = (parallel_kv.ExitQueue.empty(batch, queue_capacity, cfg.width, cfg.compute_dtype,
+                                       len(cfg.exit_depths) if adaptive else 0)
            if kv == 'parallel' else None)
 
-  def step(cache, queue, token, position, row_position):
+  def step(loop: _PositionLoop, token, position, row_position):
+    """One decode step of the KV policy. Returns (cache, queue, logits, exit depth, the
+    adaptive threshold's new state or None)."""
     if kv == 'parallel':
-      return parallel_kv.decode_step(cfg, params, cache, queue, token, position, policy,
-                                     row_position, classifier)
+      now = policy.replace(threshold=loop.adaptive.threshold) if adaptive else policy
+      cache, queue, logits, exit_depth, seen = parallel_kv.decode_step(
+          cfg, params, loop.cache, loop.queue, token, position, now, row_position, classifier)
+      if adaptive:  # rows that are done make no observations
+        seen = seen.replace(observed=seen.observed & ~loop.done[:, None])
+      return cache, queue, logits, exit_depth, (
+          loop.adaptive.observe(policy, seen) if adaptive else None)
     cache, logits, exit_depth, _ = decode_lib.decode_step(
-        cfg, params, cache, token, position, policy, row_position, classifier)
-    return cache, None, logits, exit_depth
+        cfg, params, loop.cache, token, position, policy, row_position, classifier)
+    return cache, None, logits, exit_depth, None
 
   def body(loop: _PositionLoop) -> _PositionLoop:
     i = loop.index
     rng, step_rng = jax.random.split(loop.rng)
-    cache, queue, logits, exit_depth = step(loop.cache, loop.queue, loop.tokens[:, i - 1],
-                                            prompt_lengths + i - 1, jnp.full((batch,), i - 1))
+    cache, queue, logits, exit_depth, adaptive_state = step(
+        loop, loop.tokens[:, i - 1], prompt_lengths + i - 1, jnp.full((batch,), i - 1))
     new = jnp.where(loop.done, pad_id, sampling_lib.next_token(logits, sampling, step_rng))
     done = loop.done | (new == eos_id)
     if row_max_new is not None:
@@ -107,12 +124,14 @@ def generate_tokens(cfg: model_lib.ModelConfig, params, prompt, prompt_lengths, 
     return _PositionLoop(
         index=i + 1, tokens=loop.tokens.at[:, i].set(new),
         depths=loop.depths.at[:, i].set(jnp.where(loop.done, 0, exit_depth)), cache=cache,
-        queue=queue, done=done, rng=rng)
+        queue=queue, done=done, rng=rng, adaptive=adaptive_state)
 
   loop = jax.lax.while_loop(
       lambda loop: (loop.index < max_new_tokens) & ~jnp.all(loop.done), body,
       _PositionLoop(index=jnp.int32(1), tokens=tokens, depths=depths, cache=cache,
-                    queue=queue, done=done, rng=rng))
+                    queue=queue, done=done, rng=rng,
+                    adaptive=(adaptive_threshold.AdaptiveThreshold.start(policy, batch)
+                              if adaptive else None)))
   tokens, depths, cache, queue = loop.tokens, loop.depths, loop.cache, loop.queue
   is_eos = tokens == eos_id
   first_eos = jnp.where(is_eos.any(-1), jnp.argmax(is_eos, -1) + 1, max_new_tokens)
@@ -123,4 +142,4 @@ def generate_tokens(cfg: model_lib.ModelConfig, params, prompt, prompt_lengths, 
     return output
   if kv == 'parallel':
     cache, _ = parallel_kv.flush(cfg, params, cache, queue)
-  return GenerationResult(output=output, cache=cache)
+  return GenerationResult(output=output, cache=cache, adaptive=loop.adaptive)

@@ -18,6 +18,8 @@ allocated one position longer than any token needs).
 """
 from __future__ import annotations
 
+from typing import Any
+
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -25,6 +27,7 @@ import jax.numpy as jnp
 from adaptive_depth import exits
 from adaptive_depth import model as model_lib
 from adaptive_depth.decode import adaptive_decode as decode_lib
+from adaptive_depth.decode import adaptive_threshold
 from adaptive_depth.decode import kv_cache
 
 
@@ -35,13 +38,23 @@ class ExitQueue:
   position: jax.Array  # [B, Q]
   reached: jax.Array   # [B, Q] layers run so far
   count: jax.Array     # [B] valid entries (the first `count` slots)
+  # The adaptive threshold's record of each queued token's exit checks ([B, Q, E]; None
+  # otherwise), labelled once the token reaches the last layer.
+  checks: Any = None
+  check_scores: Any = None
+  check_argmax: Any = None
 
   @classmethod
-  def empty(cls, batch: int, capacity: int, width: int, dtype) -> 'ExitQueue':
+  def empty(cls, batch: int, capacity: int, width: int, dtype,
+            num_exits: int = 0) -> 'ExitQueue':
+    """num_exits > 0: with the record of exit checks (adaptive threshold)."""
+    record = lambda dtype: (jnp.zeros((batch, capacity, num_exits), dtype) if num_exits
+                            else None)
     return cls(h=jnp.zeros((batch, capacity, width), dtype),
                position=jnp.zeros((batch, capacity), jnp.int32),
                reached=jnp.zeros((batch, capacity), jnp.int32),
-               count=jnp.zeros((batch,), jnp.int32))
+               count=jnp.zeros((batch,), jnp.int32), checks=record(bool),
+               check_scores=record(jnp.float32), check_argmax=record(jnp.int32))
 
   @property
   def capacity(self) -> int:
@@ -76,7 +89,9 @@ def decode_step(cfg: model_lib.ModelConfig, params, cache, queue: ExitQueue, tok
                 policy: exits.ExitPolicy, row_position, classifier=None):
   """One new token per row with the queued tokens catching up alongside it.
 
-  token, position, row_position: [B]. Returns (cache, queue, logits [B, V], exit_depth [B]).
+  token, position, row_position: [B]. Returns (cache, queue, logits [B, V], exit_depth [B],
+  observations): the adaptive threshold's labelled exit checks when the queue keeps their
+  record (adaptive_threshold.Observations, [B, E + Q * E]), else None.
   """
   num_layers, capacity = cfg.num_layers, queue.capacity
   batch = token.shape[0]
@@ -98,7 +113,9 @@ def decode_step(cfg: model_lib.ModelConfig, params, cache, queue: ExitQueue, tok
   loop = jax.lax.while_loop(
       lambda loop: (loop.step < num_layers) & jnp.any(loop.exits.active), body,
       _CatchUpLoop(step=jnp.int32(0), h=h, reached=reached,
-                   exits=decode_lib.ExitState.start(cfg, h[:, capacity:]), cache=cache))
+                   exits=decode_lib.ExitState.start(cfg, h[:, capacity:],
+                                                    record=queue.checks is not None),
+                   cache=cache))
   h, reached, cache = loop.h, loop.reached, loop.cache
   exit_depth, exit_logits = loop.exits.exit_depth, loop.exits.exit_logits
 
@@ -111,11 +128,40 @@ def decode_step(cfg: model_lib.ModelConfig, params, cache, queue: ExitQueue, tok
       jnp.where(exited, position, queue.position[rows, slot]))
   new_reached = reached[:, :capacity].at[rows, slot].set(
       jnp.where(exited, exit_depth, reached[rows, slot]))
-  # A token that went all the way took every queued token of its row along: the queue empties.
-  queue = ExitQueue(h=new_h, position=new_position, reached=new_reached,
-                    count=jnp.where(exited, queue.count + 1, 0))
   logits = decode_lib.final_logits(cfg, params, h[:, capacity], exit_depth, exit_logits)
-  return cache, queue, logits, exit_depth
+  observations, record = None, {}
+  if queue.checks is not None:
+    observations = _label_checks(cfg, params, queue, loop.exits, logits, h[:, :capacity])
+    keep = lambda old, new: old.at[rows, slot].set(
+        jnp.where(exited[:, None], new, old[rows, slot]))
+    record = {name: keep(getattr(queue, name), getattr(loop.exits, name))
+              for name in ('checks', 'check_scores', 'check_argmax')}
+  # A token that went all the way took every queued token of its row along: the queue empties.
+  queue = queue.replace(h=new_h, position=new_position, reached=new_reached,
+                        count=jnp.where(exited, queue.count + 1, 0), **record)
+  return cache, queue, logits, exit_depth, observations
+
+
+def _label_checks(cfg, params, queue: ExitQueue, checked: decode_lib.ExitState, logits,
+                  queued_h):
+  """The exit checks whose full-depth prediction is known after this step: the current
+  token's, where it went all the way (logits are then the last exit's), and those of every
+  token queued in such a row (queued_h [B, Q, D] is then their last-layer state)."""
+  deep = checked.exit_depth == cfg.num_layers  # [B]
+  final = jnp.argmax(logits, -1)  # [B]
+  caught_up = queue.valid() & deep[:, None]  # [B, Q]
+  queued_final = jax.lax.cond(
+      jnp.any(caught_up),
+      lambda: jnp.argmax(model_lib.head_logits(cfg, params, queued_h), -1).astype(jnp.int32),
+      lambda: jnp.zeros(queue.position.shape, jnp.int32))
+  batch = deep.shape[0]
+  flat = lambda x: x.reshape(batch, -1)
+  return adaptive_threshold.Observations(
+      confidence=jnp.concatenate([checked.check_scores, flat(queue.check_scores)], -1),
+      agreed=jnp.concatenate([checked.check_argmax == final[:, None],
+                              flat(queue.check_argmax == queued_final[..., None])], -1),
+      observed=jnp.concatenate([checked.checks & deep[:, None],
+                                flat(queue.checks & caught_up[..., None])], -1))
 
 
 def flush(cfg: model_lib.ModelConfig, params, cache, queue: ExitQueue):

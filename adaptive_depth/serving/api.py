@@ -196,6 +196,10 @@ def check_policy(cfg, policy: Optional[exits.ExitPolicy]) -> exits.ExitPolicy:
   if policy.measure not in engine_lib.MEASURES:
     raise cli.UserError(f'ExitPolicy.measure={policy.measure!r} is not supported by the '
                         f'engine; allowed: {", ".join(engine_lib.MEASURES)}')
+  if policy.schedule == 'adaptive':
+    raise cli.UserError("ExitPolicy.schedule='adaptive' learns from the tokens that catch up "
+                        "under kv='parallel', which the engine does not run; allowed "
+                        'schedules here: constant, decaying')
   return policy
 
 
