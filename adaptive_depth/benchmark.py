@@ -35,7 +35,7 @@ from adaptive_depth import costs
 from adaptive_depth import exits
 from adaptive_depth import model as model_lib
 from adaptive_depth import saved_model
-from adaptive_depth.calibrate import calibration_run
+from adaptive_depth.calibrate import calibration_file
 from adaptive_depth.data import tiny_shakespeare
 from adaptive_depth.decode import generation
 from adaptive_depth.decode import sampling as sampling_lib
@@ -118,7 +118,7 @@ def run_benchmark(config, workdir: str, out_path: str,
   b = config_lib.validate(config).benchmark
   cli.check_output_path('--out', out_path)
   batches = config_lib.parse_list(b.batches, int, 'config.benchmark.batches')
-  thresholds = calibration_run.resolve_thresholds(
+  thresholds = calibration_file.resolve_thresholds(
       config, workdir, b.measure,
       config_lib.parse_list(b.thresholds, float, 'config.benchmark.thresholds'), progress)
   kv_policies = config_lib.parse_list(b.kv, str, 'config.benchmark.kv')

@@ -26,7 +26,7 @@ from adaptive_depth import exits
 from adaptive_depth import metrics as metrics_lib
 from adaptive_depth import model as model_lib
 from adaptive_depth import saved_model
-from adaptive_depth.calibrate import calibration_run
+from adaptive_depth.calibrate import calibration_file
 from adaptive_depth.data import pipeline
 from adaptive_depth.train import classifier as classifier_lib
 from adaptive_depth.train import losses
@@ -128,7 +128,7 @@ def evaluate_run(config, workdir: str, *, measures=None, num_batches: int = 0) -
       raise cli.UserError("config.generate.threshold='calibrated' evaluates the calibrated "
                           f'threshold of config.generate.measure={config.generate.measure!r};'
                           f' set it to one of {", ".join(SWEEPS)}')
-    calibrated = calibration_run.calibrated_threshold(workdir, config.generate.measure)
+    calibrated = calibration_file.calibrated_threshold(workdir, config.generate.measure)
   model = saved_model.load(workdir)
   classifier = classifier_lib.load_classifier(workdir, model_step=model.step)
   if measures and 'classifier' in measures and classifier is None:
@@ -174,7 +174,7 @@ def evaluate_run(config, workdir: str, *, measures=None, num_batches: int = 0) -
          'agreement': 1.0} if calibrated is None else
         sweep(cfg, params, batches, full_argmax, measure, [calibrated], classifier=classifier,
               adaptive_fn=adaptive_fn)[0])
-    extra['calibrated']['source'] = os.path.join(workdir, calibration_run.CALIBRATION_FILE)
+    extra['calibrated']['source'] = os.path.join(workdir, calibration_file.CALIBRATION_FILE)
   result = {
       'step': model.step,
       'num_eval_tokens': int(sum(b[:, 1:].size for b in batches)),

@@ -14,11 +14,13 @@ from scipy import stats
 import adaptive_depth as ad
 from adaptive_depth import cli
 from adaptive_depth.calibrate import beta_mixture
+from adaptive_depth.calibrate import calibration_file
 from adaptive_depth.calibrate import calibration_run
 from adaptive_depth.calibrate import ltt
 from adaptive_depth.calibrate import pvalues
 from adaptive_depth.decode import api as decode_api
 from tests import tiny_models
+from tests.test_engine import _backend_compiles
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = 'configs/shared_exit.py:tiny'
@@ -63,6 +65,10 @@ def test_fixed_sequence_stops_at_the_first_null_that_stands():
   assert result.p_values[0] <= 0.05 and result.p_values[2] > 0.05 and result.p_values[3] <= 0.05
   none = ltt.fixed_sequence_test(np.stack([high, low], 1), 0.1, 0.05, binary=True)
   assert none.index is None
+  # Too few examples for any threshold to pass is not an error: "none valid". With 10
+  # examples and no failure, P(Binomial(10, 0.05) <= 0) = 0.95^10 = 0.60 > epsilon.
+  few = ltt.fixed_sequence_test(np.zeros((10, 3)), 0.05, 0.05, binary=True)
+  assert few.index is None and math.isclose(few.p_values[0], 0.95 ** 10)
   with pytest.raises(ValueError, match='delta'):
     ltt.fixed_sequence_test(risks, delta=1.5, epsilon=0.05, binary=True)
   with pytest.raises(ValueError, match='epsilon'):
@@ -156,15 +162,23 @@ def calibrated(tmp_path_factory):
   config = ad.load_config(os.path.join(REPO, CONFIG), {
       'calibrate.num_examples': 96, 'calibrate.prompt_len': 8, 'calibrate.new_tokens': 6,
       'calibrate.batch_size': 96})
-  lines = []
-  result = calibration_run.calibrate_run(config, workdir, measures=['max_prob'],
-                                         risk='textual', delta=0.2, epsilon=0.1, splits=40,
-                                         deltas=(0.1, 0.2, 0.4), progress=lines.append)
-  return workdir, config, result, lines
+  lines, compiles_at_line = [], []
+  with _backend_compiles() as compiles:
+    def progress(line):
+      lines.append(line)
+      compiles_at_line.append(len(compiles))
+    result = calibration_run.calibrate_run(config, workdir, measures=['max_prob'],
+                                           risk='textual', delta=0.2, epsilon=0.1, splits=40,
+                                           deltas=(0.1, 0.2, 0.4), progress=progress)
+  return workdir, config, result, list(zip(lines, compiles_at_line))
 
 
 def test_calibration_file_and_validity_on_decodes(calibrated):
-  workdir, _, result, lines = calibrated
+  workdir, _, result, progress = calibrated
+  lines = [line for line, _ in progress]
+  # One compile serves the whole grid: after the first grid threshold's line, nothing new.
+  grid_compiles = [count for line, count in progress if line.startswith('  max_prob ')]
+  assert len(grid_compiles) == 20 and len(set(grid_compiles)) == 1, grid_compiles
   saved = json.load(open(os.path.join(workdir, 'calibration.json')))
   entry = saved['measures']['max_prob']
   assert (saved['delta'], saved['epsilon'], saved['risk']) == (0.2, 0.1, 'textual')
@@ -194,10 +208,13 @@ def test_threshold_calibrated_reads_the_file(calibrated, tmp_path):
   model = ad.load(workdir)
   prompts = [[1, 2, 3, 4], [5, 6, 7]]
   chosen = result['measures']['max_prob']['threshold']
+  path = os.path.join(workdir, 'calibration.json')
+  original = open(path).read()
   for threshold in (0.5, None):  # a valid threshold, then "none valid"
-    saved = json.load(open(os.path.join(workdir, 'calibration.json')))
+    saved = json.loads(original)
     saved['measures']['max_prob']['threshold'] = threshold
-    json.dump(saved, open(os.path.join(workdir, 'calibration.json'), 'w'))
+    with open(path, 'w') as f:
+      json.dump(saved, f)
     overrides = {'generate.measure': 'max_prob', 'generate.threshold': 'calibrated',
                  'generate.max_new_tokens': 8}
     out = decode_api.generate_from_config(
@@ -205,12 +222,31 @@ def test_threshold_calibrated_reads_the_file(calibrated, tmp_path):
     explicit = ad.generate(model, prompts, max_new_tokens=8, exit=ad.ExitPolicy(
         measure='max_prob' if threshold else 'never', threshold=threshold or 1.0))
     assert out.tokens == explicit.tokens and out.exit_depths == explicit.exit_depths
+  with open(path, 'w') as f:  # the other tests read the calibration as it was written
+    f.write(original)
   assert chosen is None or 0 < chosen <= 1
   with pytest.raises(cli.UserError, match='calibration.json'):
     decode_api.generate_from_config(model, prompts, ad.load_config(
         os.path.join(REPO, CONFIG), {'generate.measure': 'max_prob',
                                      'generate.threshold': 'calibrated'}),
         workdir=str(tmp_path))
+
+
+def test_evaluate_and_benchmark_read_the_calibrated_threshold(calibrated):
+  workdir, _, result, _ = calibrated
+  config = ad.load_config(os.path.join(REPO, CONFIG), {
+      'generate.measure': 'max_prob', 'generate.threshold': 'calibrated'})
+  said = []
+  chosen = result['measures']['max_prob']['threshold']
+  assert calibration_file.resolve_thresholds(config, workdir, 'max_prob', [0.3, 0.5],
+                                            said.append) == [chosen]
+  assert 'calibration.json' in said[0] and 'delta 0.2' in said[0]
+  plain = ad.load_config(os.path.join(REPO, CONFIG))
+  assert calibration_file.resolve_thresholds(plain, workdir, 'max_prob', [0.3, 0.5]) == [0.3, 0.5]
+  evaluated = ad.evaluate_run(config, workdir, measures=['max_prob'], num_batches=1)
+  entry = evaluated['calibrated']
+  assert entry['threshold'] == chosen and entry['measure'] == 'max_prob'
+  assert entry['source'] == os.path.join(workdir, 'calibration.json')
 
 
 def test_bad_arguments_are_refused_before_loading(tmp_path):

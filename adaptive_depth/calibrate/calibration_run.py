@@ -10,7 +10,6 @@ length) with the threshold traced: one compile for the whole grid, one for full 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from typing import Optional
@@ -26,6 +25,7 @@ from adaptive_depth import depth as depth_lib
 from adaptive_depth import exits
 from adaptive_depth import metrics as metrics_lib
 from adaptive_depth import saved_model
+from adaptive_depth.calibrate import calibration_file
 from adaptive_depth.calibrate import ltt
 from adaptive_depth.data import pipeline
 from adaptive_depth.decode import generation
@@ -33,7 +33,7 @@ from adaptive_depth.decode import sampling as sampling_lib
 from adaptive_depth.train import classifier as classifier_lib
 from adaptive_depth.train import losses
 
-CALIBRATION_FILE = 'calibration.json'
+CALIBRATION_FILE = calibration_file.CALIBRATION_FILE
 # Threshold grids from conservative to aggressive, per measure (their scores differ in range).
 _PROBABILITY_GRID = tuple(float(t) for t in np.round(np.linspace(1.0, 0.05, 20), 2))
 GRIDS = {
@@ -243,42 +243,6 @@ def format_validity(rows) -> str:
                  f"{r['none_valid']} | {shown} | {r['test_risk_mean']:.3f} | "
                  f"{r['mean_depth']:.2f} | {r['speedup_mean']:.2f}x |")
   return '\n'.join(lines)
-
-
-def calibrated_threshold(workdir: Optional[str], measure: str,
-                         progress=print) -> Optional[float]:
-  """The threshold calibration.json in `workdir` holds for `measure`; None = none valid
-  (decode at full depth). Says which file it read; a UserError when the file or the
-  measure is missing."""
-  how = (f'run python launch/calibrate.py --config=... --workdir={workdir or "DIR"} '
-         f'--measure={measure}')
-  if workdir is None:
-    raise cli.UserError(f"threshold='calibrated' reads WORKDIR/{CALIBRATION_FILE}: pass the "
-                        f'workdir ({how})')
-  path = os.path.join(workdir, CALIBRATION_FILE)
-  if not os.path.isfile(path):
-    raise cli.UserError(f"threshold='calibrated' needs {path}, which does not exist: {how}")
-  with open(path) as f:
-    saved = json.load(f)
-  if measure not in saved.get('measures', {}):
-    raise cli.UserError(f"threshold='calibrated': {path} has no threshold for measure "
-                        f'{measure!r} (it has {sorted(saved.get("measures", {}))}): {how}')
-  threshold = saved['measures'][measure]['threshold']
-  progress(f'threshold {measure} ' +
-           ('none valid: full depth' if threshold is None else f'{threshold:g}') +
-           f" from {path} (delta {saved['delta']:g}, epsilon {saved['epsilon']:g}, risk "
-           f"{saved['risk']}, n {saved['measures'][measure]['n']})")
-  return threshold
-
-
-def resolve_thresholds(config, workdir: Optional[str], measure: str, thresholds: list,
-                       progress=print) -> list:
-  """`thresholds`, or with config.generate.threshold='calibrated' the calibrated threshold
-  of `measure` alone ([] when none is valid: only full depth runs)."""
-  if config.generate.threshold != 'calibrated':
-    return thresholds
-  threshold = calibrated_threshold(workdir, measure, progress)
-  return [] if threshold is None else [threshold]
 
 
 def validity_table(pool: RiskPool, risk: str, deltas, epsilon: float, splits: int = 100,

@@ -14,7 +14,7 @@ from adaptive_depth import config_lib
 from adaptive_depth import costs
 from adaptive_depth import exits
 from adaptive_depth import saved_model
-from adaptive_depth.calibrate import calibration_run
+from adaptive_depth.calibrate import calibration_file
 from adaptive_depth.decode import adaptive_decode as decode_lib
 from adaptive_depth.decode import generation
 from adaptive_depth.decode import sampling as sampling_lib
@@ -124,7 +124,7 @@ def policy_and_sampling(g, workdir: Optional[str] = None) -> tuple[exits.ExitPol
   passed calibration the policy never exits."""
   measure, threshold = g.measure, g.threshold
   if threshold == 'calibrated' and measure != 'never':
-    threshold = calibration_run.calibrated_threshold(workdir, measure)
+    threshold = calibration_file.calibrated_threshold(workdir, measure)
     if threshold is None:
       measure, threshold = 'never', 1.0
   policy = exits.ExitPolicy(measure=measure, schedule=g.schedule,

@@ -42,7 +42,7 @@ from adaptive_depth import config_lib
 from adaptive_depth import costs
 from adaptive_depth import exits
 from adaptive_depth import saved_model
-from adaptive_depth.calibrate import calibration_run
+from adaptive_depth.calibrate import calibration_file
 from adaptive_depth.decode import adaptive_decode as decode_lib
 from adaptive_depth.decode import api as decode_api
 from adaptive_depth.decode import generation
@@ -135,7 +135,7 @@ def run_engine_benchmark(config, workdir: str, out_path: str,
   b = config_lib.validate(config).benchmark
   cli.check_output_path('--out', out_path)
   slot_counts = config_lib.parse_list(b.slots, int, 'config.benchmark.slots')
-  thresholds = calibration_run.resolve_thresholds(
+  thresholds = calibration_file.resolve_thresholds(
       config, workdir, b.measure,
       config_lib.parse_list(b.thresholds, float, 'config.benchmark.thresholds'), progress)
   prompt_lens = config_lib.parse_range(b.prompt_lens, 'config.benchmark.prompt_lens')
