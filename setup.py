@@ -31,7 +31,9 @@ setuptools.setup(
         'matplotlib>=3.7',
     ],
     extras_require={
-        'test': ['pytest>=7', 'pytest-xdist>=3.5', 'nbclient>=0.9', 'nbformat>=5.9', 'ipykernel>=6'],
+        # scipy: tests/test_calibrate.py checks the binomial tail and Beta densities against it.
+        'test': ['pytest>=7', 'pytest-xdist>=3.5', 'nbclient>=0.9', 'nbformat>=5.9', 'ipykernel>=6',
+                 'scipy>=1.10'],
         # adaptive_depth.convert and BPE tokenizers (config.data.tokenizer='bpe').
         'pretrained': PRETRAINED,
         # tests/test_pretrained.py: the same models run by Hugging Face transformers in

@@ -123,6 +123,7 @@ def run_benchmark(config, workdir: str, out_path: str,
       config_lib.parse_list(b.thresholds, float, 'config.benchmark.thresholds'), progress)
   kv_policies = config_lib.parse_list(b.kv, str, 'config.benchmark.kv')
   zetas = config_lib.parse_list(b.zetas, float, 'config.benchmark.zetas') if b.zetas else []
+  calibration_source = calibration_file.source(config, workdir)
   spec_settings = config_lib.parse_speculative(b.speculative)
   for kv in kv_policies:
     generation.check_kv_policy(kv, b.queue_capacity)
@@ -171,6 +172,7 @@ def run_benchmark(config, workdir: str, out_path: str,
           'seconds': seconds, 'compile_seconds': compile_s, 'new_tokens': max_new,
           'prompt_len': b.prompt_len,
           'measure': measure if mode in ('early_exit', 'adaptive') else None,
+          'threshold_source': calibration_source if mode == 'early_exit' else None,
           **(extra or {})}
       rows.append(row)
       shown = (f'zeta {extra["zeta"]:<6}' if mode == 'adaptive' else
@@ -205,8 +207,10 @@ def run_benchmark(config, workdir: str, out_path: str,
 
     if zetas:  # FREE's adaptive threshold (kv 'parallel'); zeta is traced: one compile
       start = max(thresholds) if thresholds else 0.9
-      adaptive = lambda z: exits.ExitPolicy(measure=measure, threshold=start, zeta=z,
-                                            schedule='adaptive')
+      g = config.generate
+      adaptive = lambda z: exits.ExitPolicy(
+          measure=measure, threshold=start, zeta=z, schedule='adaptive',
+          refit_every=g.refit_every, per_row_statistics=g.per_row_statistics)
       compiled, compile_s = _compile(lambda p, pol, c: generate(p, pol, 'parallel', c), (
           decode_params, adaptive(zetas[0]), classifier))
       for zeta in zetas:

@@ -10,6 +10,7 @@ from ml_collections import config_flags
 
 import adaptive_depth as ad
 from adaptive_depth import cli
+from adaptive_depth.decode import api as decode_api
 from adaptive_depth.decode import render
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
@@ -25,6 +26,7 @@ flags.register_validator('prompt', lambda prompts: prompts is None or all(prompt
 def main(argv):
   del argv  # cli.run refuses positional arguments
   config = ad.validate(_CONFIG.value)  # bad settings fail before the model loads
+  decode_api.check_calibration(config.generate, _WORKDIR.value)
   model = ad.load(_WORKDIR.value)
   out = ad.generate_from_config(model, _PROMPT.value, config, workdir=_WORKDIR.value)
   layers = model.model_config.num_layers

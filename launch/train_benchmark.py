@@ -3,13 +3,21 @@ r"""Train step benchmark: python launch/train_benchmark.py --config=configs/quic
 The jitted train step alone (no data pipeline), under each --attention implementation, timed
 in interleaved rounds (adaptive_depth/train/step_benchmark.py): median ms per step,
 tokens/s and FLOP/s by XLA's count. Random parameters and batch: no workdir needed.
+--torch also times the same step written in PyTorch (launch/torch_train_reference.py; eager,
+on --torch_threads threads) in the same rounds, and reports each step's speed relative to it.
+--whole_run_steps=N also runs the training loop itself (data pipeline, logging, checkpoints)
+and reports its tokens/s as a fraction of the step alone.
 """
+import os
+
 from absl import flags
 from ml_collections import config_flags
 
 from adaptive_depth import cli
 from adaptive_depth import config_lib
 from adaptive_depth.train import step_benchmark
+
+import torch_train_reference  # beside this file: PyTorch stays out of the library
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
                                           lock_config=True)
@@ -18,15 +26,29 @@ _ATTENTION = flags.DEFINE_string('attention', 'xla,heads_major,dot_product_atten
                                  'Attention implementations to time (config.model.attention).')
 _ROUNDS = flags.DEFINE_integer('rounds', 5, 'Timed rounds, each running every implementation '
                                'once in turn (figures are medians over rounds).')
+_TORCH = flags.DEFINE_bool('torch', False, 'Also time the PyTorch eager step (needs the '
+                           'parity extra).')
+_TORCH_THREADS = flags.DEFINE_integer('torch_threads', len(os.sched_getaffinity(0)),
+                                      'PyTorch threads (default: the cores this process may '
+                                      'use, as XLA does).')
+_WHOLE_RUN_STEPS = flags.DEFINE_integer(
+    'whole_run_steps', 0, 'Also run the training loop of launch/train.py for this many steps '
+    '(between two halves of the rounds) and compare its tokens/s with the step alone.')
 flags.mark_flags_as_required(['config', 'out'])
 
 
 def main(argv):
   del argv  # cli.run refuses positional arguments
+  config = config_lib.validate(_CONFIG.value)
+  references = {}
+  if _TORCH.value:
+    references['pytorch'] = lambda batch: torch_train_reference.make_train_step(
+        config.model, config.train, batch, _TORCH_THREADS.value)
   step_benchmark.run_step_benchmark(
-      _CONFIG.value, _OUT.value,
+      config, _OUT.value,
       implementations=config_lib.parse_list(_ATTENTION.value, str, '--attention'),
-      rounds=_ROUNDS.value)
+      rounds=_ROUNDS.value, reference_steps=references,
+      whole_run_steps=_WHOLE_RUN_STEPS.value)
 
 
 if __name__ == '__main__':

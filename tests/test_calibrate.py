@@ -230,6 +230,13 @@ def test_threshold_calibrated_reads_the_file(calibrated, tmp_path):
         os.path.join(REPO, CONFIG), {'generate.measure': 'max_prob',
                                      'generate.threshold': 'calibrated'}),
         workdir=str(tmp_path))
+  # The guarantee is for the decoder and the checkpoint it calibrated.
+  with pytest.raises(cli.UserError, match="calibrate.kv=parallel"):
+    calibration_file.calibrated_threshold(workdir, 'max_prob', kv='parallel')
+  with pytest.raises(cli.UserError, match='step 7'):
+    calibration_file.calibrated_threshold(workdir, 'max_prob', model_step=7)
+  with pytest.raises(cli.UserError, match="no threshold for measure 'softmax_diff'"):
+    calibration_file.calibrated_threshold(workdir, 'softmax_diff')
 
 
 def test_evaluate_and_benchmark_read_the_calibrated_threshold(calibrated):
@@ -260,8 +267,15 @@ def test_bad_arguments_are_refused_before_loading(tmp_path):
   bad = ad.load_config(os.path.join(REPO, CONFIG), {'generate.threshold': 'auto'})
   with pytest.raises(ad.config_lib.ConfigError, match='config.generate.threshold'):
     ad.config_lib.validate(bad)
-  out = subprocess.run([sys.executable, 'launch/calibrate.py', f'--config={CONFIG}',
-                        f'--workdir={missing}', '--delta=1.5'],
-                       cwd=REPO, capture_output=True, text=True, timeout=300)
-  assert out.returncode == 2
-  assert out.stderr.strip().count('\n') == 0 and 'delta' in out.stderr, out.stderr
+  small = ad.load_config(os.path.join(REPO, CONFIG), {'calibrate.num_examples': 1})
+  with pytest.raises(cli.UserError, match='each needs at least 1'):
+    calibration_run.calibrate_run(small, missing, splits=10)
+  for command, word in ((['launch/calibrate.py', '--delta=1.5'], 'delta'),
+                        (['launch/generate.py', '--prompt=To be',
+                          '--config.generate.measure=max_prob',
+                          '--config.generate.threshold=calibrated'], 'calibration.json')):
+    out = subprocess.run([sys.executable, command[0], f'--config={CONFIG}',
+                          f'--workdir={missing}', *command[1:]],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.strip().count('\n') == 0 and word in out.stderr, out.stderr

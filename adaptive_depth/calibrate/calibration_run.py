@@ -152,7 +152,8 @@ def risk_pool(model, calibrate_config, measure: str, classifier=None,
       risks[kind][:, g] = values
     risks['loss'][:, g] = np.clip(nll - full_nll, 0.0, 1.0)
     mean_depth[:, g] = depths.mean(axis=1)
-    relative[g] = (costs.policy_token_flops(cfg, depths.ravel(), policy, context).mean() /
+    relative[g] = (costs.policy_token_flops(cfg, depths.ravel(), policy, context,
+                                            kv=c.kv).mean() /
                    costs.full_depth_flops(cfg, context))
     progress(f'  {measure} {threshold:<7g} depth {mean_depth[:, g].mean():5.2f}  '
              + '  '.join(f'{k} {risks[k][:, g].mean():.3f}' for k in ltt.RISKS)
@@ -208,12 +209,23 @@ def calibrate_run(config, workdir: str, *, measures=('max_prob',), risk: str = '
   for d in deltas:
     if not 0 < d < 1:
       raise cli.UserError(f'deltas (--deltas): {d} must be in (0, 1)')
+  if splits:
+    c = config.calibrate
+    n_cal = int(round(c.calibration_fraction * c.num_examples))
+    if not 1 <= n_cal < c.num_examples:
+      raise cli.UserError(
+          f'--splits={splits} with config.calibrate.num_examples={c.num_examples} and '
+          f'calibration_fraction={c.calibration_fraction} leaves {n_cal} calibration and '
+          f'{c.num_examples - n_cal} test examples: each needs at least 1')
   model = saved_model.load(workdir)
   classifier = None
   if 'classifier' in measures:
     classifier = classifier_lib.require_classifier(workdir, model_step=model.step)
   result = {'step': model.step, 'risk': risk, 'delta': delta, 'epsilon': epsilon,
-            'calibrate': config.calibrate.to_dict(), 'measures': {}}
+            'kv': config.calibrate.kv, 'calibrate': config.calibrate.to_dict(),
+            'measures': calibration_file.earlier_measures(workdir, model.step, risk, delta,
+                                                          epsilon, config.calibrate.to_dict(),
+                                                          progress)}
   validity = []
   for measure in measures:
     pool = risk_pool(model, config.calibrate, measure, classifier, progress)

@@ -111,20 +111,32 @@ def generate_from_config(model, prompts, config, *, workdir: Optional[str] = Non
   if g.speculative:
     return generate(model, prompts, max_new_tokens=g.max_new_tokens,
                     speculative=config_lib.parse_speculative(g.speculative)[0])
-  policy, sampling = policy_and_sampling(g, workdir)
+  step = model.step if isinstance(model, saved_model.LoadedModel) else None
+  policy, sampling = policy_and_sampling(g, workdir, step)
   classifier = saved_classifier(model, workdir) if g.measure == 'classifier' else None
   return generate(model, prompts, max_new_tokens=g.max_new_tokens, exit=policy, kv=g.kv,
                   queue_capacity=g.queue_capacity, sampling=sampling, seed=g.seed,
                   classifier=classifier)
 
 
-def policy_and_sampling(g, workdir: Optional[str] = None) -> tuple[exits.ExitPolicy, Any]:
+def check_calibration(g, workdir: Optional[str]):
+  """With config.generate.threshold='calibrated': that WORKDIR/calibration.json exists and
+  fits config.generate (a UserError otherwise), so entry points fail before loading."""
+  if g.threshold == 'calibrated' and g.measure != 'never':
+    calibration_file.calibrated_threshold(workdir, g.measure, progress=lambda _: None,
+                                          kv=g.kv)
+
+
+def policy_and_sampling(g, workdir: Optional[str] = None,
+                        model_step: Optional[int] = None) -> tuple[exits.ExitPolicy, Any]:
   """The exit policy and the sampling of a validated config.generate group. Threshold
-  'calibrated' reads WORKDIR/calibration.json (launch/calibrate.py); where no threshold
-  passed calibration the policy never exits."""
+  'calibrated' reads WORKDIR/calibration.json (launch/calibrate.py), which must have been
+  made under the same KV policy (and, given model_step, for that checkpoint); where no
+  threshold passed calibration the policy never exits."""
   measure, threshold = g.measure, g.threshold
   if threshold == 'calibrated' and measure != 'never':
-    threshold = calibration_file.calibrated_threshold(workdir, measure)
+    threshold = calibration_file.calibrated_threshold(workdir, measure, kv=g.kv,
+                                                      model_step=model_step)
     if threshold is None:
       measure, threshold = 'never', 1.0
   policy = exits.ExitPolicy(measure=measure, schedule=g.schedule,

@@ -82,8 +82,9 @@ def serve_file(config, workdir: str, prompts_path: str, out_path: str,
                                  f'{", ".join(engine_lib.KV_POLICIES)}')
   cli.check_output_path('--out', out_path)
   prompts, max_new = read_requests(prompts_path, g.max_new_tokens)
+  decode_api.check_calibration(g, workdir)  # a missing calibration.json fails before loading
   model = saved_model.load(workdir)
-  policy, sampling = decode_api.policy_and_sampling(g, workdir)
+  policy, sampling = decode_api.policy_and_sampling(g, workdir, model.step)
   classifier = decode_api.saved_classifier(model, workdir) if g.measure == 'classifier' else None
   bar = tqdm.tqdm(total=len(prompts), unit='request', desc='serving')
   last = [0]

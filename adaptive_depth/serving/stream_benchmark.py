@@ -135,6 +135,7 @@ def run_engine_benchmark(config, workdir: str, out_path: str,
   b = config_lib.validate(config).benchmark
   cli.check_output_path('--out', out_path)
   slot_counts = config_lib.parse_list(b.slots, int, 'config.benchmark.slots')
+  calibration_source = calibration_file.source(config, workdir)
   thresholds = calibration_file.resolve_thresholds(
       config, workdir, b.measure,
       config_lib.parse_list(b.thresholds, float, 'config.benchmark.thresholds'), progress)
@@ -179,6 +180,7 @@ def run_engine_benchmark(config, workdir: str, out_path: str,
     static_row = next((r for r in rows if r['slots'] == slots and r['mode'] == 'static'), None)
     row = {'mode': mode, 'policy': mode, 'slots': slots, 'batch': slots,
            'threshold': threshold, 'measure': None if threshold is None else b.measure,
+           'threshold_source': None if threshold is None else calibration_source,
            'tokens_per_second': tps, 'seconds': seconds, 'compile_seconds': compile_s,
            'agreement': float(agree), 'sequence_agreement': float(same),
            'mean_depth': float(decoded.mean()), 'slot_utilisation': float(utilisation),

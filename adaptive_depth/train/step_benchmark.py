@@ -11,7 +11,8 @@ compiled step (cost_analysis). The data pipeline is left out: one random batch.
 from __future__ import annotations
 
 import json
-from typing import Callable, Sequence
+import tempfile
+from typing import Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -42,13 +43,41 @@ def _compiled_step(config, rng_batch):
   return compiled, (state, rng_batch), float((cost or {}).get('flops', 0.0))
 
 
+def _whole_run_tokens_per_second(config, steps: int, progress) -> float:
+  """launch/train.py's own tokens/s (data pipeline, logging and checkpoints included,
+  compilation excluded) over `steps` steps of `config` in a scratch workdir."""
+  run = config.copy_and_resolve_references()
+  with run.unlocked():
+    run.train.num_steps = steps
+    run.train.progress_bar = False
+    run.eval.every_steps = 0
+  with tempfile.TemporaryDirectory() as workdir:
+    summary = loop.train_model(run, workdir)
+  progress(f'  launch/train.py ({steps} steps: data, logging, checkpoints every '
+           f'{run.checkpoint.every_steps}) {summary["tokens_per_second"]:7.0f} tokens/s')
+  return float(summary['tokens_per_second'])
+
+
 def run_step_benchmark(config, out_path: str, *, implementations: Sequence[str],
-                       rounds: int = 5, progress: Callable[[str], None] = print) -> list:
-  """Times the train step under each implementation; writes the rows to out_path (JSON)."""
+                       rounds: int = 5, progress: Callable[[str], None] = print,
+                       reference_steps: Optional[dict] = None,
+                       whole_run_steps: int = 0) -> list:
+  """Times the train step under each implementation; writes the rows to out_path (JSON).
+
+  reference_steps: {name: make_step(batch [B, T + 1] numpy) -> no-argument callable running
+  one step}, other implementations of the same step (launch/train_benchmark.py --torch: the
+  PyTorch one), timed in the same rounds; every row then says how its step time compares
+  with theirs ('speed_vs_<name>': their step time over this row's).
+  whole_run_steps > 0: also the whole training loop (train/loop.py, what launch/train.py
+  runs) for that many steps, between two halves of the timed rounds; its tokens/s is
+  reported as a fraction of the step alone under config.model.attention."""
   config_lib.validate(config)
   cli.check_output_path('--out', out_path)
   if rounds < 1:
     raise config_lib.ConfigError(f'--rounds={rounds}: must be >= 1')
+  if whole_run_steps < 0:
+    raise config_lib.ConfigError(f'--whole_run_steps={whole_run_steps}: must be >= 0 '
+                                 '(0 = no whole run)')
   for name in implementations:
     if name not in attention_lib.IMPLEMENTATIONS:
       raise config_lib.ConfigError(f'--attention={name!r}; allowed: '
@@ -69,18 +98,47 @@ def run_step_benchmark(config, out_path: str, *, implementations: Sequence[str],
       programs[name] = _compiled_step(config, batch)
   finally:
     config.model.attention = chosen  # the caller's config as it was
-  times = timing.interleaved_seconds(
-      {name: (compiled, args) for name, (compiled, args, _) in programs.items()}, rounds)
+  timed = {name: (compiled, args) for name, (compiled, args, _) in programs.items()}
+  for name, make_step in (reference_steps or {}).items():
+    timed[name] = (make_step(np.asarray(batch)), ())
+  if whole_run_steps:
+    first_half = timing.interleaved_seconds(timed, (rounds + 1) // 2)
+    whole = _whole_run_tokens_per_second(config, whole_run_steps, progress)
+    second_half = timing.interleaved_seconds(timed, rounds // 2) if rounds > 1 else {}
+    times = {k: first_half[k] + second_half.get(k, []) for k in timed}
+  else:
+    times = timing.interleaved_seconds(timed, rounds)
+  # The same step's arithmetic, whoever runs it: XLA's count of the first implementation.
+  flops_of = {name: flops for name, (_, _, flops) in programs.items()}
+  same_step_flops = next(iter(flops_of.values()))
   rows = []
-  for name, (_, _, flops) in programs.items():
+  for name in timed:
+    flops = flops_of.get(name, same_step_flops)
     seconds = float(np.median(times[name]))
-    rows.append({'attention': name, 'resolved': attention_lib.resolve(name),
+    rows.append({'attention': name if name in programs else None, 'implementation': name,
+                 'resolved': attention_lib.resolve(name) if name in programs else name,
                  'step_ms': 1e3 * seconds, 'tokens_per_second': batch_size * seq_len / seconds,
                  'flops_per_step': flops, 'flops_per_second': flops / seconds,
                  'rounds': rounds, 'batch': batch_size, 'seq_len': seq_len})
-    progress(f'  {name:<22} {rows[-1]["step_ms"]:7.1f} ms/step  '
-             f'{rows[-1]["tokens_per_second"]:7.0f} tokens/s  '
-             f'{rows[-1]["flops_per_second"] / 1e9:6.1f} GFLOP/s (XLA count)')
+  for row in rows:
+    for reference in reference_steps or {}:
+      row[f'speed_vs_{reference}'] = (float(np.median(times[reference])) * 1e3 /
+                                      row['step_ms'])
+    name = row['implementation']
+    compared = ''.join(f'  {row[f"speed_vs_{r}"]:.2f}x {r}\'s speed'
+                       for r in reference_steps or {} if r != name)
+    progress(f'  {name:<22} {row["step_ms"]:7.1f} ms/step  '
+             f'{row["tokens_per_second"]:7.0f} tokens/s  '
+             f'{row["flops_per_second"] / 1e9:6.1f} GFLOP/s (XLA count){compared}')
+  if whole_run_steps:
+    chosen = attention_lib.resolve(config.model.attention)
+    step_alone = next((r for r in rows if r['resolved'] == chosen), rows[0])
+    rows.append({'implementation': 'launch/train.py', 'attention': config.model.attention,
+                 'steps': whole_run_steps, 'tokens_per_second': whole,
+                 'fraction_of_step_alone': whole / step_alone['tokens_per_second'],
+                 'step_alone': step_alone['implementation']})
+    progress(f'  launch/train.py reaches {rows[-1]["fraction_of_step_alone"]:.2f} of the '
+             f'step alone ({step_alone["implementation"]})')
   with open(out_path, 'w') as f:
     json.dump(rows, f, indent=1)
   progress(f'Wrote {out_path}')

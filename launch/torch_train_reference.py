@@ -1,0 +1,166 @@
+"""The independent implementation launch/train_benchmark.py --torch compares the train step
+against: the same architecture and step written directly in PyTorch (eager, float32), on the
+same number of threads as XLA's CPU backend uses.
+
+Architecture of config.model (decoder-only, pre-norm): token embedding; per layer RMSNorm ->
+grouped-query attention with rotary embeddings (rotate-half form) and a causal mask through
+`F.scaled_dot_product_attention` -> residual; RMSNorm -> SwiGLU MLP -> residual; at every exit
+depth the shared final RMSNorm and the embedding-tied output projection give logits. Loss:
+the mean over exits of next-token cross-entropy (uniform exit weights). Step: backward,
+global-norm clipping, `torch.optim.AdamW`.
+
+PyTorch code stays beside the entry points, out of the library. Needs the `parity` extra:
+pip install -e ".[parity]".
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from adaptive_depth import cli
+
+
+def _torch():
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise cli.UserError(f'--torch needs {e.name}: pip install -e ".[parity]"') from None
+  return torch
+
+
+def build_model(model_config, seq_len: int, params=None):
+  """The PyTorch model of config.model (no sharing, exits after every layer, tied
+  embeddings: the quickstart's architecture; anything else is refused). Its forward(tokens
+  [B, T], targets [B, T]) returns the multi-exit loss. params: this library's parameter
+  pytree (numpy or jax arrays) to copy in, else PyTorch's own initialisation."""
+  torch = _torch()
+  nn, functional = torch.nn, torch.nn.functional
+  m = model_config
+  if (m.schedule != 'unshared' or m.num_blocks not in (0, m.num_layers) or
+      m.exit_layers != 'all' or not m.tie_embeddings or m.lora_rank or m.exit_norms or
+      m.exit_adapter_rank or m.qkv_bias):
+    raise cli.UserError('--torch re-implements the quickstart architecture only (unshared '
+                        "layers, config.model.exit_layers='all', tied embeddings, no LoRA, "
+                        'exit norms, adapters or q/k/v biases)')
+  torch.manual_seed(0)
+  heads = m.num_heads
+  kv_heads = m.num_kv_heads or heads
+  head_dim = m.head_dim or m.width // heads
+
+  class RMSNorm(nn.Module):
+    def __init__(self):
+      super().__init__()
+      self.scale = nn.Parameter(torch.ones(m.width))
+
+    def forward(self, x):
+      return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + m.norm_eps) * self.scale
+
+  inv_freq = 1.0 / (m.rope_base ** (torch.arange(0, head_dim, 2).float() / head_dim))
+  angles = torch.arange(seq_len).float()[:, None] * inv_freq[None]
+  cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+
+  def rotate(x):  # x: [B, H, T, hd]
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat([-x[..., half:], x[..., :half]], -1) * sin
+
+  class Layer(nn.Module):
+    def __init__(self):
+      super().__init__()
+      self.attn_norm, self.mlp_norm = RMSNorm(), RMSNorm()
+      self.q = nn.Linear(m.width, heads * head_dim, bias=False)
+      self.k = nn.Linear(m.width, kv_heads * head_dim, bias=False)
+      self.v = nn.Linear(m.width, kv_heads * head_dim, bias=False)
+      self.o = nn.Linear(heads * head_dim, m.width, bias=False)
+      self.gate = nn.Linear(m.width, m.mlp_dim, bias=False)
+      self.up = nn.Linear(m.width, m.mlp_dim, bias=False)
+      self.down = nn.Linear(m.mlp_dim, m.width, bias=False)
+
+    def forward(self, x):
+      b, t, _ = x.shape
+      h = self.attn_norm(x)
+      q = self.q(h).view(b, t, heads, head_dim).transpose(1, 2)
+      k = self.k(h).view(b, t, kv_heads, head_dim).transpose(1, 2)
+      v = self.v(h).view(b, t, kv_heads, head_dim).transpose(1, 2)
+      q, k = rotate(q), rotate(k)
+      if kv_heads != heads:
+        k = k.repeat_interleave(heads // kv_heads, dim=1)
+        v = v.repeat_interleave(heads // kv_heads, dim=1)
+      a = functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+      x = x + self.o(a.transpose(1, 2).reshape(b, t, heads * head_dim))
+      h = self.mlp_norm(x)
+      return x + self.down(functional.silu(self.gate(h)) * self.up(h))
+
+  class Model(nn.Module):
+    def __init__(self):
+      super().__init__()
+      self.embed = nn.Embedding(m.vocab_size, m.width)
+      nn.init.normal_(self.embed.weight, std=m.init_std)
+      self.layers = nn.ModuleList([Layer() for _ in range(m.num_layers)])
+      self.final_norm = RMSNorm()
+
+    def forward(self, tokens, targets):
+      x = self.embed(tokens)
+      losses = []
+      for layer in self.layers:
+        x = layer(x)
+        logits = self.final_norm(x) @ self.embed.weight.T
+        losses.append(functional.cross_entropy(logits.reshape(-1, m.vocab_size),
+                                               targets.reshape(-1)))
+      return torch.stack(losses).mean()
+
+  model = Model()
+  if params is not None:
+    _copy_params(torch, model, params, m.num_layers)
+  return model
+
+
+def _copy_params(torch, model, params, num_layers: int):
+  """This library's stacked parameters into the PyTorch modules (Linear weights are
+  [out, in]; the library's projections are [in, ..., out-shaped])."""
+  as_tensor = lambda x: torch.tensor(np.array(x, np.float32))
+  blocks = params['blocks']
+  with torch.no_grad():
+    model.embed.weight.copy_(as_tensor(params['embed']['embedding']))
+    model.final_norm.scale.copy_(as_tensor(params['final_norm']['scale']))
+    for i, layer in enumerate(model.layers):
+      attn, mlp = blocks['attn'], blocks['mlp']
+      width = attn['q'].shape[1]
+      for name in ('q', 'k', 'v'):
+        getattr(layer, name).weight.copy_(as_tensor(attn[name][i]).reshape(width, -1).T)
+      layer.o.weight.copy_(as_tensor(attn['o'][i]).reshape(-1, width).T)
+      for name in ('gate', 'up', 'down'):
+        getattr(layer, name).weight.copy_(as_tensor(mlp[name][i]).T)
+      layer.attn_norm.scale.copy_(as_tensor(blocks['attn_norm']['scale'][i]))
+      layer.mlp_norm.scale.copy_(as_tensor(blocks['mlp_norm']['scale'][i]))
+  assert len(model.layers) == num_layers
+
+
+def make_train_step(model_config, train_config, batch: np.ndarray, threads: int):
+  """A no-argument callable running one PyTorch train step on `batch` ([B, T + 1] ids):
+  multi-exit loss, backward, clipping, AdamW."""
+  torch = _torch()
+  torch.set_num_threads(threads)
+  model = build_model(model_config, batch.shape[1] - 1)
+  t = train_config
+  decay = [p for n, p in model.named_parameters() if 'norm' not in n]
+  no_decay = [p for n, p in model.named_parameters() if 'norm' in n]
+  optimizer = torch.optim.AdamW(
+      [{'params': decay, 'weight_decay': t.weight_decay},
+       {'params': no_decay, 'weight_decay': 0.0}],
+      lr=t.learning_rate, betas=(t.b1, t.b2), eps=1e-8)
+  tokens = torch.tensor(np.array(batch[:, :-1]), dtype=torch.long)
+  targets = torch.tensor(np.array(batch[:, 1:]), dtype=torch.long)
+
+  def step():
+    optimizer.zero_grad(set_to_none=True)
+    loss = model(tokens, targets)
+    loss.backward()
+    if t.grad_clip_norm > 0:
+      torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip_norm)
+    optimizer.step()
+    value = float(loss.detach())
+    if not math.isfinite(value):
+      raise RuntimeError(f'PyTorch reference step: loss {value}')
+
+  return step

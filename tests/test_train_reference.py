@@ -1,0 +1,73 @@
+"""The PyTorch train step launch/train_benchmark.py --torch times is the same model: with
+this library's parameters copied in, its multi-exit loss and gradient equal the library's."""
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import adaptive_depth as ad
+from adaptive_depth import model as model_lib
+from adaptive_depth.train import losses
+
+pytestmark = pytest.mark.pretrained  # .ci/run's second stage runs these with the extras
+torch = pytest.importorskip('torch', reason='needs torch: pip install -e ".[parity]"')
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, 'launch'))
+import torch_train_reference  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def test_pytorch_step_is_the_same_model_loss_and_gradient():
+  config = ad.load_config(os.path.join(REPO, 'configs/quickstart.py:tiny'))
+  cfg = model_lib.ModelConfig.from_config(config.model)
+  params = model_lib.init_params(cfg, jax.random.key(1))
+  # Non-trivial norm scales, so a misplaced norm shows.
+  params = jax.tree_util.tree_map_with_path(
+      lambda path, x: x * (1.0 + 0.3 * jax.random.normal(jax.random.key(2), x.shape))
+      if 'scale' in jax.tree_util.keystr(path) else x, params)
+  batch = np.random.default_rng(0).integers(0, cfg.vocab_size, (3, 17))
+  weights = losses.exit_loss_weights('uniform', cfg.exit_depths)
+
+  def loss_fn(p):
+    logits = model_lib.forward_train(cfg, p, jnp.asarray(batch[:, :-1]))
+    return losses.multi_exit_loss(logits, jnp.asarray(batch[:, 1:]), weights, 'lm')[0]
+
+  ours, grads = jax.value_and_grad(loss_fn)(params)
+  model = torch_train_reference.build_model(config.model, 16, params)
+  theirs = model(torch.tensor(batch[:, :-1]), torch.tensor(batch[:, 1:]))
+  theirs.backward()
+  np.testing.assert_allclose(float(theirs), float(ours), rtol=1e-5)
+  layer = model.layers[2]
+  width = cfg.width
+  np.testing.assert_allclose(layer.q.weight.grad.numpy(),
+                             np.asarray(grads['blocks']['attn']['q'][2]).reshape(width, -1).T,
+                             rtol=1e-3, atol=1e-6)
+  np.testing.assert_allclose(layer.down.weight.grad.numpy(),
+                             np.asarray(grads['blocks']['mlp']['down'][2]).T,
+                             rtol=1e-3, atol=1e-6)
+  np.testing.assert_allclose(model.embed.weight.grad.numpy(),
+                             np.asarray(grads['embed']['embedding']), rtol=1e-3, atol=1e-6)
+
+
+def test_train_benchmark_times_pytorch_and_the_whole_loop_beside_the_step(tmp_path):
+  from adaptive_depth.train import step_benchmark  # pylint: disable=g-import-not-at-top
+  config = ad.load_config(os.path.join(REPO, 'configs/quickstart.py:tiny'))
+  out = tmp_path / 'bench.json'
+  lines = []
+  rows = step_benchmark.run_step_benchmark(
+      config, str(out), implementations=['xla'], rounds=2, progress=lines.append,
+      reference_steps={'pytorch': lambda batch: torch_train_reference.make_train_step(
+          config.model, config.train, batch, threads=2)},
+      whole_run_steps=3)
+  assert [r['implementation'] for r in rows] == ['xla', 'pytorch', 'launch/train.py']
+  xla, pytorch, whole = rows
+  assert pytorch['step_ms'] > 0 and xla['step_ms'] > 0
+  assert xla['speed_vs_pytorch'] == pytest.approx(pytorch['step_ms'] / xla['step_ms'])
+  assert whole['fraction_of_step_alone'] == pytest.approx(
+      whole['tokens_per_second'] / xla['tokens_per_second'])
+  assert any("pytorch's speed" in line for line in lines)
+  with pytest.raises(ad.config_lib.ConfigError, match='whole_run_steps'):
+    step_benchmark.run_step_benchmark(config, str(out), implementations=['xla'],
+                                      whole_run_steps=-1)
