@@ -80,6 +80,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.exit_loss = 'lm'        # 'lm': cross entropy on the corpus at every exit;
                                   # 'distill': early exits match the last exit (KL);
                                   # 'lm_distill': early exits get both
+  c.train.loss_chunk_tokens = 0   # > 0: the multi-exit loss in chunks of this many positions,
+                                  # never holding exits x tokens x vocab logits (large vocabularies)
   c.train.trainable = 'all'       # 'all' | 'exit_heads' (trunk frozen: only exit heads train)
   c.train.init_from = ''          # a workdir: start from its latest checkpoint's parameters
   c.train.log_every = 25
@@ -218,6 +220,9 @@ def _value_problems(c) -> list[str]:
     p.append(f'config.seed={c.seed}: must be >= 0')
   if m.head_dim < 0:
     p.append(f'config.model.head_dim={m.head_dim}: must be >= 0 (0 = width // num_heads)')
+  if t.loss_chunk_tokens < 0:
+    p.append(f'config.train.loss_chunk_tokens={t.loss_chunk_tokens}: must be >= 0 '
+             '(0 = the whole sequence at once)')
   if p:
     return p  # later checks divide by these
 

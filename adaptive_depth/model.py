@@ -380,8 +380,8 @@ def run_all_steps(cfg: ModelConfig, params, h, positions, constrain=lambda x: x)
   return hiddens
 
 
-def forward_train(cfg: ModelConfig, params, tokens, constrain=lambda x: x):
-  """Every exit's logits. tokens: [B, T] -> [num_exits, B, T, V] float32.
+def forward_exit_states(cfg: ModelConfig, params, tokens, constrain=lambda x: x):
+  """Every exit's residual state, before its head. tokens: [B, T] -> [num_exits, B, T, D].
 
   `constrain` is applied to [B, T, D] activations (sharding.Activations supplies one that
   pins them to the mesh); the default does nothing.
@@ -389,8 +389,14 @@ def forward_train(cfg: ModelConfig, params, tokens, constrain=lambda x: x):
   positions = default_positions(tokens)
   h = constrain(embed(cfg, params, tokens))
   hiddens = run_all_steps(cfg, params, h, positions, constrain)
-  exit_hidden = hiddens[np.asarray(cfg.exit_depths) - 1]
-  return head_logits(cfg, params, exit_hidden, exit_heads.ALL_EXITS)
+  return hiddens[np.asarray(cfg.exit_depths) - 1]
+
+
+def forward_train(cfg: ModelConfig, params, tokens, constrain=lambda x: x):
+  """Every exit's logits. tokens: [B, T] -> [num_exits, B, T, V] float32 (constrain: as in
+  forward_exit_states)."""
+  return head_logits(cfg, params, forward_exit_states(cfg, params, tokens, constrain),
+                     exit_heads.ALL_EXITS)
 
 
 def reference_forward(cfg: ModelConfig, params, tokens) -> list:

@@ -25,7 +25,8 @@ _OUT = flags.DEFINE_string('out', None, 'Where to write the JSON report.')
 _ATTENTION = flags.DEFINE_string('attention', 'xla,heads_major,dot_product_attention',
                                  'Attention implementations to time (config.model.attention).')
 _ROUNDS = flags.DEFINE_integer('rounds', 5, 'Timed rounds, each running every implementation '
-                               'once in turn (figures are medians over rounds).')
+                               'once in turn (figures are medians over rounds); 0: compile '
+                               'only, and report the memory each step needs.')
 _TORCH = flags.DEFINE_bool('torch', False, 'Also time the PyTorch eager step (needs the '
                            'parity extra).')
 _TORCH_THREADS = flags.DEFINE_integer('torch_threads', len(os.sched_getaffinity(0)),

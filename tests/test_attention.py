@@ -123,7 +123,7 @@ def test_auto_picks_the_platforms_best_and_bad_values_are_named():
 
 @pytest.mark.parametrize('kwargs, message', [
     (dict(implementations=['flash']), "--attention='flash'; allowed: auto, xla"),
-    (dict(implementations=['xla'], rounds=0), '--rounds=0: must be >= 1'),
+    (dict(implementations=['xla'], rounds=-1), '--rounds=-1: must be >= 0'),
 ])
 def test_train_benchmark_refuses_bad_settings(tmp_path, kwargs, message):
   """launch/train_benchmark.py: bad settings are named before anything compiles. (Its

@@ -24,6 +24,7 @@ import optax
 
 from adaptive_depth import checkpoint as checkpoint_lib
 from adaptive_depth import config_lib
+from adaptive_depth import exit_heads
 from adaptive_depth import metrics as metrics_lib
 from adaptive_depth import model as model_lib
 from adaptive_depth import sharding
@@ -39,14 +40,24 @@ def _global_norm(tree):
 
 
 def make_train_step(cfg: model_lib.ModelConfig, tx, weights, constrain, *,
-                    exit_loss: str = 'lm', trainable: str = 'all'):
-  """(state, batch [B, T+1]) -> (state, metrics); pure, for jax.jit."""
+                    exit_loss: str = 'lm', trainable: str = 'all', loss_chunk_tokens: int = 0):
+  """(state, batch [B, T+1]) -> (state, metrics); pure, for jax.jit. loss_chunk_tokens > 0:
+  the multi-exit loss over chunks of that many positions, never holding every exit's
+  logits at once (losses.chunked_multi_exit_loss)."""
   def train_step(state, batch):
     inputs, targets = batch[:, :-1], batch[:, 1:]
 
     def loss_fn(trained, frozen):
-      logits = model_lib.forward_train(cfg, {**frozen, **trained}, inputs, constrain)
-      loss, exit_loss_, exit_acc = losses.multi_exit_loss(logits, targets, weights, exit_loss)
+      params = {**frozen, **trained}
+      if loss_chunk_tokens:
+        states = model_lib.forward_exit_states(cfg, params, inputs, constrain)
+        heads = lambda h: model_lib.head_logits(cfg, params, h, exit_heads.ALL_EXITS)
+        loss, exit_loss_, exit_acc = losses.chunked_multi_exit_loss(
+            heads, states, targets, weights, exit_loss, loss_chunk_tokens)
+      else:
+        logits = model_lib.forward_train(cfg, params, inputs, constrain)
+        loss, exit_loss_, exit_acc = losses.multi_exit_loss(logits, targets, weights,
+                                                            exit_loss)
       return loss, (exit_loss_, exit_acc)
 
     trained, frozen = state_lib.split_trainable(state.params, trainable)
@@ -181,7 +192,8 @@ def train_model(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   train_step = jax.jit(make_train_step(cfg, tx, weights, constrain,
                                        exit_loss=config.train.exit_loss,
-                                       trainable=config.train.trainable),
+                                       trainable=config.train.trainable,
+                                       loss_chunk_tokens=config.train.loss_chunk_tokens),
                        in_shardings=(shardings, batch_sharding),
                        out_shardings=(shardings, sharding.replicated(mesh)),
                        donate_argnums=0)

@@ -39,6 +39,23 @@ def per_exit_token_losses(logits, targets):
   return nll, correct
 
 
+def _token_terms(logits, targets, kind: str):
+  """Per exit and token: (objective, cross entropy, argmax correct), each [E, ...].
+  logits: [E, ..., V]; targets: [...]. The objectives of multi_exit_loss's kinds."""
+  log_probs = jax.nn.log_softmax(logits, axis=-1)
+  nll = -jnp.take_along_axis(log_probs, targets[None, ..., None], axis=-1)[..., 0]
+  correct = (jnp.argmax(logits, axis=-1) == targets[None]).astype(jnp.float32)
+  if kind == 'lm':
+    return nll, nll, correct
+  if kind in ('distill', 'lm_distill'):
+    teacher = jax.lax.stop_gradient(log_probs[-1])
+    kl = jnp.sum(jnp.exp(teacher) * (teacher - log_probs[:-1]), axis=-1)
+    if kind == 'lm_distill':
+      kl = kl + nll[:-1]
+    return jnp.concatenate([kl, nll[-1:]]), nll, correct
+  raise ValueError(f"config.train.exit_loss={kind!r}; allowed: lm, distill, lm_distill")
+
+
 def multi_exit_loss(logits, targets, weights, kind: str = 'lm'):
   """Weighted sum over exits of a per-exit loss.
 
@@ -52,19 +69,43 @@ def multi_exit_loss(logits, targets, weights, kind: str = 'lm'):
   Returns (scalar loss, per-exit mean cross entropy [E] and accuracy [E]; both reported
   whatever the kind).
   """
-  log_probs = jax.nn.log_softmax(logits, axis=-1)
-  nll = -jnp.take_along_axis(log_probs, targets[None, ..., None], axis=-1)[..., 0]
-  per_exit = nll.mean(axis=(1, 2))
-  accuracy = (jnp.argmax(logits, axis=-1) == targets[None]).astype(jnp.float32).mean(
-      axis=(1, 2))
-  if kind == 'lm':
-    objective = per_exit
-  elif kind in ('distill', 'lm_distill'):
-    teacher = jax.lax.stop_gradient(log_probs[-1])
-    kl = jnp.sum(jnp.exp(teacher) * (teacher - log_probs[:-1]), axis=-1).mean(axis=(1, 2))
-    if kind == 'lm_distill':
-      kl = kl + per_exit[:-1]
-    objective = jnp.concatenate([kl, per_exit[-1:]])
-  else:
-    raise ValueError(f"config.train.exit_loss={kind!r}; allowed: lm, distill, lm_distill")
-  return jnp.dot(jnp.asarray(weights), objective), per_exit, accuracy
+  objective, nll, correct = _token_terms(logits, targets, kind)
+  mean = lambda x: x.mean(axis=(1, 2))
+  return jnp.dot(jnp.asarray(weights), mean(objective)), mean(nll), mean(correct)
+
+
+def chunk_length(seq_len: int, chunk_tokens: int) -> int:
+  """The largest divisor of seq_len that is at most chunk_tokens (shapes stay static)."""
+  return max(c for c in range(1, min(seq_len, chunk_tokens) + 1) if seq_len % c == 0)
+
+
+def chunked_multi_exit_loss(head_logits, exit_states, targets, weights, kind: str = 'lm',
+                            chunk_tokens: int = 128):
+  """multi_exit_loss without the [E, B, T, V] logits: a scan over chunks of positions,
+  each computing every exit's logits for its chunk ([E, B, c, V]) inside jax.checkpoint, so
+  neither the forward nor the gradient holds more than one chunk's logits (the backward
+  recomputes them chunk by chunk). For large vocabularies (SmolLM2: V = 49152).
+
+  head_logits: [E, B, c, D] -> [E, B, c, V] (every exit's head); exit_states: [E, B, T, D];
+  targets: [B, T]; weights: [E]; chunk_tokens: positions per chunk (the largest divisor of
+  T not above it). Returns what multi_exit_loss returns.
+  """
+  num_exits, batch, seq_len, width = exit_states.shape
+  chunk = chunk_length(seq_len, chunk_tokens)
+  count = seq_len // chunk
+  states = exit_states.reshape(num_exits, batch, count, chunk, width).transpose(2, 0, 1, 3, 4)
+  chunk_targets = targets.reshape(batch, count, chunk).transpose(1, 0, 2)
+
+  @jax.checkpoint
+  def chunk_sums(h, t):  # [E, B, c, D], [B, c] -> three [E] sums over the chunk's tokens
+    terms = _token_terms(head_logits(h), t, kind)
+    return tuple(x.sum(axis=(1, 2)) for x in terms)
+
+  def body(totals, xs):
+    return tuple(a + b for a, b in zip(totals, chunk_sums(*xs))), None
+
+  zeros = jnp.zeros((num_exits,), jnp.float32)
+  (objective, nll, correct), _ = jax.lax.scan(body, (zeros, zeros, zeros),
+                                              (states, chunk_targets))
+  tokens = batch * seq_len
+  return jnp.dot(jnp.asarray(weights), objective / tokens), nll / tokens, correct / tokens

@@ -36,11 +36,25 @@ def _compiled_step(config, rng_batch):
   state = state_lib.TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params))
   weights = losses.exit_loss_weights(config.train.exit_loss_weights, cfg.exit_depths)
   step = loop.make_train_step(cfg, tx, weights, lambda x: x, exit_loss=config.train.exit_loss,
-                              trainable=config.train.trainable)
+                              trainable=config.train.trainable,
+                              loss_chunk_tokens=config.train.loss_chunk_tokens)
   compiled = jax.jit(step).lower(state, rng_batch).compile()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # a list in older jax
   return compiled, (state, rng_batch), float((cost or {}).get('flops', 0.0))
+
+
+def memory_report(compiled, config) -> dict:
+  """XLA's memory analysis of a compiled step, beside the bytes of every exit's float32
+  logits at once (exits x tokens x vocab x 4), which the chunked loss avoids holding."""
+  analysis = compiled.memory_analysis()
+  cfg = model_lib.ModelConfig.from_config(config.model)
+  logits = (len(cfg.exit_depths) * config.train.batch_size * config.data.seq_len *
+            cfg.vocab_size * 4)
+  return {'temp_bytes': int(getattr(analysis, 'temp_size_in_bytes', -1)),
+          'argument_bytes': int(getattr(analysis, 'argument_size_in_bytes', -1)),
+          'all_exit_logits_bytes': logits,
+          'loss_chunk_tokens': config.train.loss_chunk_tokens}
 
 
 def _whole_run_tokens_per_second(config, steps: int, progress) -> float:
@@ -73,8 +87,9 @@ def run_step_benchmark(config, out_path: str, *, implementations: Sequence[str],
   reported as a fraction of the step alone under config.model.attention."""
   config_lib.validate(config)
   cli.check_output_path('--out', out_path)
-  if rounds < 1:
-    raise config_lib.ConfigError(f'--rounds={rounds}: must be >= 1')
+  if rounds < 0:
+    raise config_lib.ConfigError(f'--rounds={rounds}: must be >= 0 (0 = compile and report '
+                                 'memory only)')
   if whole_run_steps < 0:
     raise config_lib.ConfigError(f'--whole_run_steps={whole_run_steps}: must be >= 0 '
                                  '(0 = no whole run)')
@@ -90,14 +105,25 @@ def run_step_benchmark(config, out_path: str, *, implementations: Sequence[str],
       0, config.model.vocab_size, (batch_size, seq_len + 1)), jnp.int32)
   progress(f'Train step benchmark: batch {batch_size} x {seq_len}, {rounds} interleaved '
            f'rounds, on {jax.devices()[0].platform}')
-  programs = {}
+  programs, memory = {}, {}
   chosen = config.model.attention
   try:
     for name in implementations:
       config.model.attention = name
       programs[name] = _compiled_step(config, batch)
+      memory[name] = memory_report(programs[name][0], config)
+      progress(f'  {name:<22} compiled: {memory[name]["temp_bytes"] / 1e9:.2f} GB temporary '
+               f'(every exit\'s logits at once: '
+               f'{memory[name]["all_exit_logits_bytes"] / 1e9:.2f} GB)')
   finally:
     config.model.attention = chosen  # the caller's config as it was
+  if not rounds:  # compile only: the memory each step needs
+    rows = [{'implementation': name, 'attention': name, 'batch': batch_size,
+             'seq_len': seq_len, **memory[name]} for name in programs]
+    with open(out_path, 'w') as f:
+      json.dump(rows, f, indent=1)
+    progress(f'Wrote {out_path}')
+    return rows
   timed = {name: (compiled, args) for name, (compiled, args, _) in programs.items()}
   for name, make_step in (reference_steps or {}).items():
     timed[name] = (make_step(np.asarray(batch)), ())
@@ -119,7 +145,8 @@ def run_step_benchmark(config, out_path: str, *, implementations: Sequence[str],
                  'resolved': attention_lib.resolve(name) if name in programs else name,
                  'step_ms': 1e3 * seconds, 'tokens_per_second': batch_size * seq_len / seconds,
                  'flops_per_step': flops, 'flops_per_second': flops / seconds,
-                 'rounds': rounds, 'batch': batch_size, 'seq_len': seq_len})
+                 'rounds': rounds, 'batch': batch_size, 'seq_len': seq_len,
+                 **memory.get(name, {})})
   for row in rows:
     for reference in reference_steps or {}:
       row[f'speed_vs_{reference}'] = (float(np.median(times[reference])) * 1e3 /
