@@ -46,6 +46,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.tie_embeddings = True
   c.model.dtype = 'float32'       # compute dtype; parameters stay float32
   c.model.remat = False
+  c.model.scan_unroll = 1         # train-mode depth scan: steps unrolled per iteration (1 =
+                                  # rolled; num_layers = fully unrolled, faster, longer compile)
   c.model.init_std = 0.02
   c.model.lora_rank = 0           # per-step LoRA on shared blocks (relaxed recursion)
   c.model.exit_norms = False      # each early exit gets its own RMSNorm scale
@@ -212,7 +214,7 @@ def _value_problems(c) -> list[str]:
   positive('checkpoint', 'every_steps', c.checkpoint.every_steps)
   positive('checkpoint', 'keep', c.checkpoint.keep)
   positive('train', 'log_every', t.log_every)
-  for name in ('rope_base', 'norm_eps', 'init_std'):
+  for name in ('rope_base', 'norm_eps', 'init_std', 'scan_unroll'):
     positive('model', name, m[name])
   for name in ('hidden', 'num_steps', 'learning_rate', 'batch_size'):
     positive('classifier', name, c.classifier[name])

@@ -1,4 +1,6 @@
 """The model against an independent numpy implementation; shapes of large configs."""
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -75,6 +77,10 @@ def test_scanned_model_matches_numpy_loop(schedule, num_blocks, num_layers):
   loop = model_lib.reference_forward(cfg, params, tokens)
   for e, w in enumerate(loop):
     np.testing.assert_allclose(logits[e], w, atol=3e-5, rtol=1e-5)
+  # Unrolling the scan (config.model.scan_unroll) changes how it compiles, not what it does.
+  unrolled = model_lib.forward_train(dataclasses.replace(cfg, scan_unroll=num_layers), params,
+                                     tokens)
+  np.testing.assert_allclose(unrolled, logits, atol=3e-5, rtol=1e-5)
 
 
 def test_untied_head_and_exit_subset():
