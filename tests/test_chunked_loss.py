@@ -34,15 +34,15 @@ def test_chunked_loss_and_gradient_equal_the_whole(kind):
   weights = losses.exit_loss_weights('linear', cfg.exit_depths)
   whole, chunked = _loss_fns(cfg, tokens, weights, kind, chunk=5)  # 12 positions: chunks of 4
   assert losses.chunk_length(12, 5) == 4
-  loss_w, nll_w, acc_w = whole(params)
-  loss_c, nll_c, acc_c = chunked(params)
+  loss_w, nll_w, acc_w = jax.jit(whole)(params)
+  loss_c, nll_c, acc_c = jax.jit(chunked)(params)
   np.testing.assert_allclose(loss_c, loss_w, rtol=1e-5)
   np.testing.assert_allclose(nll_c, nll_w, rtol=1e-5)
   np.testing.assert_allclose(acc_c, acc_w, rtol=1e-6)
-  grad_w = jax.grad(lambda p: whole(p)[0])(params)
-  grad_c = jax.grad(lambda p: chunked(p)[0])(params)
+  grad_w = jax.jit(jax.grad(lambda p: whole(p)[0]))(params)
+  grad_c = jax.jit(jax.grad(lambda p: chunked(p)[0]))(params)
   for a, b in zip(jax.tree.leaves(grad_c), jax.tree.leaves(grad_w)):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)  # float rounding of the sums
 
 
 def test_chunked_gradient_never_holds_every_exits_logits():

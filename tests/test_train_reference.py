@@ -34,7 +34,7 @@ def test_pytorch_step_is_the_same_model_loss_and_gradient():
     logits = model_lib.forward_train(cfg, p, jnp.asarray(batch[:, :-1]))
     return losses.multi_exit_loss(logits, jnp.asarray(batch[:, 1:]), weights, 'lm')[0]
 
-  ours, grads = jax.value_and_grad(loss_fn)(params)
+  ours, grads = jax.jit(jax.value_and_grad(loss_fn))(params)
   model = torch_train_reference.build_model(config.model, 16, params)
   theirs = model(torch.tensor(batch[:, :-1]), torch.tensor(batch[:, 1:]))
   theirs.backward()
@@ -57,7 +57,7 @@ def test_train_benchmark_times_pytorch_and_the_whole_loop_beside_the_step(tmp_pa
   out = tmp_path / 'bench.json'
   lines = []
   rows = step_benchmark.run_step_benchmark(
-      config, str(out), implementations=['xla'], rounds=2, progress=lines.append,
+      config, str(out), implementations=['xla'], rounds=1, progress=lines.append,
       reference_steps={'pytorch': lambda batch: torch_train_reference.make_train_step(
           config.model, config.train, batch, threads=2)},
       whole_run_steps=3)

@@ -28,7 +28,8 @@ from adaptive_depth.train import state as state_lib
 
 # ModelConfig fields a source may differ in: the exits, and compute settings that do not
 # change what the parameters mean.
-NOT_TRUNK = ('exit_depths', 'exit_norms', 'exit_adapter_rank', 'dtype', 'remat', 'init_std')
+NOT_TRUNK = ('exit_depths', 'exit_norms', 'exit_adapter_rank', 'dtype', 'remat', 'init_std',
+             'scan_unroll', 'attention')  # the last two: how it runs, not what it is
 _PROBE = 'The quick brown fox, 1234: "Hello!"\n'
 
 
