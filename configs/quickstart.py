@@ -18,6 +18,7 @@ def get_config(variant: str = ''):
   config.train.learning_rate = 4e-3
   config.train.warmup_steps = 50
   if variant == 'tiny':
+    config.model.scan_unroll = 1  # compiles faster: tests and notebooks
     config.model.width = 64
     config.model.num_heads = 4
     config.model.num_kv_heads = 2
