@@ -10,10 +10,15 @@
   speed, not results. Tests marked `pretrained` (a real 135M-parameter model, where running
   time dominates) compile with the optimisations on.
 * One persistent compilation cache per session, shared with subprocesses.
+* Under pytest-xdist with several workers, XLA runs each worker's programs on one thread.
 """
 import os
 
 os.environ.setdefault('JAX_DISABLE_MOST_OPTIMIZATIONS', '1')
+if int(os.environ.get('PYTEST_XDIST_WORKER_COUNT', '1')) > 1:
+  # One worker per core: XLA's own thread pool per worker would only oversubscribe the cores.
+  os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
+                             ' --xla_cpu_multi_thread_eigen=false').strip()
 
 import jax  # noqa: E402  (after the environment it reads)
 import pytest  # noqa: E402

@@ -62,16 +62,3 @@ def test_chunked_gradient_never_holds_every_exits_logits():
   assert chunked_bytes < product / 1.5, (chunked_bytes, product)
   assert whole_bytes > product, (whole_bytes, product)
 
-
-def test_train_benchmark_reports_compiled_memory(tmp_path):
-  """launch/train_benchmark.py --rounds=0: compile only, with XLA's memory analysis beside
-  the bytes of every exit's logits at once."""
-  import adaptive_depth as ad  # pylint: disable=g-import-not-at-top
-  from adaptive_depth.train import step_benchmark  # pylint: disable=g-import-not-at-top
-  config = ad.load_config('configs/quickstart.py:tiny', {'train.loss_chunk_tokens': 8})
-  rows = step_benchmark.run_step_benchmark(config, str(tmp_path / 'm.json'),
-                                           implementations=['xla'], rounds=0,
-                                           progress=lambda _: None)
-  assert len(rows) == 1 and rows[0]['loss_chunk_tokens'] == 8
-  assert rows[0]['all_exit_logits_bytes'] == 4 * 8 * 32 * 258 * 4  # exits x B x T x V x 4
-  assert 0 < rows[0]['temp_bytes']

@@ -68,6 +68,8 @@ def test_train_benchmark_times_pytorch_and_the_whole_loop_beside_the_step(tmp_pa
   assert whole['fraction_of_step_alone'] == pytest.approx(
       whole['tokens_per_second'] / xla['tokens_per_second'])
   assert any("pytorch's speed" in line for line in lines)
+  # XLA's memory analysis beside the bytes of every exit's logits (exits x B x T x V x 4).
+  assert xla['all_exit_logits_bytes'] == 4 * 8 * 32 * 258 * 4 and xla['temp_bytes'] > 0
   with pytest.raises(ad.config_lib.ConfigError, match='whole_run_steps'):
     step_benchmark.run_step_benchmark(config, str(out), implementations=['xla'],
                                       whole_run_steps=-1)
