@@ -120,7 +120,8 @@ def run_benchmark(config, workdir: str, out_path: str,
   batches = config_lib.parse_list(b.batches, int, 'config.benchmark.batches')
   thresholds = calibration_file.resolve_thresholds(
       config, workdir, b.measure,
-      config_lib.parse_list(b.thresholds, float, 'config.benchmark.thresholds'), progress)
+      config_lib.parse_list(b.thresholds, float, 'config.benchmark.thresholds'), progress,
+      kv_policies=config_lib.parse_list(b.kv, str, 'config.benchmark.kv'))
   kv_policies = config_lib.parse_list(b.kv, str, 'config.benchmark.kv')
   zetas = config_lib.parse_list(b.zetas, float, 'config.benchmark.zetas') if b.zetas else []
   calibration_source = calibration_file.source(config, workdir)

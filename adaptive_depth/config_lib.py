@@ -225,6 +225,13 @@ def _value_problems(c) -> list[str]:
   if t.loss_chunk_tokens < 0:
     p.append(f'config.train.loss_chunk_tokens={t.loss_chunk_tokens}: must be >= 0 '
              '(0 = the whole sequence at once)')
+  elif t.loss_chunk_tokens and c.data.seq_len > 0:
+    chunk = max(d for d in range(1, min(c.data.seq_len, t.loss_chunk_tokens) + 1)
+                if c.data.seq_len % d == 0)
+    if 2 * chunk < min(c.data.seq_len, t.loss_chunk_tokens):
+      p.append(f'config.train.loss_chunk_tokens={t.loss_chunk_tokens}: chunks must divide '
+               f'config.data.seq_len={c.data.seq_len}, and its largest divisor not above '
+               f'that is {chunk}; choose a divisor of the sequence length')
   if p:
     return p  # later checks divide by these
 

@@ -140,9 +140,19 @@ def make_train_step(model_config, train_config, batch: np.ndarray, threads: int)
   """A no-argument callable running one PyTorch train step on `batch` ([B, T + 1] ids):
   multi-exit loss, backward, clipping, AdamW."""
   torch = _torch()
+  t = train_config
+  same_step = {'train.exit_loss': (t.exit_loss, 'lm'),
+               'train.exit_loss_weights': (t.exit_loss_weights, 'uniform'),
+               'train.trainable': (t.trainable, 'all'),
+               'train.loss_chunk_tokens': (t.loss_chunk_tokens, 0),
+               'model.dtype': (model_config.dtype, 'float32'),
+               'model.remat': (model_config.remat, False)}
+  for key, (value, implemented) in same_step.items():
+    if value != implemented:
+      raise cli.UserError(f'--torch re-implements the step with config.{key}={implemented!r} '
+                          f'only (got {value!r}): set it so both steps are the same')
   torch.set_num_threads(threads)
   model = build_model(model_config, batch.shape[1] - 1)
-  t = train_config
   decay = [p for n, p in model.named_parameters() if 'norm' not in n]
   no_decay = [p for n, p in model.named_parameters() if 'norm' in n]
   optimizer = torch.optim.AdamW(

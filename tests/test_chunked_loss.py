@@ -62,3 +62,12 @@ def test_chunked_gradient_never_holds_every_exits_logits():
   assert chunked_bytes < product / 1.5, (chunked_bytes, product)
   assert whole_bytes > product, (whole_bytes, product)
 
+
+def test_chunk_lengths_that_do_not_divide_are_refused():
+  import adaptive_depth as ad  # pylint: disable=g-import-not-at-top
+  config = ad.load_config('configs/quickstart.py:tiny', {'train.loss_chunk_tokens': 24,
+                                                         'data.seq_len': 31})
+  with pytest.raises(ad.config_lib.ConfigError, match='config.train.loss_chunk_tokens=24'):
+    ad.config_lib.validate(config)
+  assert losses.chunk_length(32, 24) == 16
+

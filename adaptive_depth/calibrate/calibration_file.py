@@ -56,11 +56,14 @@ def source(config, workdir: Optional[str]) -> Optional[str]:
 
 
 def resolve_thresholds(config, workdir: Optional[str], measure: str, thresholds: list,
-                       progress=print) -> list:
+                       progress=print, kv_policies=()) -> list:
   """`thresholds`, or with config.generate.threshold='calibrated' the calibrated threshold
-  of `measure` alone ([] when none is valid: only full depth runs)."""
+  of `measure` alone ([] when none is valid: only full depth runs); every KV policy in
+  `kv_policies` must be the one it was calibrated under."""
   if config.generate.threshold != 'calibrated':
     return thresholds
+  for kv in kv_policies:
+    calibrated_threshold(workdir, measure, progress=lambda _: None, kv=kv)
   threshold = calibrated_threshold(workdir, measure, progress)
   return [] if threshold is None else [threshold]
 

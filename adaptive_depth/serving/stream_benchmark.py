@@ -138,7 +138,8 @@ def run_engine_benchmark(config, workdir: str, out_path: str,
   calibration_source = calibration_file.source(config, workdir)
   thresholds = calibration_file.resolve_thresholds(
       config, workdir, b.measure,
-      config_lib.parse_list(b.thresholds, float, 'config.benchmark.thresholds'), progress)
+      config_lib.parse_list(b.thresholds, float, 'config.benchmark.thresholds'), progress,
+      kv_policies=['propagate'])  # the engine's
   prompt_lens = config_lib.parse_range(b.prompt_lens, 'config.benchmark.prompt_lens')
   output_lens = config_lib.parse_range(b.output_lens, 'config.benchmark.output_lens')
   model = saved_model.load(workdir)

@@ -90,6 +90,11 @@ def run_step_benchmark(config, out_path: str, *, implementations: Sequence[str],
   if rounds < 0:
     raise config_lib.ConfigError(f'--rounds={rounds}: must be >= 0 (0 = compile and report '
                                  'memory only)')
+  if not implementations:
+    raise config_lib.ConfigError('--attention: name at least one implementation')
+  if not rounds and (reference_steps or whole_run_steps):
+    raise config_lib.ConfigError('--rounds=0 compiles only: it times nothing, so --torch and '
+                                 '--whole_run_steps need --rounds >= 1')
   if whole_run_steps < 0:
     raise config_lib.ConfigError(f'--whole_run_steps={whole_run_steps}: must be >= 0 '
                                  '(0 = no whole run)')
