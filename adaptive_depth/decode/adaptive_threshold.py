@@ -55,7 +55,11 @@ class AdaptiveThreshold:
     stats = self.stats.add(confidence, agreed, observed)
     since = self.since_refit + observed.sum(-1)
     refit = since >= policy.refit_every
-    fitted = beta_mixture.adaptive_threshold(beta_mixture.fit(stats), GRID, policy.zeta)
-    threshold = jnp.where(refit, fitted, self.threshold)  # [B] (a shared refit broadcasts)
+    # Fit and grid search only on the steps where some refit is due (most steps have none).
+    threshold = jax.lax.cond(
+        jnp.any(refit),
+        lambda: jnp.where(refit, beta_mixture.adaptive_threshold(
+            beta_mixture.fit(stats), GRID, policy.zeta), self.threshold),
+        lambda: self.threshold)  # [B] (a shared refit broadcasts)
     return AdaptiveThreshold(stats=stats, threshold=threshold,
                              since_refit=jnp.where(refit, 0.0, since))
