@@ -99,7 +99,9 @@ def test_refit_cadence_and_threshold():
   assert thresholds[0] == pytest.approx(0.9)
   assert thresholds[1] == pytest.approx(fits[1]) and thresholds[2] == thresholds[1]
   assert thresholds[3] == pytest.approx(fits[3])
-  assert fits[1] != fits[3] or fits[1] != 0.9  # the fits themselves move with the data
+  # The refits follow the data, not the start: agreement is conf > 0.4 here, so the fitted
+  # threshold lies well below the start 0.9 (and is finite: some grid value qualifies).
+  assert all(0.0 < f < 0.9 for f in (fits[1], fits[3])), fits
   assert float(state.since_refit) == 0.0
   assert float(state.stats.count.sum()) == 16
 

@@ -109,6 +109,11 @@ def test_guarantee_where_the_true_risk_is_known(binary):
                                 binary).index for _ in range(draws)], dtype=object)
     assert all(c is not None for c in chosen), delta
     chosen = chosen.astype(int)
+    # The README's table: python -m pytest -s tests/test_calibrate.py -k true_risk_is_known
+    print(f'delta {delta}: oracle {1 - math.sqrt(2 * delta):.3f}, median chosen '
+          f'{np.median(GRID[chosen]):.2f}, true risk > delta in '
+          f'{(true_risk[chosen] > delta).sum()} of {draws}, median true risk '
+          f'{np.median(true_risk[chosen]) / delta:.2f} of delta')
     assert (true_risk[chosen] > delta).sum() <= draws * epsilon + slack, delta
     assert np.median(true_risk[chosen]) >= 0.5 * delta, delta
     assert abs(np.median(GRID[chosen]) - (1 - math.sqrt(2 * delta))) <= 0.1, delta
@@ -196,9 +201,15 @@ def test_calibration_file_and_validity_on_decodes(calibrated):
   assert entry['grid_empirical_risk'][0] == 0.0
   # The smaller version of the validity experiment: the guarantee holds at each delta.
   assert [r['delta'] for r in result['validity']] == [0.1, 0.2, 0.4]
+  # Not vacuous: the aggressive end of the grid carries risk above every delta tested, so
+  # the choice is a real trade-off, and at least the loosest delta exits below 1.0.
+  assert max(entry['grid_empirical_risk']) > 0.4, entry['grid_empirical_risk']
   for row in result['validity']:
+    assert row['allowed'] == math.ceil(0.1 * 40) + 4  # epsilon of the splits + 4 slack
     assert row['exceed'] <= row['allowed'], row
     assert row['calibration_examples'] == row['test_examples'] == 48
+  loosest = result['validity'][-1]
+  assert loosest['threshold_median'] is not None and loosest['threshold_median'] < 1.0
   assert any('| delta |' in line for line in lines)
   assert os.path.isfile(os.path.join(workdir, 'calibration_validity.json'))
 
@@ -235,6 +246,16 @@ def test_threshold_calibrated_reads_the_file(calibrated, tmp_path):
     calibration_file.calibrated_threshold(workdir, 'max_prob', kv='parallel')
   with pytest.raises(cli.UserError, match='step 7'):
     calibration_file.calibrated_threshold(workdir, 'max_prob', model_step=7)
+  # Without a step, the latest checkpoint on disk is the model every entry point loads:
+  # a retrained workdir (a newer checkpoint folder) is refused too (evaluate, benchmark).
+  saved_step = json.load(open(os.path.join(workdir, 'calibration.json')))['step']
+  newer = os.path.join(workdir, 'checkpoints', str(saved_step + 100))
+  os.makedirs(newer)
+  try:
+    with pytest.raises(cli.UserError, match=f'step {saved_step + 100}'):
+      calibration_file.calibrated_threshold(workdir, 'max_prob')
+  finally:
+    os.rmdir(newer)
   with pytest.raises(cli.UserError, match="no threshold for measure 'softmax_diff'"):
     calibration_file.calibrated_threshold(workdir, 'softmax_diff')
 

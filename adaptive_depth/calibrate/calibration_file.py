@@ -6,6 +6,7 @@ import json
 import os
 from typing import Optional
 
+from adaptive_depth import checkpoint as checkpoint_lib
 from adaptive_depth import cli
 
 CALIBRATION_FILE = 'calibration.json'
@@ -17,8 +18,9 @@ def calibrated_threshold(workdir: Optional[str], measure: str, progress=print, *
   """The threshold calibration.json in `workdir` holds for `measure`; None = none valid
   (decode at full depth). Says which file it read. A UserError when the file or the measure
   is missing, when `kv` (the caller's KV policy) differs from the one the continuations were
-  calibrated under, or when `model_step` differs from the checkpoint step it calibrated
-  (the guarantee is for that decoder and that model only)."""
+  calibrated under, or when `model_step` (default: the latest checkpoint step in `workdir`,
+  the one every entry point loads) differs from the checkpoint step it calibrated (the
+  guarantee is for that decoder and that model only)."""
   how = (f'run python launch/calibrate.py --config=... --workdir={workdir or "DIR"} '
          f'--measure={measure}')
   if workdir is None:
@@ -36,6 +38,9 @@ def calibrated_threshold(workdir: Optional[str], measure: str, progress=print, *
     raise cli.UserError(f"threshold='calibrated': {path} was calibrated under KV policy "
                         f"{saved['kv']!r}, not {kv!r}: set --config.generate.kv={saved['kv']} "
                         f'or recalibrate with --config.calibrate.kv={kv}')
+  if model_step is None:
+    on_disk = checkpoint_lib.steps_on_disk(os.path.join(workdir, 'checkpoints'))
+    model_step = on_disk[-1] if on_disk else None
   if model_step is not None and model_step >= 0 and saved.get('step', model_step) != model_step:
     raise cli.UserError(f"threshold='calibrated': {path} calibrated checkpoint step "
                         f"{saved['step']}, but the model is at step {model_step}: recalibrate "
