@@ -12,7 +12,8 @@ from adaptive_depth.decode import GenerateOutput, Greedy, Sampling, generate, ge
 from adaptive_depth.depth import AdaptiveOutput, forward_adaptive
 from adaptive_depth.evaluation import evaluate_run
 from adaptive_depth.exits import ExitPolicy
-from adaptive_depth.model import ModelConfig, forward_train, init_params
+from adaptive_depth.forward import ForwardOutput, forward_outputs, forward_train
+from adaptive_depth.model import ModelConfig, init_params
 from adaptive_depth.saved_model import LoadedModel, load
 from adaptive_depth.serving import Engine, ServeOutput, serve
 from adaptive_depth.jobs import train_and_evaluate

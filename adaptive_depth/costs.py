@@ -109,3 +109,48 @@ def relative_flops(cfg: model_lib.ModelConfig, exit_depth, measure: str, context
   """Mean FLOPs spent over full-depth FLOPs (1.0 = no saving; can exceed 1)."""
   spent = token_flops(cfg, exit_depth, measure, context, min_depth, kv)
   return float(np.mean(spent) / full_depth_flops(cfg, context))
+
+
+def router_flops(cfg: model_lib.ModelConfig) -> float:
+  """One router call on one token: expert_choice's router of one recursion (one logit), or
+  token_choice's single router (N_r logits)."""
+  routing = cfg.routing
+  outputs = 1 if routing.routing == 'expert_choice' else routing.recursions
+  if routing.router == 'mlp':
+    return float(2 * cfg.width * routing.router_hidden + 2 * routing.router_hidden * outputs)
+  return float(2 * cfg.width * outputs)
+
+
+def mor_flops_per_token(cfg: model_lib.ModelConfig, seq_len: int,
+                        capacity_tokens=None) -> float:
+  """Forward FLOPs per token of the train-mode MoR forward (mor.forward_states) on
+  sequences of T = seq_len tokens, averaged over the sequence.
+
+  Counted: the unique first and last layers on every token (causal attention over (T+1)/2
+  positions on average); at recursion r, K blocks on the k_r gathered tokens of a row
+  (capacity_tokens, default the config's), whose attention reads (k_r + 1) / 2 gathered
+  tokens on average ('recursion_wise'), or, after recursion 1 under 'shared', the (T+1)/2
+  positions of recursion 1's K/V without projecting K/V of their own; the routers (every
+  token scored by each recursion's router for expert_choice, once for token_choice); the
+  final head. A model without routers is the same count with every k_r = T.
+  """
+  routing = cfg.routing
+  per_recursion = cfg.num_blocks - 2
+  recursions = (cfg.num_layers - 2) // per_recursion
+  if capacity_tokens is None:
+    capacity_tokens = (routing.capacity_tokens(seq_len) if routing is not None
+                       else (seq_len,) * recursions)
+  full_context = (seq_len + 1) / 2
+  total = 2 * seq_len * block_flops(cfg, full_context)
+  shared_kv = routing is not None and routing.kv == 'shared'
+  for r, kept in enumerate(capacity_tokens):
+    if shared_kv and r > 0:
+      per_token = block_flops(cfg, full_context) - kv_projection_flops(cfg)
+    else:
+      per_token = block_flops(cfg, (kept + 1) / 2)
+    total += per_recursion * kept * per_token
+  if routing is not None:
+    calls = recursions if routing.routing == 'expert_choice' else 1
+    total += calls * seq_len * router_flops(cfg)
+  total += seq_len * head_flops(cfg)
+  return total / seq_len

@@ -32,6 +32,8 @@ state after step d - 1.
 from __future__ import annotations
 
 import dataclasses
+from typing import Optional
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -40,6 +42,7 @@ import numpy as np
 from adaptive_depth import attention as attention_lib
 from adaptive_depth import exit_heads
 from adaptive_depth import layers
+from adaptive_depth import routers
 
 SCHEDULES = ('unshared', 'cycle', 'sequence', 'middle_cycle', 'middle_sequence')
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
@@ -72,6 +75,8 @@ class ModelConfig:
   exit_norms: bool = False
   exit_adapter_rank: int = 0
   attention: str = 'xla'  # resolved (attention.resolve): never 'auto'
+  # Mixture-of-Recursions routing (routers.py, mor.py); None: every token runs every step.
+  routing: Optional[routers.RoutingConfig] = None
 
   @classmethod
   def from_config(cls, model_config) -> 'ModelConfig':
@@ -88,7 +93,7 @@ class ModelConfig:
         dtype=m.dtype, remat=m.remat, scan_unroll=m.scan_unroll, init_std=m.init_std,
         lora_rank=m.lora_rank,
         qkv_bias=m.qkv_bias, exit_norms=m.exit_norms, exit_adapter_rank=m.exit_adapter_rank,
-        attention=attention_lib.resolve(m.attention))
+        attention=attention_lib.resolve(m.attention), routing=routing_config(m))
 
   @property
   def compute_dtype(self):
@@ -115,6 +120,19 @@ class ModelConfig:
   def has_exit_heads(self) -> bool:
     """Whether the early exits have parameters of their own (params['exit_heads'])."""
     return self.exit_norms or self.exit_adapter_rank > 0
+
+
+def routing_config(model_config) -> Optional[routers.RoutingConfig]:
+  """config.model.mor as a RoutingConfig, or None when config.model.mor.routing is ''."""
+  mor = model_config.get('mor')
+  if mor is None or not mor.routing:
+    return None
+  return routers.RoutingConfig(
+      routing=mor.routing, recursions=mor.recursions,
+      capacities=routers.parse_capacities(mor.capacities, mor.recursions), kv=mor.kv,
+      router=mor.router, router_hidden=mor.router_hidden, gate=mor.gate, alpha=mor.alpha,
+      capacity_factor=mor.capacity_factor, aux_loss=mor.aux_loss,
+      balance_loss=mor.balance_loss, z_loss=mor.z_loss)
 
 
 def parse_exit_layers(spec: str, num_layers: int, min_exit_layer: int = 1) -> tuple[int, ...]:
@@ -212,6 +230,9 @@ def _init_boxed(cfg: ModelConfig, rng):
     params['lm_head'] = {'kernel': nn.with_logical_partitioning(
         nn.initializers.normal(stddev=cfg.init_std), ('embed', 'vocab'))(
             k_head, (cfg.width, cfg.vocab_size), jnp.float32)}
+  if cfg.routing is not None:
+    params['routers'] = routers.init_boxed(cfg.routing, cfg.width, jax.random.fold_in(k_head, 2),
+                                           cfg.init_std)
   if cfg.has_exit_heads:  # only then, so that models without them keep their tree
     params['exit_heads'] = exit_heads.init_boxed(cfg, jax.random.fold_in(k_head, 1))
   return params
@@ -393,6 +414,10 @@ def forward_exit_states(cfg: ModelConfig, params, tokens, constrain=lambda x: x)
   `constrain` is applied to [B, T, D] activations (sharding.Activations supplies one that
   pins them to the mesh); the default does nothing.
   """
+  if cfg.routing is not None:
+    raise ValueError(f'this model routes tokens between recursions '
+                     f'(config.model.mor.routing={cfg.routing.routing!r}): its forward is '
+                     'adaptive_depth.forward_outputs (or forward_train)')
   positions = default_positions(tokens)
   h = constrain(embed(cfg, params, tokens))
   hiddens = run_all_steps(cfg, params, h, positions, constrain)

@@ -7,6 +7,10 @@ tokens/s and FLOP/s by XLA's count. Random parameters and batch: no workdir need
 on --torch_threads threads) in the same rounds, and reports each step's speed relative to it.
 --whole_run_steps=N also runs the training loop itself (data pipeline, logging, checkpoints)
 and reports its tokens/s as a fraction of the step alone.
+--full_recursion (a Mixture-of-Recursions config, expert choice) instead times the routed step
+against the same model with every token running every recursion, beside the FLOP ratio
+adaptive_depth.costs predicts:
+  python launch/train_benchmark.py --config=configs/mor.py --full_recursion --out=FILE.json
 """
 import os
 
@@ -35,12 +39,18 @@ _TORCH_THREADS = flags.DEFINE_integer('torch_threads', len(os.sched_getaffinity(
 _WHOLE_RUN_STEPS = flags.DEFINE_integer(
     'whole_run_steps', 0, 'Also run the training loop of launch/train.py for this many steps '
     '(between two halves of the rounds) and compare its tokens/s with the step alone.')
+_FULL_RECURSION = flags.DEFINE_bool(
+    'full_recursion', False, 'MoR: time the routed train step against every token running '
+    'every recursion (ignores --attention, --torch, --whole_run_steps).')
 flags.mark_flags_as_required(['config', 'out'])
 
 
 def main(argv):
   del argv  # cli.run refuses positional arguments
   config = config_lib.validate(_CONFIG.value)
+  if _FULL_RECURSION.value:
+    step_benchmark.full_recursion_benchmark(config, _OUT.value, rounds=_ROUNDS.value)
+    return
   references = {}
   if _TORCH.value:
     references['pytorch'] = lambda batch: torch_train_reference.make_train_step(

@@ -20,18 +20,22 @@ def rope(x, positions, base):
   return np.concatenate([z.real, z.imag], axis=-1)
 
 
-def attention(x, positions, wq, wk, wv, wo, rope_base):
-  """x: [T, D] (normed); wq [D, H, Dh], wk/wv [D, KV, Dh], wo [H, Dh, D]. Causal GQA."""
+def attention(x, positions, wq, wk, wv, wo, rope_base, keys=None, key_positions=None):
+  """x: [T, D] (normed); wq [D, H, Dh], wk/wv [D, KV, Dh], wo [H, Dh, D]. Causal GQA by
+  position. keys / key_positions: other normed states [S, D] and their positions to take K/V
+  from (default: x itself)."""
+  keys = x if keys is None else keys
+  key_positions = positions if key_positions is None else np.asarray(key_positions)
   num_heads, num_kv = wq.shape[1], wk.shape[1]
   group = num_heads // num_kv
   q = rope(np.einsum('td,dnh->tnh', x, wq), positions, rope_base)
-  k = rope(np.einsum('td,dnh->tnh', x, wk), positions, rope_base)
-  v = np.einsum('td,dnh->tnh', x, wv)
+  k = rope(np.einsum('td,dnh->tnh', keys, wk), key_positions, rope_base)
+  v = np.einsum('td,dnh->tnh', keys, wv)
   out = np.zeros_like(q)
   for head in range(num_heads):
     kv_head = head // group
     for t in range(x.shape[0]):
-      visible = positions <= positions[t]
+      visible = key_positions <= positions[t]
       scores = k[visible, kv_head] @ q[t, head] / np.sqrt(q.shape[-1])
       weights = np.exp(scores - scores.max())
       weights /= weights.sum()
@@ -44,11 +48,13 @@ def swiglu(x, gate, up, down):
   return (g / (1.0 + np.exp(-g)) * (x @ up)) @ down
 
 
-def block(h, positions, p, eps, rope_base):
-  """One pre-norm block; p is one layer's parameters (numpy)."""
+def block(h, positions, p, eps, rope_base, key_states=None, key_positions=None):
+  """One pre-norm block; p is one layer's parameters (numpy). key_states: residual states
+  [S, D] (and key_positions) whose K/V the attention reads instead of h's own."""
   a = p['attn']
+  keys = None if key_states is None else rms_norm(key_states, p['attn_norm']['scale'], eps)
   h = h + attention(rms_norm(h, p['attn_norm']['scale'], eps), positions,
-                    a['q'], a['k'], a['v'], a['o'], rope_base)
+                    a['q'], a['k'], a['v'], a['o'], rope_base, keys, key_positions)
   m = p['mlp']
   return h + swiglu(rms_norm(h, p['mlp_norm']['scale'], eps), m['gate'], m['up'], m['down'])
 

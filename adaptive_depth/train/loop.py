@@ -20,13 +20,16 @@ import time
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
 from adaptive_depth import checkpoint as checkpoint_lib
 from adaptive_depth import config_lib
 from adaptive_depth import exit_heads
+from adaptive_depth import forward as forward_lib
 from adaptive_depth import metrics as metrics_lib
 from adaptive_depth import model as model_lib
+from adaptive_depth import routers
 from adaptive_depth import sharding
 from adaptive_depth.data import pipeline
 from adaptive_depth.train import init_from as init_from_lib
@@ -49,20 +52,24 @@ def make_train_step(cfg: model_lib.ModelConfig, tx, weights, constrain, *,
 
     def loss_fn(trained, frozen):
       params = {**frozen, **trained}
+      out = forward_lib.forward_outputs(cfg, params, inputs, constrain)
       if loss_chunk_tokens:
-        states = model_lib.forward_exit_states(cfg, params, inputs, constrain)
         heads = lambda h: model_lib.head_logits(cfg, params, h, exit_heads.ALL_EXITS)
         loss, exit_loss_, exit_acc = losses.chunked_multi_exit_loss(
-            heads, states, targets, weights, exit_loss, loss_chunk_tokens)
+            heads, out.exit_states, targets, weights, exit_loss, loss_chunk_tokens)
       else:
-        logits = model_lib.forward_train(cfg, params, inputs, constrain)
+        logits = model_lib.head_logits(cfg, params, out.exit_states, exit_heads.ALL_EXITS)
         loss, exit_loss_, exit_acc = losses.multi_exit_loss(logits, targets, weights,
                                                             exit_loss)
-      return loss, (exit_loss_, exit_acc)
+      routing_metrics = {}
+      if out.routing is not None:  # MoR: the router losses join the LM loss
+        loss = loss + out.routing.aux_loss
+        routing_metrics = out.routing.metrics
+      return loss, (exit_loss_, exit_acc, routing_metrics)
 
     trained, frozen = state_lib.split_trainable(state.params, trainable)
-    (loss, (exit_loss_, exit_acc)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        trained, frozen)
+    (loss, (exit_loss_, exit_acc, routing_metrics)), grads = jax.value_and_grad(
+        loss_fn, has_aux=True)(trained, frozen)
     # The optimizer wants a gradient per leaf; the frozen ones' zeros go to set_to_zero,
     # which ignores them (the compiler drops them), and their parameters pass through.
     all_grads = {**jax.tree.map(jnp.zeros_like, frozen), **grads}
@@ -70,21 +77,29 @@ def make_train_step(cfg: model_lib.ModelConfig, tx, weights, constrain, *,
     params = {**state.params, **optax.apply_updates(trained, {k: updates[k] for k in trained})}
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     return new_state, {'loss': loss, 'exit_loss': exit_loss_, 'exit_accuracy': exit_acc,
-                       'grad_norm': _global_norm(grads)}
+                       'grad_norm': _global_norm(grads), 'routing': routing_metrics}
   return train_step
 
 
 def make_eval_step(cfg: model_lib.ModelConfig, constrain):
   """(params, batch) -> per-exit sums of token NLL, correct argmax and argmax agreeing with
-  the last exit's, and the token count."""
+  the last exit's, the token count, and for a MoR model the sums of
+  routers.decision_agreement_sums (how often decoding's causal router decision matches the
+  training-time selection) under 'routing' (an empty dict otherwise)."""
   def eval_step(params, batch):
     inputs, targets = batch[:, :-1], batch[:, 1:]
-    logits = model_lib.forward_train(cfg, params, inputs, constrain)
+    out = forward_lib.forward_outputs(cfg, params, inputs, constrain)
+    logits = model_lib.head_logits(cfg, params, out.exit_states, exit_heads.ALL_EXITS)
     nll, correct = losses.per_exit_token_losses(logits, targets)
     argmax = jnp.argmax(logits, axis=-1)
     agree = (argmax == argmax[-1:]).astype(jnp.float32)
+    routing = {}
+    if out.routing is not None:
+      agreeing, counted = routers.decision_agreement_sums(cfg.routing, out.routing)
+      routing = {'agreeing': agreeing, 'counted': counted,
+                 'selected': out.routing.selected.sum(axis=(1, 2)).astype(jnp.float32)}
     return (nll.sum(axis=(1, 2)), correct.sum(axis=(1, 2)), agree.sum(axis=(1, 2)),
-            jnp.float32(targets.size))
+            jnp.float32(targets.size), routing)
   return eval_step
 
 
@@ -112,7 +127,8 @@ class _Preemption:
 
 def evaluate(eval_step, params, eval_batches, put_batch, num_batches: int):
   """Mean per-exit loss, accuracy and agreement with the last exit over the eval split (or
-  its first num_batches)."""
+  its first num_batches), and for a MoR model a dict of routing figures (else None): per
+  recursion the share of tokens selected and the decision agreement (make_eval_step)."""
   totals = None
   for i, batch in enumerate(eval_batches):
     if num_batches and i >= num_batches:
@@ -122,8 +138,14 @@ def evaluate(eval_step, params, eval_batches, put_batch, num_batches: int):
   if totals is None:
     raise ValueError('the eval split yields no full batch; lower config.eval.batch_size or '
                      'config.data.seq_len')
-  nll, correct, agree, count = jax.device_get(totals)
-  return nll / count, correct / count, agree / count
+  nll, correct, agree, count, routing = jax.device_get(totals)
+  routing_figures = None
+  if routing:
+    routing_figures = {
+        'selected': [round(float(x), 5) for x in routing['selected'] / count],
+        'decision_agreement': [round(float(x), 5) for x in
+                               routing['agreeing'] / np.maximum(routing['counted'], 1)]}
+  return nll / count, correct / count, agree / count, routing_figures
 
 
 def _check_same_model(config, workdir: str):
@@ -232,12 +254,20 @@ def train_model(config: ml_collections.ConfigDict, workdir: str) -> dict:
   run_eval = lambda: evaluate(eval_step, state.params, make_eval_data(), put_batch,
                               config.eval.num_batches)
 
-  def log_eval(step, eval_loss, eval_acc, eval_agree):
-    writer.scalars(step, {f'eval/loss_exit_{d}': l for d, l in zip(cfg.exit_depths, eval_loss)})
-    history.append({'step': step, 'eval': metrics_lib.per_exit_records(
-        cfg.exit_depths, eval_loss, eval_acc, eval_agree)})
+  def log_eval(step, eval_loss, eval_acc, eval_agree, eval_routing):
+    scalars = {f'eval/loss_exit_{d}': l for d, l in zip(cfg.exit_depths, eval_loss)}
+    record = {'step': step, 'eval': metrics_lib.per_exit_records(
+        cfg.exit_depths, eval_loss, eval_acc, eval_agree)}
+    if eval_routing:
+      for name, values in eval_routing.items():
+        scalars.update({f'eval_routing/{name}_recursion_{r + 1}': v
+                        for r, v in enumerate(values)})
+      record['eval_routing'] = eval_routing
+    writer.scalars(step, scalars)
+    history.append(record)
 
   timed_steps, timed_seconds, timer_start = 0, 0.0, None
+  last_routing = None  # MoR: the routing metrics of the last logged step
   preempted = False
   step = start_step
   with _Preemption() as preemption:
@@ -252,13 +282,18 @@ def train_model(config: ml_collections.ConfigDict, workdir: str) -> dict:
         scalars = {'train/loss': m['loss'], 'train/grad_norm': m['grad_norm']}
         scalars.update({f'train/loss_exit_{d}': l for d, l in zip(cfg.exit_depths,
                                                                    m['exit_loss'])})
+        scalars.update({f'routing/{k}': v for k, v in m['routing'].items()})
         writer.scalars(step, scalars)
-        history.append({'step': step, 'train_loss': float(m['loss']),
-                        'train_exit_loss': [float(x) for x in m['exit_loss']]})
+        record = {'step': step, 'train_loss': float(m['loss']),
+                  'train_exit_loss': [float(x) for x in m['exit_loss']]}
+        if m['routing']:
+          last_routing = {k: round(float(v), 5) for k, v in m['routing'].items()}
+          record['routing'] = last_routing
+        history.append(record)
         progress.update(step, loss=float(m['loss']), last_exit=float(m['exit_loss'][-1]))
       if config.eval.every_steps and step % config.eval.every_steps == 0 and step < num_steps:
-        eval_loss, eval_acc, eval_agree = run_eval()
-        log_eval(step, eval_loss, eval_acc, eval_agree)
+        eval_loss, eval_acc, eval_agree, eval_routing = run_eval()
+        log_eval(step, eval_loss, eval_acc, eval_agree, eval_routing)
         progress.write(f'step {step}: eval loss per exit ' +
                        ' '.join(f'{d}:{l:.3f}' for d, l in zip(cfg.exit_depths, eval_loss)))
       periodic = step % config.checkpoint.every_steps == 0 or step == num_steps
@@ -283,8 +318,8 @@ def train_model(config: ml_collections.ConfigDict, workdir: str) -> dict:
           'resume.', flush=True)
     return {'step': step, 'preempted': True}
 
-  eval_loss, eval_acc, eval_agree = run_eval()
-  log_eval(step, eval_loss, eval_acc, eval_agree)
+  eval_loss, eval_acc, eval_agree, eval_routing = run_eval()
+  log_eval(step, eval_loss, eval_acc, eval_agree, eval_routing)
   writer.close()
   checkpoints.close()
   summary = {
@@ -295,6 +330,10 @@ def train_model(config: ml_collections.ConfigDict, workdir: str) -> dict:
       'params': num_params,
       'eval': metrics_lib.per_exit_records(cfg.exit_depths, eval_loss, eval_acc, eval_agree),
   }
+  if last_routing is not None:
+    summary['train_routing'] = last_routing
+  if eval_routing:
+    summary['eval_routing'] = eval_routing
   metrics_lib.write_json(os.path.join(workdir, 'summary.json'), summary)
   print('Validation per exit: ' + ', '.join(
       f"depth {r['depth']}: loss {r['loss']:.3f} acc {r['accuracy']:.3f} "

@@ -21,6 +21,7 @@ import numpy as np
 from adaptive_depth import attention as attention_lib
 from adaptive_depth import cli
 from adaptive_depth import config_lib
+from adaptive_depth import costs
 from adaptive_depth import model as model_lib
 from adaptive_depth import timing
 from adaptive_depth.train import loop
@@ -175,3 +176,53 @@ def run_step_benchmark(config, out_path: str, *, implementations: Sequence[str],
     json.dump(rows, f, indent=1)
   progress(f'Wrote {out_path}')
   return rows
+
+
+def full_recursion_benchmark(config, out_path: str, *, rounds: int = 5,
+                             progress: Callable[[str], None] = print) -> dict:
+  """Do routed recursions save what they should? The expert-choice MoR train step of
+  `config` against the same model, same parameters and batch, with every token running every
+  recursion (config.model.mor.capacities all 1), timed in `rounds` interleaved rounds, beside
+  the FLOP ratio costs.mor_flops_per_token predicts (and XLA's count of each compiled step).
+  Writes and returns {'time_ratio', 'flop_ratio', 'time_over_flop_ratio', ...}."""
+  config_lib.validate(config)
+  cli.check_output_path('--out', out_path)
+  mor = config.model.mor
+  if mor.routing != 'expert_choice':
+    raise config_lib.ConfigError(
+        f'--full_recursion compares expert-choice capacities with full ones; '
+        f'config.model.mor.routing={mor.routing!r} (allowed: \'expert_choice\')')
+  if rounds < 1:
+    raise config_lib.ConfigError(f'--rounds={rounds}: must be >= 1')
+  full = config.copy_and_resolve_references()
+  full.model.mor.capacities = ','.join(['1'] * mor.recursions)
+  batch_size, seq_len = config.train.batch_size, config.data.seq_len
+  batch = jnp.asarray(np.random.default_rng(0).integers(
+      0, config.model.vocab_size, (batch_size, seq_len + 1)), jnp.int32)
+  progress(f'MoR train step, routed vs every token through every recursion: batch '
+           f'{batch_size} x {seq_len}, {rounds} interleaved rounds, on '
+           f'{jax.devices()[0].platform}')
+  programs = {'routed': _compiled_step(config, batch), 'full': _compiled_step(full, batch)}
+  times = timing.interleaved_seconds({k: (c, a) for k, (c, a, _) in programs.items()}, rounds)
+  ms = {k: 1e3 * float(np.median(v)) for k, v in times.items()}
+  cfg = model_lib.ModelConfig.from_config(config.model)
+  full_cfg = model_lib.ModelConfig.from_config(full.model)
+  flop_ratio = (costs.mor_flops_per_token(cfg, seq_len) /
+                costs.mor_flops_per_token(full_cfg, seq_len))
+  report = {
+      'capacities': list(cfg.routing.capacities),
+      'capacity_tokens': list(cfg.routing.capacity_tokens(seq_len)),
+      'kv': cfg.routing.kv, 'batch': batch_size, 'seq_len': seq_len, 'rounds': rounds,
+      'routed_step_ms': ms['routed'], 'full_step_ms': ms['full'],
+      'time_ratio': ms['routed'] / ms['full'], 'flop_ratio': flop_ratio,
+      'xla_flop_ratio': programs['routed'][2] / max(programs['full'][2], 1.0),
+  }
+  report['time_over_flop_ratio'] = report['time_ratio'] / flop_ratio
+  progress(f'  routed {ms["routed"]:.1f} ms/step, every recursion {ms["full"]:.1f} ms/step: '
+           f'time ratio {report["time_ratio"]:.3f}; FLOP ratio {flop_ratio:.3f} (costs), '
+           f'{report["xla_flop_ratio"]:.3f} (XLA); time / FLOP ratio '
+           f'{report["time_over_flop_ratio"]:.3f}')
+  with open(out_path, 'w') as f:
+    json.dump(report, f, indent=1)
+  progress(f'Wrote {out_path}')
+  return report
