@@ -154,3 +154,25 @@ def mor_flops_per_token(cfg: model_lib.ModelConfig, seq_len: int,
     total += calls * seq_len * router_flops(cfg)
   total += seq_len * head_flops(cfg)
   return total / seq_len
+
+
+def mor_decode_flops(cfg: model_lib.ModelConfig, loop_depth, context: float) -> np.ndarray:
+  """FLOPs a Mixture-of-Recursions token spent in decoding, given its loop depth ([...] int:
+  2 + recursions run x blocks per recursion) -> [...] float. The first and last layers, the
+  recursions it ran (under 'shared', recursions after the first project no K/V of their
+  own), the routers it consulted (expert_choice: one per recursion reached, including the
+  one that stopped it; token_choice: one), the head. Attention reads `context` positions
+  at every layer (an upper bound under 'recursion_wise', where a recursion attends only to
+  the positions that ran it)."""
+  routing = cfg.routing
+  per = cfg.num_blocks - 2
+  ran = (np.asarray(loop_depth) - 2) // per
+  block = block_flops(cfg, context)
+  cost = 2 * block + head_flops(cfg) + ran * per * block
+  if routing.kv == 'shared':
+    cost = cost - np.maximum(ran - 1, 0) * per * kv_projection_flops(cfg)
+  if routing.routing == 'expert_choice':
+    cost = cost + np.minimum(ran + 1, routing.recursions) * router_flops(cfg)
+  else:
+    cost = cost + router_flops(cfg)
+  return cost

@@ -121,6 +121,12 @@ def evaluate_run(config, workdir: str, *, measures=None, num_batches: int = 0) -
   """
   start = time.perf_counter()
   config_lib.validate(config)
+  if config.model.mor.routing:
+    raise cli.UserError(
+        'launch/evaluate.py sweeps early-exit thresholds; this is a Mixture-of-Recursions '
+        f'model (config.model.mor.routing={config.model.mor.routing!r}): its validation loss, '
+        "routing and decision agreement are in WORKDIR/summary.json ('eval_routing'), and "
+        'launch/generate.py decodes it')
   measures = None if measures is None else check_measures(measures)
   calibrated = None  # config.generate.threshold='calibrated': also the calibrated point
   if config.generate.threshold == 'calibrated':

@@ -15,7 +15,10 @@ import jax.numpy as jnp
 import numpy as np
 
 MEASURES = ('softmax_diff', 'softmax_diff_approx', 'max_prob', 'neg_entropy', 'saturation',
-            'classifier', 'oracle', 'never')
+            'classifier', 'oracle', 'never', 'router')
+# Mixture-of-Recursions models decide with their routers (threshold: expert-choice's sigmoid
+# threshold) or run every recursion ('never'); early-exit models use the others.
+ROUTED_MEASURES = ('router', 'never')
 SCHEDULES = ('constant', 'decaying', 'adaptive')
 # Measures the adaptive schedule can fit a Beta mixture to: in [0, 1], and read the exit head
 # (whose argmax is what the deep model agrees with or not).
@@ -27,7 +30,8 @@ class ExitPolicy:
   """When a token leaves the depth loop.
 
   measure: one of MEASURES ('never' runs full depth; 'oracle' exits at the first depth whose
-    argmax equals the full model's, for analysis).
+    argmax equals the full model's, for analysis; 'router': a Mixture-of-Recursions model's
+    routers decide, threshold being expert-choice's sigmoid threshold).
   threshold: exit when confidence >= threshold (traced).
   min_depth: no exit before this depth (traced).
   schedule: 'constant', or 'decaying' (CALM):

@@ -149,3 +149,40 @@ def forward_states(cfg: model_lib.ModelConfig, params, tokens, constrain=lambda 
   return h, routers.RoutingOutput(selected=selected, logits=router_out,
                                   dropped=jnp.stack(dropped), aux_loss=aux, metrics=metrics)
 
+
+
+def forward_masked(cfg: model_lib.ModelConfig, params, tokens, threshold=0.5,
+                   depths=None):
+  """The causal MoR forward over whole sequences, by masking (every token computes every
+  recursion; a token that does not run one keeps its state and is hidden from that
+  recursion's attention under 'recursion_wise'). Routing is decoding's: routers.route, one
+  token at a time, so no position's output or depth depends on a later token.
+
+  tokens: [B, T]; threshold: expert_choice's sigmoid threshold (traced); depths: [B, T]
+  recursions each token runs instead of the routers' choice. Returns (h [B, T, D] after the
+  last layer, recursions run [B, T] int32). Decoding (decode/mor_decode.py) is tested to
+  equal it; it saves nothing (a reference and an analysis tool).
+  """
+  routing = cfg.routing
+  positions = model_lib.default_positions(tokens)
+  causal = layers.causal_mask(positions, positions)
+  per_step = model_lib.all_step_blocks(cfg, params)
+  step_block = lambda s: jax.tree.map(lambda p: p[s], per_step)
+  h = model_lib.embed(cfg, params, tokens)
+  h, _ = model_lib.apply_block(cfg, step_block(0), h, positions, causal)
+  state = routers.RouteState.start(tokens.shape, routing.recursions)
+  recursion_zero_kv = []
+  for r in range(routing.recursions):
+    runs, gate, state = routers.route(routing, params['routers'], h, r, state, threshold,
+                                      depths)
+    shared = routing.kv == 'shared' and r > 0
+    mask = causal if shared else causal & runs[:, None, :]
+    x = h
+    for j, step in enumerate(recursion_steps(cfg, r)):
+      merge = (lambda k, v, j=j: recursion_zero_kv[j]) if shared else None
+      x, (k, v) = model_lib.apply_block(cfg, step_block(step), x, positions, mask, merge)
+      if routing.kv == 'shared' and r == 0:
+        recursion_zero_kv.append((k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)))
+    h = jnp.where(runs[..., None], h + gate[..., None].astype(h.dtype) * (x - h), h)
+  h, _ = model_lib.apply_block(cfg, step_block(cfg.num_layers - 1), h, positions, causal)
+  return h, state.ran

@@ -119,14 +119,16 @@ def init_boxed(routing: RoutingConfig, width: int, rng, init_std: float = 0.02) 
 
 
 def router_logits(routing: RoutingConfig, router_params, h, recursion=None):
-  """expert_choice: router `recursion`'s logit per token, h [..., D] -> [...];
-  token_choice: the depth logits, h [..., D] -> [..., N_r]. float32."""
+  """expert_choice: router `recursion`'s logit per token, h [..., D] -> [...] (recursion a
+  scalar, or an int array of h.shape[:-1]: each token's own recursion, as the engine's
+  slots have); token_choice: the depth logits, h [..., D] -> [..., N_r]. float32."""
   x = h.astype(jnp.float32)
   p = router_params
   if routing.routing == 'expert_choice':
+    recursion = jnp.asarray(recursion)
     if 'hidden' in p:
-      x = jax.nn.gelu(x @ p['hidden'][recursion])
-    return x @ p['kernel'][recursion]
+      x = jax.nn.gelu(jnp.einsum('...d,...dh->...h', x, p['hidden'][recursion]))
+    return jnp.einsum('...d,...d->...', x, p['kernel'][recursion])
   if 'hidden' in p:
     x = jax.nn.gelu(x @ p['hidden'])
   return x @ p['kernel']
@@ -222,3 +224,50 @@ def decision_agreement_sums(routing: RoutingConfig, out: RoutingOutput):
   agree = (causal_decisions(routing, out) == selected) & eligible
   return agree.sum(axis=(1, 2)).astype(jnp.float32), eligible.sum(axis=(1, 2)).astype(
       jnp.float32)
+
+
+@flax.struct.dataclass
+class RouteState:
+  """Per token [...], the causal routing so far: running (ran every recursion up to now),
+  ran (recursions run), and for token_choice the depth and gate its router chose at the
+  first recursion."""
+  running: jax.Array
+  ran: jax.Array
+  chosen_depth: jax.Array
+  chosen_gate: jax.Array
+
+  @classmethod
+  def start(cls, shape, recursions: int) -> 'RouteState':
+    return cls(running=jnp.ones(shape, bool), ran=jnp.zeros(shape, jnp.int32),
+               chosen_depth=jnp.full(shape, recursions, jnp.int32),
+               chosen_gate=jnp.ones(shape, jnp.float32))
+
+
+def route(routing: RoutingConfig, router_params, h, recursion, state: RouteState, threshold,
+          forced_depth=None):
+  """The causal decision, token by token, whether recursion `recursion` (static or traced)
+  runs: what decoding decides with, and the masked full-sequence forward too.
+
+  expert_choice: a token that ran the previous recursion runs this one when
+  sigmoid(router logit) > threshold, or always where the recursion's training capacity is
+  1 (top-k of every token kept them all). token_choice: while recursion < the depth its
+  router chose at recursion 0. forced_depth: [...] recursions to run instead (the gate is
+  still the router's). h: [..., D]; threshold: scalar (traced).
+  Returns (runs [...] bool, gate [...] float32, the new RouteState).
+  """
+  recursion = jnp.asarray(recursion)
+  if routing.routing == 'expert_choice':
+    logits = router_logits(routing, router_params, h, recursion)
+    gate = expert_choice_gate(routing, logits)
+    always = jnp.asarray(np.asarray(routing.capacities) >= 1.0)[recursion]
+    wants = always | (jax.nn.sigmoid(logits) > threshold)
+  else:
+    depth, first_gate = token_choice_depth(routing, router_logits(routing, router_params, h))
+    chosen_depth = jnp.where(recursion == 0, depth, state.chosen_depth)
+    chosen_gate = jnp.where(recursion == 0, first_gate, state.chosen_gate)
+    state = state.replace(chosen_depth=chosen_depth, chosen_gate=chosen_gate)
+    gate, wants = chosen_gate, recursion < chosen_depth
+  if forced_depth is not None:
+    wants = recursion < forced_depth
+  runs = state.running & wants
+  return runs, gate, state.replace(running=runs, ran=state.ran + runs)

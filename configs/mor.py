@@ -41,6 +41,8 @@ def get_config(variant: str = ''):
   m.mor.routing = 'expert_choice'
   m.mor.recursions = 3
   config.train.exit_loss_weights = 'last'
+  config.generate.measure = 'router'  # decode with the routers (expert choice: sigmoid > 0.5)
+  config.generate.threshold = 0.5
   config.train.learning_rate = 4e-3
   config.train.num_steps = ROUTED_STEPS
   config.eval.num_batches = 0
@@ -52,6 +54,7 @@ def get_config(variant: str = ''):
   elif variant in ('recursive', 'vanilla'):
     m.mor.routing = ''
     m.mor.recursions = 0
+    config.generate.measure = 'never'
     config.train.num_steps = FULL_COMPUTE_STEPS
     if variant == 'vanilla':
       m.num_blocks = 0

@@ -194,7 +194,11 @@ def generate(model, prompts, *args, max_new_tokens: int = 64,
   generation.check_kv_policy(kv, queue_capacity, exit)
   if max_new_tokens < 1:
     raise ValueError(f'max_new_tokens={max_new_tokens}: must be >= 1')
-  policy = (exit or exits.ExitPolicy(measure='never')).validated(cfg.exit_depths)
+  # A Mixture-of-Recursions model routes by default (expert choice at sigmoid 0.5).
+  default = (exits.ExitPolicy(measure='router', threshold=0.5) if cfg.routing is not None
+             else exits.ExitPolicy(measure='never'))
+  policy = (exit or default).validated(cfg.exit_depths)
+  generation.check_routing(cfg, policy, kv)
   if policy.schedule == 'decaying':
     policy = policy.replace(max_len=max_new_tokens)
   if policy.measure == 'classifier' and classifier is None:
@@ -204,6 +208,9 @@ def generate(model, prompts, *args, max_new_tokens: int = 64,
   sampling_lib.check_sampling(sampling)
   prompt, lengths = decode_lib.pad_prompts(token_lists, pad_id=tokenizer.eos_id)
 
+  if speculative is not None and cfg.routing is not None:
+    raise ValueError('speculative=(E, k) drafts with the first E layers of an early-exit model; '
+                     'a Mixture-of-Recursions model has no early exits to draft with')
   if speculative is not None:
     speculative = _speculative_setting(speculative)
     draft_depth, num_draft = speculative
@@ -241,7 +248,11 @@ def generate(model, prompts, *args, max_new_tokens: int = 64,
   decoded = np.concatenate([np.asarray(d[1:]) for d in depths] + [np.zeros(0, int)])
   context = float(np.mean(lengths)) + max_new_tokens / 2.0
   full = costs.full_depth_flops(cfg, context)
-  if speculative is not None:
+  if cfg.routing is not None:  # against every token running every recursion
+    full = float(costs.mor_decode_flops(cfg, cfg.num_layers, context))
+  if cfg.routing is not None and decoded.size:
+    spent = costs.mor_decode_flops(cfg, decoded, context).mean()
+  elif speculative is not None:
     spent = full * float(np.mean(speculative_lib.speculative_flops(
         cfg, np.asarray(out.rounds), num_draft, draft_depth, counts, context)))
   elif decoded.size:

@@ -21,6 +21,7 @@ from adaptive_depth import exits
 from adaptive_depth import model as model_lib
 from adaptive_depth.decode import adaptive_decode as decode_lib
 from adaptive_depth.decode import adaptive_threshold
+from adaptive_depth.decode import mor_decode
 from adaptive_depth.decode import parallel_kv
 from adaptive_depth.decode import sampling as sampling_lib
 
@@ -53,6 +54,27 @@ class _PositionLoop:
   adaptive: Any = None
 
 
+def check_routing(cfg: model_lib.ModelConfig, policy, kv: str = 'propagate'):
+  """A Mixture-of-Recursions model decodes with its routers (or every recursion) and caches
+  as config.model.mor.kv says; an early-exit model has no routers. Raises ValueError."""
+  if policy is None:
+    return
+  if cfg.routing is None:
+    if policy.measure == 'router':
+      raise ValueError("ExitPolicy.measure='router' needs a Mixture-of-Recursions model "
+                       '(config.model.mor.routing); this one has no routers')
+    return
+  if policy.measure not in exits.ROUTED_MEASURES:
+    raise ValueError(f'ExitPolicy.measure={policy.measure!r}: a Mixture-of-Recursions model '
+                     f'decodes with its routers; allowed: {", ".join(exits.ROUTED_MEASURES)}')
+  if policy.schedule != 'constant':
+    raise ValueError(f'ExitPolicy.schedule={policy.schedule!r}: the routers\' threshold is '
+                     "constant; allowed: 'constant'")
+  if kv != 'propagate':
+    raise ValueError(f'kv={kv!r}: a Mixture-of-Recursions model caches as its '
+                     f"config.model.mor.kv says ({cfg.routing.kv!r}); leave kv unset")
+
+
 def check_kv_policy(kv: str, queue_capacity: int, policy=None):
   """Raises ValueError naming the argument (before anything compiles)."""
   if kv not in KV_POLICIES:
@@ -80,12 +102,19 @@ def generate_tokens(cfg: model_lib.ModelConfig, params, prompt, prompt_lengths, 
   Returns GeneratedTokens, or a GenerationResult when return_cache.
   """
   check_kv_policy(kv, queue_capacity, policy)
+  check_routing(cfg, policy, kv)
   policy = policy.validated(cfg.exit_depths)  # exit_at is checked when it is concrete
   adaptive = policy.schedule == 'adaptive'
   sampling_lib.check_sampling(sampling)
   batch = prompt.shape[0]
-  cache, logits = decode_lib.prefill(cfg, params, prompt, prompt_lengths,
-                                     prompt.shape[1] + max_new_tokens + 1)
+  cache_len = prompt.shape[1] + max_new_tokens + 1
+  routed = cfg.routing is not None  # Mixture-of-Recursions: its routers decide
+  every_recursion = policy.measure == 'never'
+  if routed:
+    cache, logits = mor_decode.prefill(cfg, params, prompt, prompt_lengths, cache_len,
+                                       policy.threshold, every_recursion)
+  else:
+    cache, logits = decode_lib.prefill(cfg, params, prompt, prompt_lengths, cache_len)
   rng, first_rng = jax.random.split(rng)
   first = sampling_lib.next_token(logits, sampling, first_rng)
   tokens = jnp.full((batch, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
@@ -100,6 +129,10 @@ def generate_tokens(cfg: model_lib.ModelConfig, params, prompt, prompt_lengths, 
   def step(loop: _PositionLoop, token, position, row_position):
     """One decode step of the KV policy. Returns (cache, queue, logits, exit depth, the
     adaptive threshold's new state or None)."""
+    if routed:
+      cache, logits, exit_depth = mor_decode.decode_step(
+          cfg, params, loop.cache, token, position, policy.threshold, every_recursion)
+      return cache, None, logits, exit_depth, None
     if kv == 'parallel':
       now = policy.replace(threshold=loop.adaptive.threshold) if adaptive else policy
       cache, queue, logits, exit_depth, seen = parallel_kv.decode_step(

@@ -23,7 +23,9 @@ from adaptive_depth import saved_model
 from adaptive_depth.decode import adaptive_decode as decode_lib
 from adaptive_depth.decode import api as decode_api
 from adaptive_depth.decode import sampling as sampling_lib
+from adaptive_depth.decode import generation
 from adaptive_depth.serving import engine as engine_lib
+from adaptive_depth.serving import mor_engine
 
 PROMPT_MULTIPLE = 16  # prompts are padded to a multiple of this: one prefill per multiple
 
@@ -58,9 +60,14 @@ class Engine:
   def __init__(self, model: saved_model.LoadedModel, *, slots: int, cache_len: int,
                exit: Optional[exits.ExitPolicy] = None, kv: str = 'propagate',
                sampling=None, seed: int = 0, eos_id: Optional[int] = None,
-               classifier=None):
+               classifier=None, finish_slots: int = 0):
     cfg = model.model_config
     check_engine_args(cfg, slots=slots, cache_len=cache_len, kv=kv)
+    if (not isinstance(finish_slots, (int, np.integer)) or finish_slots < 0
+        or finish_slots > slots):
+      raise cli.UserError(f'finish_slots={finish_slots!r}: allowed 0 (automatic) to '
+                          f'slots={slots}')
+    self.finish_slots = finish_slots  # Mixture-of-Recursions: see mor_engine
     self.model, self.cfg, self.slots, self.cache_len = model, cfg, slots, cache_len
     self.classifier = classifier
     self.policy = self._checked_policy(exit)
@@ -111,8 +118,19 @@ class Engine:
       self.compiles += 1
     return self._programs[key]
 
+  @property
+  def routed(self) -> bool:
+    """A Mixture-of-Recursions model: serving/mor_engine.py runs it."""
+    return self.cfg.routing is not None
+
+  def _finish_slots(self, policy) -> int:
+    return self.finish_slots or mor_engine.default_finish_slots(
+        self.cfg, self.slots, policy.measure == 'never')
+
   def init_decode_state(self) -> engine_lib.DecodeState:
     """Every slot free."""
+    if self.routed:
+      return mor_engine.empty_state(self.cfg, self.slots, self.cache_len)
     return engine_lib.empty_state(self.cfg, self.slots, self.cache_len)
 
   def prefill(self, prompt_ids: Sequence[int]) -> engine_lib.Prefix:
@@ -124,6 +142,13 @@ class Engine:
       raise cli.UserError(f'a prompt of {len(prompt_ids)} tokens (padded to {prompt.shape[1]}) '
                        f'does not fit cache_len={self.cache_len}')
     cfg, cache_len = self.cfg, self.cache_len
+    if self.routed:  # the prompt routed as decoding routes (or every recursion)
+      every = self.policy.measure == 'never'
+      run = lambda params, prompt, length, threshold: mor_engine.prefill(
+          cfg, params, prompt, length, cache_len, threshold, every)
+      args = (self.params, jnp.asarray(prompt[0]), jnp.asarray(lengths[0]),
+              self.policy.threshold)
+      return self._compiled(('prefill', every), run, args)(*args)
     run = lambda params, prompt, length: engine_lib.prefill(cfg, params, prompt, length,
                                                             cache_len)
     args = (self.params, jnp.asarray(prompt[0]), jnp.asarray(lengths[0]))
@@ -147,8 +172,18 @@ class Engine:
     request id `request`."""
     if not 0 <= slot < self.slots:
       raise cli.UserError(f'slot={slot}; allowed: 0..{self.slots - 1}')
-    self.check_request(int(prefix.length), max_new_tokens)
+    length = prefix.prefix.length if self.routed else prefix.length
+    self.check_request(int(length), max_new_tokens)
     cfg = self.cfg
+    if self.routed:
+      every = self.policy.measure == 'never'
+      run = lambda params, prefix, state, slot, request, max_new, eos, sampling, rng, t: (
+          mor_engine.insert(cfg, params, prefix, state, slot, request, max_new, eos, sampling,
+                            rng, t, every))
+      args = (self.params, prefix, state, np.int32(slot), np.int32(request),
+              np.int32(max_new_tokens), np.int32(self.eos_id), self.sampling, self.rng,
+              self.policy.threshold)
+      return self._compiled(('insert', every), run, args, donate=(2,))(*args)
     run = lambda params, prefix, state, slot, request, max_new, eos, sampling, rng: (
         engine_lib.insert(cfg, params, prefix, state, slot, request, max_new, eos, sampling,
                           rng))
@@ -162,6 +197,13 @@ class Engine:
     when no slot is live)."""
     policy = self.policy if exit is None else self._checked_policy(exit)
     cfg = self.cfg
+    if self.routed:
+      finish = self._finish_slots(policy)
+      run = lambda params, state, policy, ticks, eos, sampling, rng: mor_engine.generate(
+          cfg, params, state, policy, ticks, eos, sampling, rng, finish)
+      args = (self.params, state, policy, np.int32(num_ticks), np.int32(self.eos_id),
+              self.sampling, self.rng)
+      return self._compiled(('generate', finish), run, args, donate=(1,))(*args)
     run = lambda params, state, policy, ticks, eos, sampling, rng, classifier: (
         engine_lib.generate(cfg, params, state, policy, ticks, eos, sampling, rng, classifier))
     # The classifier goes only to the programs of its measure: the others need not change
@@ -180,6 +222,8 @@ def check_engine_args(cfg, *, slots, cache_len, kv):
     raise cli.UserError(f'slots={slots!r}: must be an int >= 1')
   if not isinstance(cache_len, (int, np.integer)) or cache_len < 2:
     raise cli.UserError(f'cache_len={cache_len!r}: must be an int >= 2')
+  if cfg.routing is not None:  # Mixture-of-Recursions: serving/mor_engine.py
+    return
   message = engine_lib.schedule_error(cfg)
   if message:
     raise cli.UserError(message)
@@ -191,7 +235,15 @@ def padded_length(num_tokens: int) -> int:
 
 
 def check_policy(cfg, policy: Optional[exits.ExitPolicy]) -> exits.ExitPolicy:
-  """The exit policy the engine runs (None: never exit); a UserError for one it cannot."""
+  """The exit policy the engine runs (None: never exit; a Mixture-of-Recursions model:
+  its routers at sigmoid 0.5); a UserError for one it cannot."""
+  if cfg.routing is not None:
+    policy = (policy or exits.ExitPolicy(measure='router', threshold=0.5)).validated()
+    try:
+      generation.check_routing(cfg, policy)
+    except ValueError as e:
+      raise cli.UserError(str(e)) from None
+    return policy
   policy = (policy or exits.ExitPolicy(measure='never')).validated(cfg.exit_depths)
   if policy.measure not in engine_lib.MEASURES:
     raise cli.UserError(f'ExitPolicy.measure={policy.measure!r} is not supported by the '
@@ -311,7 +363,11 @@ def _stats(cfg, policy, token_lists, max_new, depths) -> dict:
   full = costs.full_depth_flops(cfg, context)
   if not decoded.size:
     return {'mean_depth': float(cfg.num_layers), 'relative_depth': 1.0, 'relative_flops': 1.0}
-  spent = costs.policy_token_flops(cfg, decoded, policy, context, kv=kv_cost(cfg))
+  if cfg.routing is not None:  # against every token running every recursion
+    full = float(costs.mor_decode_flops(cfg, cfg.num_layers, context))
+    spent = costs.mor_decode_flops(cfg, decoded, context)
+  else:
+    spent = costs.policy_token_flops(cfg, decoded, policy, context, kv=kv_cost(cfg))
   return {'mean_depth': float(decoded.mean()),
           'relative_depth': float(decoded.mean() / cfg.num_layers),
           'relative_flops': float(spent.mean() / full)}

@@ -37,8 +37,9 @@ from adaptive_depth.decode import sampling as sampling_lib
 
 KV_POLICIES = ('propagate',)
 # Measures the engine can decide with: every one but the oracle, which needs the full
-# model's choice before the token is computed ('classifier' takes the classifier's params).
-MEASURES = tuple(m for m in exits.MEASURES if m != 'oracle')
+# model's choice before the token is computed, and the routers of Mixture-of-Recursions
+# models ('classifier' takes the classifier's params).
+MEASURES = tuple(m for m in exits.MEASURES if m not in ('oracle', 'router'))
 
 
 @flax.struct.dataclass
