@@ -34,6 +34,7 @@ from adaptive_depth import config_lib
 from adaptive_depth import costs
 from adaptive_depth import exits
 from adaptive_depth import model as model_lib
+from adaptive_depth import mor
 from adaptive_depth import saved_model
 from adaptive_depth.calibrate import calibration_file
 from adaptive_depth.data import tiny_shakespeare
@@ -99,9 +100,14 @@ def full_depth_choices(cfg: model_lib.ModelConfig, params, prompt, tokens) -> np
 
 @functools.partial(jax.jit, static_argnums=0)
 def last_exit_argmax(cfg, params, sequence):
-  """The last exit's greedy choice at every position of sequence [B, T] -> [B, T]."""
+  """The last exit's greedy choice at every position of sequence [B, T] -> [B, T] (a
+  Mixture-of-Recursions model: with every token through every recursion)."""
   # params is an argument, not a closed-over constant: one compile per shape, and XLA does
   # not constant-fold the weights.
+  if cfg.routing is not None:
+    every = jnp.full(sequence.shape, cfg.routing.recursions)
+    h, _ = mor.forward_masked(cfg, params, sequence, depths=every)
+    return jnp.argmax(model_lib.head_logits(cfg, params, h), -1)
   return jnp.argmax(model_lib.forward_train(cfg, params, sequence)[-1], -1)
 
 

@@ -139,3 +139,28 @@ def test_engine_stream_equals_each_request_decoded_alone(routing, kv):
     assert depths[1:] == reference.exit_depths[row][1:m]
   assert len({d for row in out.exit_depths for d in row[1:]}) > 1
   assert 0 < out.stats['relative_flops'] < 1
+
+
+def test_engine_benchmark_runs_a_mor_model(tmp_path):
+  """launch/benchmark.py's engine mode on a MoR model: (a)/(c) every recursion, (b)/(d)
+  routed; the engine and batch-synchronised decoding route every token alike."""
+  import json
+  from adaptive_depth.serving import stream_benchmark
+  workdir = tiny_models.save_workdir(str(tmp_path / 'model'), 'configs/mor.py:tiny',
+                                     scale=0.3)
+  config = ad.load_config('configs/mor.py:tiny')
+  b = config.benchmark
+  b.mode, b.slots, b.num_requests, b.repeats = 'engine', '3', 6, 1
+  b.prompt_lens, b.output_lens, b.thresholds, b.measure = '2,12', '2,6', '0.5', 'router'
+  out = str(tmp_path / 'engine.json')
+  rows = stream_benchmark.run_engine_benchmark(config, workdir, out, progress=lambda _: None)
+  by_mode = {r['mode']: r for r in rows}
+  full, routed = by_mode['engine'], by_mode['engine_exit']
+  assert full['mean_recursions'] == by_mode['static']['mean_recursions'] == 3
+  assert full['agreement'] == full['sequence_agreement'] == 1.0
+  assert routed['mean_recursions'] < 3
+  for key in ('mean_recursions', 'agreement', 'sequence_agreement'):
+    assert routed[key] == by_mode['per_row_exit'][key], key
+  assert routed['theoretical_speedup'] > full['theoretical_speedup']
+  assert 'realized_over_theoretical' in routed
+  assert json.loads(open(out).read()) == rows

@@ -133,8 +133,11 @@ class Engine:
       return mor_engine.empty_state(self.cfg, self.slots, self.cache_len)
     return engine_lib.empty_state(self.cfg, self.slots, self.cache_len)
 
-  def prefill(self, prompt_ids: Sequence[int]) -> engine_lib.Prefix:
-    """One prompt (token ids) at full depth, padded to a multiple of PROMPT_MULTIPLE."""
+  def prefill(self, prompt_ids: Sequence[int],
+              exit: Optional[exits.ExitPolicy] = None) -> engine_lib.Prefix:
+    """One prompt (token ids) at full depth, padded to a multiple of PROMPT_MULTIPLE. A
+    Mixture-of-Recursions model routes the prompt as `exit` (default: the engine's policy)
+    routes decoding: pass the policy its generate calls use."""
     # Pad tokens sit where the mask hides them until real tokens overwrite them.
     prompt, lengths = decode_lib.pad_prompts([list(prompt_ids)], pad_id=0,
                                              multiple=PROMPT_MULTIPLE)
@@ -143,11 +146,12 @@ class Engine:
                        f'does not fit cache_len={self.cache_len}')
     cfg, cache_len = self.cfg, self.cache_len
     if self.routed:  # the prompt routed as decoding routes (or every recursion)
-      every = self.policy.measure == 'never'
+      policy = self.policy if exit is None else self._checked_policy(exit)
+      every = policy.measure == 'never'
       run = lambda params, prompt, length, threshold: mor_engine.prefill(
           cfg, params, prompt, length, cache_len, threshold, every)
       args = (self.params, jnp.asarray(prompt[0]), jnp.asarray(lengths[0]),
-              self.policy.threshold)
+              policy.threshold)
       return self._compiled(('prefill', every), run, args)(*args)
     run = lambda params, prompt, length: engine_lib.prefill(cfg, params, prompt, length,
                                                             cache_len)
@@ -167,22 +171,25 @@ class Engine:
                        f'cache_len={self.cache_len}')
 
   def insert(self, prefix: engine_lib.Prefix, state: engine_lib.DecodeState, slot: int, *,
-             request: int, max_new_tokens: int) -> engine_lib.DecodeState:
+             request: int, max_new_tokens: int,
+             exit: Optional[exits.ExitPolicy] = None) -> engine_lib.DecodeState:
     """state (donated: do not use it afterwards) with `prefix` admitted into `slot` as
-    request id `request`."""
+    request id `request` (a Mixture-of-Recursions model routes the first new token as
+    `exit`, default the engine's policy, says)."""
     if not 0 <= slot < self.slots:
       raise cli.UserError(f'slot={slot}; allowed: 0..{self.slots - 1}')
     length = prefix.prefix.length if self.routed else prefix.length
     self.check_request(int(length), max_new_tokens)
     cfg = self.cfg
     if self.routed:
-      every = self.policy.measure == 'never'
+      policy = self.policy if exit is None else self._checked_policy(exit)
+      every = policy.measure == 'never'
       run = lambda params, prefix, state, slot, request, max_new, eos, sampling, rng, t: (
           mor_engine.insert(cfg, params, prefix, state, slot, request, max_new, eos, sampling,
                             rng, t, every))
       args = (self.params, prefix, state, np.int32(slot), np.int32(request),
               np.int32(max_new_tokens), np.int32(self.eos_id), self.sampling, self.rng,
-              self.policy.threshold)
+              policy.threshold)
       return self._compiled(('insert', every), run, args, donate=(2,))(*args)
     run = lambda params, prefix, state, slot, request, max_new, eos, sampling, rng: (
         engine_lib.insert(cfg, params, prefix, state, slot, request, max_new, eos, sampling,
@@ -329,9 +336,9 @@ def serve(model: saved_model.LoadedModel, prompts, *, slots: int = 4,
     for slot in range(engine.slots):
       if occupant[slot] is None and waiting:
         request = waiting.pop(0)
-        prefix = engine.prefill(token_lists[request])
+        prefix = engine.prefill(token_lists[request], exit=policy)
         state = engine.insert(prefix, state, slot, request=request,
-                              max_new_tokens=max_new[request])
+                              max_new_tokens=max_new[request], exit=policy)
         occupant[slot] = request
     state = engine.generate(state, chunk_ticks, exit=policy)
     collect(state)

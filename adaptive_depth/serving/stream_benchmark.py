@@ -1,6 +1,10 @@
 """The engine benchmark (config.benchmark.mode='engine'): one seeded stream of requests, served
 four ways at each slot count S of config.benchmark.slots.
 
+  For a Mixture-of-Recursions model, "full depth" is every token through every recursion
+  and "exit" is routing by the routers (measure 'router', thresholds: expert choice's
+  sigmoid thresholds); FLOPs are costs.mor_decode_flops.
+
   static        (a) full-depth static batching: the requests in arrival order in batches of
                 S; each batch decodes until its longest request is done (rows that finished
                 keep computing, as a static-shaped batch does).
@@ -144,6 +148,10 @@ def run_engine_benchmark(config, workdir: str, out_path: str,
   output_lens = config_lib.parse_range(b.output_lens, 'config.benchmark.output_lens')
   model = saved_model.load(workdir)
   cfg = model.model_config
+  if cfg.routing is not None and b.measure != 'router':
+    raise cli.UserError(f'config.benchmark.measure={b.measure!r}: a Mixture-of-Recursions model '
+                        "decodes with its routers; set it to 'router' (thresholds: expert "
+                        "choice's sigmoid thresholds)")
   classifier = (decode_api.saved_classifier(model, workdir) if b.measure == 'classifier'
                 else None)
   serving_api.check_engine_args(cfg, slots=max(slot_counts), cache_len=2, kv='propagate')
@@ -151,11 +159,23 @@ def run_engine_benchmark(config, workdir: str, out_path: str,
                                     b.seed)
   policies = [(None, exits.ExitPolicy(measure='never'))] + [
       (t, exits.ExitPolicy(measure=b.measure, threshold=t)) for t in thresholds]
+  if cfg.routing is not None:  # Mixture-of-Recursions: (a) and (c) run every recursion
+    policies = [(None, exits.ExitPolicy(measure='never'))] + [
+        (t, exits.ExitPolicy(measure='router', threshold=t)) for t in thresholds]
   for _, policy in policies:
     serving_api.check_policy(cfg, policy)
   generated = sum(max_new)
   context = float(np.mean([len(p) for p in prompts]) + np.mean(max_new) / 2.0)
-  block, full = costs.block_flops(cfg, context), costs.full_depth_flops(cfg, context)
+  full = costs.full_depth_flops(cfg, context)
+
+  def token_flops(depths, policy, kv):
+    """FLOPs of tokens decoded at these loop depths under `policy`."""
+    if cfg.routing is not None:
+      return costs.mor_decode_flops(cfg, depths, context)
+    return costs.policy_token_flops(cfg, depths, policy, context, kv=kv)
+
+  if cfg.routing is not None:
+    full = float(costs.mor_decode_flops(cfg, cfg.num_layers, context))
   cache_len = serving_api.padded_length(max(max(len(p) + n for p, n in zip(prompts, max_new)),
                                              prompt_lens[1]))
   progress(f'Engine benchmark: {b.num_requests} requests, prompts {prompt_lens[0]}-'
@@ -179,6 +199,8 @@ def run_engine_benchmark(config, workdir: str, out_path: str,
                            for t, r in zip(tokens, reference or tokens)]).mean()
     tps = generated / seconds
     static_row = next((r for r in rows if r['slots'] == slots and r['mode'] == 'static'), None)
+    if cfg.routing is not None:  # recursions run per decode step
+      recursions = (decoded - 2) / (cfg.num_blocks - 2)
     row = {'mode': mode, 'policy': mode, 'slots': slots, 'batch': slots,
            'threshold': threshold, 'measure': None if threshold is None else b.measure,
            'threshold_source': None if threshold is None else calibration_source,
@@ -189,6 +211,9 @@ def run_engine_benchmark(config, workdir: str, out_path: str,
            'theoretical_speedup': static_row['flops'] / flops if static_row else 1.0,
            'realized_speedup': tps / static_row['tokens_per_second'] if static_row else 1.0,
            'requests': b.num_requests, 'tokens': generated}
+    if cfg.routing is not None:
+      row['mean_recursions'] = float(recursions.mean())
+      row['realized_over_theoretical'] = row['realized_speedup'] / row['theoretical_speedup']
     rows.append(row)
     shown = '-' if threshold is None else threshold
     progress(f'  {slots:>2} slots  {mode:<12} threshold {shown:<5} '
@@ -210,8 +235,7 @@ def run_engine_benchmark(config, workdir: str, out_path: str,
         record('static', slots, None, tokens, depths, seconds, compile_s, flops, utilisation,
                tokens)
       else:
-        flops = sum(slots * costs.policy_token_flops(cfg, d, policy, context,
-                                                     kv='propagate').sum() for d in deepest)
+        flops = sum(slots * token_flops(d, policy, 'propagate').sum() for d in deepest)
         record('per_row_exit', slots, threshold, tokens, depths, seconds, compile_s, flops,
                utilisation, static_tokens)
     engine = serving_api.Engine(model, slots=slots, cache_len=cache_len, eos_id=NO_EOS,
@@ -228,7 +252,7 @@ def run_engine_benchmark(config, workdir: str, out_path: str,
       out = runs[-1]
       assert all(r.tokens == out.tokens for r in runs), 'a repeat decoded other tokens'
       decoded = np.concatenate([np.asarray(d[1:], int) for d in out.exit_depths])
-      flops = costs.policy_token_flops(cfg, decoded, policy, context, kv=kv_cost).sum()
+      flops = token_flops(decoded, policy, kv_cost).sum()
       record('engine' if threshold is None else 'engine_exit', slots, threshold, out.tokens,
              out.exit_depths, float(np.median([r.stats['seconds'] for r in runs])),
              engine.compile_seconds - compile_before,
