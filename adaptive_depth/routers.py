@@ -208,10 +208,12 @@ class RoutingOutput:
 
 def causal_decisions(routing: RoutingConfig, out: RoutingOutput):
   """[N_r, B, T] bool: whether decoding, one token at a time, would run each recursion for
-  each token, from the same router logits: expert_choice sigmoid(logit) > 0.5 (logit > 0),
-  token_choice recursion r while r < the argmax depth."""
+  each token, from the same router logits (as route decides, at threshold 0.5):
+  expert_choice sigmoid(logit) > 0.5 (logit > 0), or always where the recursion's capacity
+  is 1; token_choice recursion r while r < the argmax depth."""
   if routing.routing == 'expert_choice':
-    return out.logits > 0
+    always = jnp.asarray(np.asarray(routing.capacities) >= 1.0)[:, None, None]
+    return always | (out.logits > 0)
   depth = jnp.argmax(out.logits, axis=-1) + 1
   return jnp.stack([depth > r for r in range(routing.recursions)])
 

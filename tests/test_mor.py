@@ -189,6 +189,8 @@ def test_tiny_mor_trains_and_logs_its_routing(tmp_path):
   evaluated = summary['eval_routing']
   assert len(evaluated['decision_agreement']) == 3
   assert all(0 <= a <= 1 for a in evaluated['decision_agreement'])
+  # Recursion 1 trains at capacity 1 and decoding runs it for every token: full agreement.
+  assert evaluated['decision_agreement'][0] == 1.0
   np.testing.assert_allclose(evaluated['selected'], [1.0, 16 / 24, 8 / 24], atol=1e-5)
   records = [json.loads(line) for line in open(tmp_path / 'metrics.jsonl')]
   assert any('routing' in r for r in records) and any('eval_routing' in r for r in records)

@@ -212,8 +212,13 @@ def run_engine_benchmark(config, workdir: str, out_path: str,
            'realized_speedup': tps / static_row['tokens_per_second'] if static_row else 1.0,
            'requests': b.num_requests, 'tokens': generated}
     if cfg.routing is not None:
-      row['mean_recursions'] = float(recursions.mean())
-      row['realized_over_theoretical'] = row['realized_speedup'] / row['theoretical_speedup']
+      # Per token: every recursion's decode FLOPs over those this row's tokens spent (no
+      # static-batching padding counted), and the realized speedup over it.
+      per_token = full / float(costs.mor_decode_flops(cfg, decoded, context).mean())
+      row.update(mean_recursions=float(recursions.mean()),
+                 realized_over_theoretical=row['realized_speedup'] / row['theoretical_speedup'],
+                 per_token_theoretical_speedup=per_token,
+                 realized_over_per_token_theoretical=row['realized_speedup'] / per_token)
     rows.append(row)
     shown = '-' if threshold is None else threshold
     progress(f'  {slots:>2} slots  {mode:<12} threshold {shown:<5} '
