@@ -35,6 +35,7 @@ from adaptive_depth import costs
 from adaptive_depth import exits
 from adaptive_depth import model as model_lib
 from adaptive_depth import mor
+from adaptive_depth import mor_config
 from adaptive_depth import saved_model
 from adaptive_depth.calibrate import calibration_file
 from adaptive_depth.data import tiny_shakespeare
@@ -123,6 +124,9 @@ def run_benchmark(config, workdir: str, out_path: str,
   """
   b = config_lib.validate(config).benchmark
   cli.check_output_path('--out', out_path)
+  mor_config.refuse_routed(config, "launch/benchmark.py's decode mode",
+                           'use --config.benchmark.mode=engine with '
+                           '--config.benchmark.measure=router')
   batches = config_lib.parse_list(b.batches, int, 'config.benchmark.batches')
   thresholds = calibration_file.resolve_thresholds(
       config, workdir, b.measure,

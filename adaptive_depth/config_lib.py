@@ -15,7 +15,7 @@ from adaptive_depth import config_decoding
 from adaptive_depth.config_decoding import (  # pylint: disable=unused-import
     BENCHMARK_MODES, ConfigError, parse_list, parse_range, parse_speculative)
 from adaptive_depth import model as model_lib
-from adaptive_depth import routers
+from adaptive_depth import mor_config
 from adaptive_depth.data import tokenizers
 
 EXIT_LOSS_WEIGHTS = ('uniform', 'linear', 'last')
@@ -144,6 +144,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.serve.slots = 16              # requests decoded at once, each at its own depth
   c.serve.chunk_ticks = 16        # engine ticks per device loop between host refills
   c.serve.cache_len = 0           # positions per slot; 0 = fit the longest request
+  c.serve.finish_slots = 0        # MoR: slots that may finish a token per tick (0 = slots /
+                                  # the mean recursions of the training capacities)
 
   c.calibrate = ml_collections.ConfigDict()  # launch/calibrate.py (Learn-then-Test)
   c.calibrate.num_examples = 512  # validation windows: a prompt, then a reference continuation
@@ -287,7 +289,7 @@ def _value_problems(c) -> list[str]:
   if m.lora_rank < 0:
     p.append(f'config.model.lora_rank={m.lora_rank}: must be >= 0 (0 = no LoRA)')
   p.extend(_exit_head_problems(c))
-  p.extend(_routing_problems(m))
+  p.extend(mor_config.config_problems(m))
 
   try:
     tokenizer = tokenizers.from_config(c.data)
@@ -357,59 +359,6 @@ def _exit_head_problems(c) -> list[str]:
              'config.model.exit_norms=True or config.model.exit_adapter_rank > 0')
   if not isinstance(t.init_from, str):
     p.append(f'config.train.init_from={t.init_from!r}: must be a workdir path or \'\'')
-  return p
-
-
-def _routing_problems(m) -> list[str]:
-  """config.model.mor: a MoR model is a middle_cycle core with N_r recursions."""
-  mor = m.mor
-  if not mor.routing:
-    return []
-  if mor.routing not in routers.ROUTINGS:
-    return [f'config.model.mor.routing={mor.routing!r}; allowed: \'\' (none), '
-            f'{", ".join(routers.ROUTINGS)}']
-  p = []
-  blocks = m.num_blocks or m.num_layers
-  if m.schedule != 'middle_cycle' or blocks < 3:
-    p.append(f'config.model.mor.routing={mor.routing!r} routes tokens between recursions of '
-             f'shared blocks, but config.model.schedule={m.schedule!r} with '
-             f'config.model.num_blocks={m.num_blocks}; allowed: schedule \'middle_cycle\' '
-             'with num_blocks >= 3 (unique first and last layers, shared middle)')
-  elif (m.num_layers - 2) != mor.recursions * (blocks - 2):
-    p.append(f'config.model.mor.recursions={mor.recursions} does not match the schedule: '
-             f'config.model.num_layers={m.num_layers} and num_blocks={blocks} give '
-             f'(num_layers - 2) / (num_blocks - 2) = {(m.num_layers - 2) / (blocks - 2):g} '
-             'recursions of the shared blocks')
-  if mor.recursions < 1:
-    p.append(f'config.model.mor.recursions={mor.recursions}: must be >= 1')
-    return p
-  for key, allowed in (('kv', routers.KV_KINDS), ('router', routers.ROUTER_KINDS),
-                       ('gate', routers.GATES)):
-    if mor[key] not in allowed:
-      p.append(f'config.model.mor.{key}={mor[key]!r}; allowed: {", ".join(allowed)}')
-  try:
-    capacities = routers.parse_capacities(mor.capacities, mor.recursions)
-    if mor.kv == 'shared' and capacities[0] < 1 and mor.routing == 'expert_choice':
-      p.append(f"config.model.mor.kv='shared' reads recursion 1's K/V of every token: "
-               f'config.model.mor.capacities must start at 1, not {capacities[0]:g}')
-  except ValueError as e:
-    p.append(str(e))
-  if mor.routing == 'token_choice' and mor.capacities:
-    p.append("config.model.mor.capacities is for expert_choice; token_choice sizes its "
-             'recursions with config.model.mor.capacity_factor')
-  if not 0 < mor.capacity_factor:
-    p.append(f'config.model.mor.capacity_factor={mor.capacity_factor}: must be > 0')
-  if mor.router == 'mlp' and mor.router_hidden < 1:
-    p.append(f'config.model.mor.router_hidden={mor.router_hidden}: must be >= 1')
-  for key in ('alpha',):
-    if not mor[key] > 0:
-      p.append(f'config.model.mor.{key}={mor[key]}: must be > 0')
-  for key in ('aux_loss', 'balance_loss', 'z_loss'):
-    if mor[key] < 0:
-      p.append(f'config.model.mor.{key}={mor[key]}: must be >= 0')
-  if m.exit_layers != 'last':
-    p.append(f'config.model.exit_layers={m.exit_layers!r}: a MoR model is read at its final '
-             "output only; set it to 'last'")
   return p
 
 

@@ -176,3 +176,8 @@ def mor_decode_flops(cfg: model_lib.ModelConfig, loop_depth, context: float) -> 
   else:
     cost = cost + router_flops(cfg)
   return cost
+
+
+def mor_every_recursion_flops(cfg: model_lib.ModelConfig, context: float) -> float:
+  """mor_decode_flops of a token that runs every recursion: what decoding reports against."""
+  return float(mor_decode_flops(cfg, cfg.num_layers, context))

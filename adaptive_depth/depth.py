@@ -74,7 +74,8 @@ def exit_confidence(cfg, params, policy: exits.ExitPolicy, h, h_previous, exit_n
   elif measure == 'never':
     score = jnp.zeros(h.shape[:-1], jnp.float32)
   else:
-    raise ValueError(f'ExitPolicy.measure={measure!r}; allowed: {", ".join(exits.MEASURES)}')
+    allowed = [m for m in exits.MEASURES if m != 'router']  # router: MoR decoding only
+    raise ValueError(f'ExitPolicy.measure={measure!r}; allowed here: {", ".join(allowed)}')
   return score, logits
 
 
@@ -133,6 +134,10 @@ def forward_adaptive(cfg: model_lib.ModelConfig, params, tokens, policy: exits.E
   decaying threshold (default: positions). oracle_tokens: [B, T] the full model's argmax,
   for policy.measure == 'oracle'. classifier: exit classifier parameters.
   """
+  if cfg.routing is not None:
+    raise ValueError('forward_adaptive scores early exits; this is a Mixture-of-Recursions '
+                     f'model (routing {cfg.routing.routing!r}): its causal forward is '
+                     'adaptive_depth.mor.forward_masked, its decoding ad.generate')
   policy = policy.validated(cfg.exit_depths)
   positions = model_lib.default_positions(tokens) if positions is None else positions
   row_positions = positions if row_positions is None else row_positions

@@ -21,6 +21,7 @@ import numpy as np
 from adaptive_depth import cli
 from adaptive_depth import config_lib
 from adaptive_depth import costs
+from adaptive_depth import mor_config
 from adaptive_depth import depth as depth_lib
 from adaptive_depth import exits
 from adaptive_depth import metrics as metrics_lib
@@ -121,12 +122,10 @@ def evaluate_run(config, workdir: str, *, measures=None, num_batches: int = 0) -
   """
   start = time.perf_counter()
   config_lib.validate(config)
-  if config.model.mor.routing:
-    raise cli.UserError(
-        'launch/evaluate.py sweeps early-exit thresholds; this is a Mixture-of-Recursions '
-        f'model (config.model.mor.routing={config.model.mor.routing!r}): its validation loss, '
-        "routing and decision agreement are in WORKDIR/summary.json ('eval_routing'), and "
-        'launch/generate.py decodes it')
+  mor_config.refuse_routed(
+      config, 'launch/evaluate.py (early-exit threshold sweeps)',
+      "its validation loss, routing and decision agreement are in WORKDIR/summary.json "
+      "('eval_routing'); launch/generate.py decodes it")
   measures = None if measures is None else check_measures(measures)
   calibrated = None  # config.generate.threshold='calibrated': also the calibrated point
   if config.generate.threshold == 'calibrated':

@@ -42,6 +42,7 @@ import numpy as np
 from adaptive_depth import attention as attention_lib
 from adaptive_depth import exit_heads
 from adaptive_depth import layers
+from adaptive_depth import mor_config
 from adaptive_depth import routers
 
 SCHEDULES = ('unshared', 'cycle', 'sequence', 'middle_cycle', 'middle_sequence')
@@ -76,7 +77,7 @@ class ModelConfig:
   exit_adapter_rank: int = 0
   attention: str = 'xla'  # resolved (attention.resolve): never 'auto'
   # Mixture-of-Recursions routing (routers.py, mor.py); None: every token runs every step.
-  routing: Optional[routers.RoutingConfig] = None
+  routing: Optional[mor_config.RoutingConfig] = None
 
   @classmethod
   def from_config(cls, model_config) -> 'ModelConfig':
@@ -93,7 +94,8 @@ class ModelConfig:
         dtype=m.dtype, remat=m.remat, scan_unroll=m.scan_unroll, init_std=m.init_std,
         lora_rank=m.lora_rank,
         qkv_bias=m.qkv_bias, exit_norms=m.exit_norms, exit_adapter_rank=m.exit_adapter_rank,
-        attention=attention_lib.resolve(m.attention), routing=routing_config(m))
+        attention=attention_lib.resolve(m.attention),
+        routing=mor_config.from_model_config(m))
 
   @property
   def compute_dtype(self):
@@ -120,19 +122,6 @@ class ModelConfig:
   def has_exit_heads(self) -> bool:
     """Whether the early exits have parameters of their own (params['exit_heads'])."""
     return self.exit_norms or self.exit_adapter_rank > 0
-
-
-def routing_config(model_config) -> Optional[routers.RoutingConfig]:
-  """config.model.mor as a RoutingConfig, or None when config.model.mor.routing is ''."""
-  mor = model_config.get('mor')
-  if mor is None or not mor.routing:
-    return None
-  return routers.RoutingConfig(
-      routing=mor.routing, recursions=mor.recursions,
-      capacities=routers.parse_capacities(mor.capacities, mor.recursions), kv=mor.kv,
-      router=mor.router, router_hidden=mor.router_hidden, gate=mor.gate, alpha=mor.alpha,
-      capacity_factor=mor.capacity_factor, aux_loss=mor.aux_loss,
-      balance_loss=mor.balance_loss, z_loss=mor.z_loss)
 
 
 def parse_exit_layers(spec: str, num_layers: int, min_exit_layer: int = 1) -> tuple[int, ...]:

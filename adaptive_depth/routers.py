@@ -30,69 +30,16 @@ residual state in float32.
 """
 from __future__ import annotations
 
-import dataclasses
-import math
-
 import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-ROUTINGS = ('expert_choice', 'token_choice')
-ROUTER_KINDS = ('linear', 'mlp')
-KV_KINDS = ('recursion_wise', 'shared')
-GATES = ('router', 'pass_through')
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class RoutingConfig:
-  """Static description of a MoR model's routing (config.model.mor)."""
-  routing: str                      # one of ROUTINGS
-  recursions: int                   # N_r
-  capacities: tuple[float, ...]     # per recursion, fractions of T in (0, 1], non-increasing
-  kv: str = 'recursion_wise'        # one of KV_KINDS
-  router: str = 'linear'            # one of ROUTER_KINDS
-  router_hidden: int = 64
-  gate: str = 'router'              # one of GATES
-  alpha: float = 0.1
-  capacity_factor: float = 1.0      # token_choice: capacity over a balanced assignment's
-  aux_loss: float = 1e-3            # expert_choice: BCE on top-k membership
-  balance_loss: float = 0.1         # token_choice: load balancing
-  z_loss: float = 1e-5              # token_choice: mean squared logsumexp of router logits
-
-  def capacity_tokens(self, seq_len: int) -> tuple[int, ...]:
-    """Tokens per row that run each recursion, at sequence length T (static)."""
-    if self.routing == 'token_choice':
-      n = self.recursions
-      return tuple(min(seq_len, math.ceil(self.capacity_factor * seq_len * (n - r) / n))
-                   for r in range(n))
-    return tuple(max(1, min(seq_len, math.ceil(seq_len * c - 1e-9))) for c in self.capacities)
-
-
-def default_capacities(recursions: int) -> tuple[float, ...]:
-  """(N_r - r + 1) / N_r for r = 1..N_r: the paper's schedule, e.g. (1, 2/3, 1/3)."""
-  return tuple((recursions - r) / recursions for r in range(recursions))
-
-
-def parse_capacities(spec: str, recursions: int) -> tuple[float, ...]:
-  """'' -> default_capacities; '1,0.5,0.25' -> those. Raises ValueError naming the key."""
-  if not str(spec).strip():
-    return default_capacities(recursions)
-  try:
-    values = tuple(float(x) for x in str(spec).split(',') if x.strip())
-  except ValueError:
-    raise ValueError(f'config.model.mor.capacities={spec!r} is not a comma-separated list '
-                     'of fractions such as "1,0.67,0.33"') from None
-  if len(values) != recursions:
-    raise ValueError(f'config.model.mor.capacities={spec!r} has {len(values)} values; '
-                     f'allowed: one per recursion ({recursions}, config.model.mor.recursions)')
-  if any(not 0 < v <= 1 for v in values):
-    raise ValueError(f'config.model.mor.capacities={spec!r}: each value must be in (0, 1]')
-  if any(b > a for a, b in zip(values, values[1:])):
-    raise ValueError(f'config.model.mor.capacities={spec!r} increases; allowed: a '
-                     'non-increasing schedule (a recursion keeps a subset of the previous one)')
-  return values
+# The static description lives in mor_config.py (config.model.mor); re-exported here.
+from adaptive_depth.mor_config import (  # pylint: disable=unused-import,g-bad-import-order
+    GATES, KV_KINDS, ROUTER_KINDS, ROUTINGS, RoutingConfig, default_capacities,
+    parse_capacities)
 
 
 def init_boxed(routing: RoutingConfig, width: int, rng, init_std: float = 0.02) -> dict:
@@ -132,6 +79,24 @@ def router_logits(routing: RoutingConfig, router_params, h, recursion=None):
   if 'hidden' in p:
     x = jax.nn.gelu(x @ p['hidden'])
   return x @ p['kernel']
+
+
+def gated_update(h, out, gate, runs=None):
+  """The state after a recursion (module docstring): h + g (out - h) where the token ran
+  it (runs, default everywhere), h elsewhere. h, out: [..., D]; gate, runs: [...]."""
+  updated = h + gate[..., None].astype(h.dtype) * (out - h)
+  return updated if runs is None else jnp.where(runs[..., None], updated, h)
+
+
+def every_recursion(routing: RoutingConfig, shape):
+  """forced_depth making every token run every recursion (the full-compute baseline)."""
+  return jnp.full(shape, routing.recursions, jnp.int32)
+
+
+def always_runs(routing: RoutingConfig):
+  """[N_r] bool: recursions trained at capacity 1 (top-k kept every token), which decoding
+  runs for every token that reached them."""
+  return jnp.asarray(np.asarray(routing.capacities) >= 1.0)
 
 
 def expert_choice_gate(routing: RoutingConfig, logits):
@@ -212,8 +177,7 @@ def causal_decisions(routing: RoutingConfig, out: RoutingOutput):
   expert_choice sigmoid(logit) > 0.5 (logit > 0), or always where the recursion's capacity
   is 1; token_choice recursion r while r < the argmax depth."""
   if routing.routing == 'expert_choice':
-    always = jnp.asarray(np.asarray(routing.capacities) >= 1.0)[:, None, None]
-    return always | (out.logits > 0)
+    return always_runs(routing)[:, None, None] | (out.logits > 0)
   depth = jnp.argmax(out.logits, axis=-1) + 1
   return jnp.stack([depth > r for r in range(routing.recursions)])
 
@@ -240,6 +204,7 @@ class RouteState:
 
   @classmethod
   def start(cls, shape, recursions: int) -> 'RouteState':
+    """Tokens of `shape` before their first recursion."""
     return cls(running=jnp.ones(shape, bool), ran=jnp.zeros(shape, jnp.int32),
                chosen_depth=jnp.full(shape, recursions, jnp.int32),
                chosen_gate=jnp.ones(shape, jnp.float32))
@@ -261,8 +226,7 @@ def route(routing: RoutingConfig, router_params, h, recursion, state: RouteState
   if routing.routing == 'expert_choice':
     logits = router_logits(routing, router_params, h, recursion)
     gate = expert_choice_gate(routing, logits)
-    always = jnp.asarray(np.asarray(routing.capacities) >= 1.0)[recursion]
-    wants = always | (jax.nn.sigmoid(logits) > threshold)
+    wants = always_runs(routing)[recursion] | (jax.nn.sigmoid(logits) > threshold)
   else:
     depth, first_gate = token_choice_depth(routing, router_logits(routing, router_params, h))
     chosen_depth = jnp.where(recursion == 0, depth, state.chosen_depth)

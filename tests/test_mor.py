@@ -11,6 +11,7 @@ import adaptive_depth as ad
 from adaptive_depth import config_lib
 from adaptive_depth import forward as forward_lib
 from adaptive_depth import model as model_lib
+from adaptive_depth import mor
 from adaptive_depth import routers
 from tests import mor_reference
 from tests import tiny_models
@@ -72,20 +73,24 @@ def test_one_copy_of_the_shared_blocks_and_every_recursion_reads_it(tmp_path):
   params = tiny_models.random_params(cfg)
   # One copy: the parameter tree holds num_blocks blocks (first, 2 shared, last), not steps.
   assert jax.tree.leaves(params['blocks'])[0].shape[0] == cfg.num_blocks == 4
-  # Changing shared block 1 changes every recursion: the state after each recursion.
-  changed = jax.tree.map(lambda p: p.at[1].multiply(1.5), params['blocks'])
+  # Changing that copy (shared block 1) changes what every recursion computes: each
+  # recursion run alone (mor's own per-recursion call) on the same input.
+  changed = {**params, 'blocks': jax.tree.map(lambda p: p.at[1].multiply(1.5),
+                                              params['blocks'])}
+  x = tokens()
+  h = model_lib.embed(cfg, params, x)
+  positions = model_lib.default_positions(x)
+  valid = jnp.ones(x.shape, bool)
 
-  def states_after_each_recursion(blocks):
-    p = {**params, 'blocks': blocks}
-    plain = dataclasses.replace(cfg, routing=None)
-    hiddens = model_lib.run_all_steps(plain, {k: v for k, v in p.items() if k != 'routers'},
-                                      model_lib.embed(cfg, p, tokens()),
-                                      model_lib.default_positions(tokens()))
-    return [np.asarray(hiddens[2 * r + 1]) for r in range(RECURSIONS)]
+  def recursion_output(p, r):
+    per_step = model_lib.all_step_blocks(cfg, p)
+    return np.asarray(mor._run_recursion(cfg, per_step, r, h, positions, valid, None)[0])
 
-  for before, after in zip(states_after_each_recursion(params['blocks']),
-                           states_after_each_recursion(changed)):
-    assert np.abs(before - after).max() > 1e-3
+  for r in range(RECURSIONS):
+    assert np.abs(recursion_output(params, r) - recursion_output(changed, r)).max() > 1e-3
+  # And the recursions read the same copy: equal inputs give equal outputs.
+  np.testing.assert_allclose(recursion_output(params, 0), recursion_output(params, 2),
+                             atol=1e-6)
   # A checkpoint round trip keeps the one copy (and the routers).
   from adaptive_depth import checkpoint as checkpoint_lib
   checkpoints = checkpoint_lib.Checkpoints(str(tmp_path / 'checkpoints'), async_save=False)
@@ -128,6 +133,9 @@ def test_router_losses_and_gradients():
 
 
 BAD = {
+    'token_choice_shared_drops_recursion_1': (
+        {'routing': 'token_choice', 'kv': 'shared', 'capacity_factor': 0.8},
+        'config.model.mor.capacity_factor'),
     'increasing_capacities': ({'capacities': '0.5,1,0.5'}, 'config.model.mor.capacities'),
     'capacity_above_one': ({'capacities': '1,1.5,0.5'}, 'config.model.mor.capacities'),
     'capacity_zero': ({'capacities': '1,0.5,0'}, 'config.model.mor.capacities'),
@@ -146,6 +154,25 @@ def test_bad_mor_config_names_the_key(name):
     config.model.mor[k] = v
   with pytest.raises(config_lib.ConfigError, match=key.replace('.', r'\.')):
     config_lib.validate(config)
+
+
+def test_remat_and_entry_points_without_mor_are_refused(tmp_path):
+  config = ad.load_config('configs/mor.py:tiny')
+  config.model.remat = True
+  with pytest.raises(config_lib.ConfigError, match=r'config\.model\.remat'):
+    config_lib.validate(config)
+  # Evaluate, calibrate and the decode benchmark refuse a MoR model before loading anything
+  # (the workdir does not even exist).
+  from adaptive_depth import benchmark, cli, evaluation
+  from adaptive_depth.calibrate import calibration_run
+  config = ad.load_config('configs/mor.py:tiny')
+  missing = str(tmp_path / 'none')
+  for call in (lambda: evaluation.evaluate_run(config, missing),
+               lambda: calibration_run.calibrate_run(config, missing, measures=['max_prob'],
+                                                     risk='textual', delta=0.1, epsilon=0.05),
+               lambda: benchmark.run_benchmark(config, missing, str(tmp_path / 'b.json'))):
+    with pytest.raises(cli.UserError, match='Mixture-of-Recursions'):
+      call()
 
 
 def test_routers_on_an_unshared_model_are_refused():
@@ -177,7 +204,7 @@ def test_mor_config_variants_train_on_equal_flops():
 def test_tiny_mor_trains_and_logs_its_routing(tmp_path):
   """configs/mor.py:tiny through the training loop: router metrics in metrics.jsonl and
   summary.json, the decision agreement on validation text, and still one copy of the
-  shared block after training and a resume."""
+  shared block after training (loaded back from its checkpoint)."""
   import json
   config = ad.load_config('configs/mor.py:tiny')
   summary = ad.train_and_evaluate(config, str(tmp_path))
@@ -197,3 +224,28 @@ def test_tiny_mor_trains_and_logs_its_routing(tmp_path):
   loaded = ad.load(str(tmp_path))
   assert jax.tree.leaves(loaded.params['blocks'])[0].shape[0] == 3  # first, shared, last
   assert loaded.params['routers']['kernel'].shape == (3, config.model.width)
+
+
+def test_mlp_router_routes_and_trains():
+  """router='mlp': a hidden layer per router; the routing follows it and it gets gradient."""
+  cfg = mor_config(per_recursion=1, router='mlp', router_hidden=8)
+  params = tiny_models.random_params(cfg, scale=0.3)
+  assert params['routers']['hidden'].shape == (RECURSIONS, cfg.width, 8)
+  x = tokens()
+  out = forward_lib.forward_outputs(cfg, params, x)
+  h = model_lib.embed(cfg, params, x)
+  # Router 1 reads the state after the first layer: recompute its logits by hand.
+  first = jax.tree.map(lambda p: p[0], params['blocks'])
+  h, _ = model_lib.apply_block(cfg, first, h, model_lib.default_positions(x),
+                               layers_causal(x))
+  r = params['routers']
+  want = jax.nn.gelu(h @ r['hidden'][0]) @ r['kernel'][0]
+  np.testing.assert_allclose(out.routing.logits[0], want, rtol=1e-4, atol=1e-4)
+  grads = jax.grad(lambda p: forward_lib.forward_outputs(cfg, p, x).routing.aux_loss)(params)
+  assert float(jnp.abs(grads['routers']['hidden']).sum()) > 0
+
+
+def layers_causal(x):
+  from adaptive_depth import layers
+  positions = model_lib.default_positions(x)
+  return layers.causal_mask(positions, positions)

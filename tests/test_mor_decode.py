@@ -162,5 +162,6 @@ def test_engine_benchmark_runs_a_mor_model(tmp_path):
   for key in ('mean_recursions', 'agreement', 'sequence_agreement'):
     assert routed[key] == by_mode['per_row_exit'][key], key
   assert routed['theoretical_speedup'] > full['theoretical_speedup']
-  assert 'realized_over_theoretical' in routed
+  assert 0 < routed['realized_over_theoretical'] and 0 < routed['realized_speedup']
+  assert routed['per_token_theoretical_speedup'] > 1
   assert json.loads(open(out).read()) == rows

@@ -24,6 +24,7 @@ from adaptive_depth import costs
 from adaptive_depth import depth as depth_lib
 from adaptive_depth import exits
 from adaptive_depth import metrics as metrics_lib
+from adaptive_depth import mor_config
 from adaptive_depth import saved_model
 from adaptive_depth.calibrate import calibration_file
 from adaptive_depth.calibrate import ltt
@@ -217,6 +218,8 @@ def calibrate_run(config, workdir: str, *, measures=('max_prob',), risk: str = '
           f'--splits={splits} with config.calibrate.num_examples={c.num_examples} and '
           f'calibration_fraction={c.calibration_fraction} leaves {n_cal} calibration and '
           f'{c.num_examples - n_cal} test examples: each needs at least 1')
+  mor_config.refuse_routed(config, 'launch/calibrate.py (early-exit thresholds)',
+                           "its routers decide at config.generate.threshold (sigmoid 0.5)")
   model = saved_model.load(workdir)
   classifier = None
   if 'classifier' in measures:

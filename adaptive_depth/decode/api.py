@@ -194,10 +194,7 @@ def generate(model, prompts, *args, max_new_tokens: int = 64,
   generation.check_kv_policy(kv, queue_capacity, exit)
   if max_new_tokens < 1:
     raise ValueError(f'max_new_tokens={max_new_tokens}: must be >= 1')
-  # A Mixture-of-Recursions model routes by default (expert choice at sigmoid 0.5).
-  default = (exits.ExitPolicy(measure='router', threshold=0.5) if cfg.routing is not None
-             else exits.ExitPolicy(measure='never'))
-  policy = (exit or default).validated(cfg.exit_depths)
+  policy = (exit or generation.default_policy(cfg)).validated(cfg.exit_depths)
   generation.check_routing(cfg, policy, kv)
   if policy.schedule == 'decaying':
     policy = policy.replace(max_len=max_new_tokens)
@@ -249,7 +246,7 @@ def generate(model, prompts, *args, max_new_tokens: int = 64,
   context = float(np.mean(lengths)) + max_new_tokens / 2.0
   full = costs.full_depth_flops(cfg, context)
   if cfg.routing is not None:  # against every token running every recursion
-    full = float(costs.mor_decode_flops(cfg, cfg.num_layers, context))
+    full = costs.mor_every_recursion_flops(cfg, context)
   if cfg.routing is not None and decoded.size:
     spent = costs.mor_decode_flops(cfg, decoded, context).mean()
   elif speculative is not None:

@@ -54,6 +54,14 @@ class _PositionLoop:
   adaptive: Any = None
 
 
+def default_policy(cfg: model_lib.ModelConfig) -> exits.ExitPolicy:
+  """What decoding runs when no policy is given: never exit, or for a Mixture-of-Recursions
+  model its routers (expert choice at sigmoid 0.5)."""
+  if cfg.routing is not None:
+    return exits.ExitPolicy(measure='router', threshold=0.5)
+  return exits.ExitPolicy(measure='never')
+
+
 def check_routing(cfg: model_lib.ModelConfig, policy, kv: str = 'propagate'):
   """A Mixture-of-Recursions model decodes with its routers (or every recursion) and caches
   as config.model.mor.kv says; an early-exit model has no routers. Raises ValueError."""

@@ -56,8 +56,7 @@ def _cached_block(cfg, params, cache: kv_cache.Cache, step, h, positions, mask, 
                   read_step=None):
   """Loop step `step` on h [B, T, D] against the cache. write: [B, T] bool, the entries
   whose K/V are stored at `step` (None: all); read_step: the step whose layer attention
-  reads (default `step`; 'shared' reads recursion 0's and writes nothing: write all False).
-  Returns (h, cache)."""
+  reads (default `step`; 'shared' reads recursion 0's). Returns (h, cache)."""
   def kv_of_call():
     return model_lib.apply_step(cfg, params, step, h, positions, kv_only=True)
 
@@ -66,9 +65,8 @@ def _cached_block(cfg, params, cache: kv_cache.Cache, step, h, positions, mask, 
 
   if read_step is None and write is None:
     return kv_cache.cached_call(cache, step, positions, call, kv_of_call)
-  if read_step is None:
-    k, v = kv_of_call()
-    cache = kv_cache.store(cache, step, k, v, positions, keep=write)
+  k, v = kv_of_call()
+  cache = kv_cache.store(cache, step, k, v, positions, keep=write)
   layer = kv_cache.layer_of_rows(cache, step if read_step is None else read_step)
   out, _ = call(lambda *_: layer)
   return out, cache
@@ -85,7 +83,7 @@ def run_tokens(cfg: model_lib.ModelConfig, params, cache: RoutedCache, tokens, p
   per = cfg.num_blocks - 2
   batch, length = tokens.shape
   if every_recursion:
-    forced_depth = jnp.full((batch, length), routing.recursions, jnp.int32)
+    forced_depth = routers.every_recursion(routing, (batch, length))
   cache_len = cache.cache.length
   rows = jnp.arange(batch)[:, None]
   visible = jnp.arange(cache_len)[None, None, :] <= positions[:, :, None]  # [B, T, S]
@@ -106,18 +104,14 @@ def run_tokens(cfg: model_lib.ModelConfig, params, cache: RoutedCache, tokens, p
     x, kv = loop.h, loop.cache.cache
     for j in range(per):
       step = 1 + r * per + j
-      if shared:  # recursion 0 writes for every token; later ones read its layers
-        x, kv = jax.lax.cond(
-            r == 0,
-            lambda kv, x, step=step: _cached_block(cfg, params, kv, step, x, positions, mask,
-                                                   None),
-            lambda kv, x, step=step, j=j: _cached_block(cfg, params, kv, step, x, positions,
-                                                        mask, None, read_step=1 + j),
-            kv, x)
+      if shared:  # recursion 0 writes for every token; later ones read its layers (step
+        # 1 + j is recursion 0's own step, so one call serves both: no lax.cond, which
+        # made XLA copy the cache in the engine)
+        x, kv = _cached_block(cfg, params, kv, step, x, positions, mask, runs & (r == 0),
+                              read_step=1 + j)
       else:
         x, kv = _cached_block(cfg, params, kv, step, x, positions, mask, runs)
-    h = jnp.where(runs[..., None], loop.h + gate[..., None].astype(x.dtype) * (x - loop.h),
-                  loop.h)
+    h = routers.gated_update(loop.h, x, gate, runs)
     return _RecursionLoop(recursion=r + 1, h=h, route=route,
                           cache=RoutedCache(cache=kv, ran=ran))
 

@@ -245,7 +245,7 @@ def check_policy(cfg, policy: Optional[exits.ExitPolicy]) -> exits.ExitPolicy:
   """The exit policy the engine runs (None: never exit; a Mixture-of-Recursions model:
   its routers at sigmoid 0.5); a UserError for one it cannot."""
   if cfg.routing is not None:
-    policy = (policy or exits.ExitPolicy(measure='router', threshold=0.5)).validated()
+    policy = (policy or generation.default_policy(cfg)).validated()
     try:
       generation.check_routing(cfg, policy)
     except ValueError as e:
@@ -280,7 +280,8 @@ def serve(model: saved_model.LoadedModel, prompts, *, slots: int = 4,
           cache_len: Optional[int] = None, chunk_ticks: int = 16,
           sampling=None, seed: int = 0, eos_id: Optional[int] = None,
           classifier=None, engine: Optional[Engine] = None,
-          on_finished: Optional[Callable[[int], None]] = None) -> ServeOutput:
+          on_finished: Optional[Callable[[int], None]] = None,
+          finish_slots: int = 0) -> ServeOutput:
   """Generation for a stream of requests through `slots` slots of the depth-wise batching
   engine. prompts: strings or token id lists (as ad.generate takes them);
   max_new_tokens: one int or one per prompt; exit: the exit policy (default: the engine's,
@@ -291,6 +292,8 @@ def serve(model: saved_model.LoadedModel, prompts, *, slots: int = 4,
   up to a multiple of 16); chunk_ticks: ticks per device loop between host refills.
   engine: an Engine to reuse (its slots and cache_len then rule). on_finished: called with
   the number of finished requests whenever some finish (a progress bar's hook).
+  finish_slots: Mixture-of-Recursions models, slots that may finish a token per tick (as
+  Engine takes it; 0 = automatic).
   """
   cfg, tokenizer = model.model_config, model.tokenizer
   token_lists = decode_api._prompt_ids(prompts, tokenizer, cfg.vocab_size)
@@ -302,7 +305,8 @@ def serve(model: saved_model.LoadedModel, prompts, *, slots: int = 4,
     cache_len = padded_length(needed)
   if engine is None:
     engine = Engine(model, slots=slots, cache_len=cache_len, exit=exit, kv=kv,
-                    sampling=sampling, seed=seed, eos_id=eos_id, classifier=classifier)
+                    sampling=sampling, seed=seed, eos_id=eos_id, classifier=classifier,
+                    finish_slots=finish_slots)
   else:
     check_engine_args(cfg, slots=engine.slots, cache_len=engine.cache_len, kv=kv)
     if sampling is not None or eos_id is not None or classifier is not None:
@@ -371,7 +375,7 @@ def _stats(cfg, policy, token_lists, max_new, depths) -> dict:
   if not decoded.size:
     return {'mean_depth': float(cfg.num_layers), 'relative_depth': 1.0, 'relative_flops': 1.0}
   if cfg.routing is not None:  # against every token running every recursion
-    full = float(costs.mor_decode_flops(cfg, cfg.num_layers, context))
+    full = costs.mor_every_recursion_flops(cfg, context)
     spent = costs.mor_decode_flops(cfg, decoded, context)
   else:
     spent = costs.policy_token_flops(cfg, decoded, policy, context, kv=kv_cost(cfg))

@@ -10,9 +10,10 @@ next token's first layer and first routing decision.
 
 The finishing work (two blocks and the head) is not run for every slot: at most F slots
 finish per tick (`finish_slots`; default S / the mean recursions the training capacities
-give, so that a balanced stream needs no more), gathered into a sub-batch of static size F
-and scattered back. A slot past the F waits a tick, running nothing. So a tick costs
-K x S + 2 x F block rows; a token costs its recursions in ticks.
+give), gathered into a sub-batch of static size F and scattered back. Past F, slots wait,
+running nothing; priority rotates with the tick count, so no slot waits more than S / F
+ticks. A tick costs K x S + 2 x F block rows; a token costs its recursions in ticks (plus
+any wait).
 
 State: the early-exit engine's DecodeState (engine.py) plus `ran` [S, C] (recursions the
 token at each cached position ran: the 'recursion_wise' mask), the slots' RouteState, and
@@ -66,6 +67,7 @@ def default_finish_slots(cfg: model_lib.ModelConfig, slots: int, every_recursion
 
 
 def empty_state(cfg: model_lib.ModelConfig, slots: int, cache_len: int) -> RoutedDecodeState:
+  """Every slot free (the early-exit engine's empty state, plus the routed fields)."""
   base = engine_lib.empty_state(cfg, slots, cache_len)
   fields = {f: getattr(base, f) for f in base.__dataclass_fields__ if getattr(base, f) is not None}
   return RoutedDecodeState(
@@ -128,7 +130,7 @@ def insert(cfg: model_lib.ModelConfig, params, prefix: RoutedPrefix, state: Rout
                             sampling, rng)
   ran = state.ran.at[slot].set(prefix.ran)
   slots = jnp.asarray(slot, jnp.int32)[None]
-  forced = jnp.full((1,), cfg.routing.recursions) if every_recursion else None
+  forced = routers.every_recursion(cfg.routing, (1,)) if every_recursion else None
   live = state.live[slots]
   h, runs, gate, route, cache, ran = _start_tokens(
       cfg, params, state.cache, ran, slots, state.token[slots], state.position[slots], live,
@@ -171,11 +173,10 @@ def tick(cfg: model_lib.ModelConfig, params, state: RoutedDecodeState, threshold
   # them: under a cond XLA copied the whole cache (16 slots, 176 positions: 7.7 ms a tick
   # with both in conds, 2.7 ms without, and the tick time then grew with cache_len).
   x, cache, ran = _recursions(cfg, params, state, runs)
-  gate = state.gate[:, None].astype(x.dtype)  # decided with this recursion
-  h = jnp.where(runs[:, None], state.h + gate * (x - state.h), state.h)
+  h = routers.gated_update(state.h, x, state.gate, runs)  # gate: decided with this recursion
   step = state.step + runs
   # The decision for the next recursion, from the state this one left.
-  forced = jnp.full(step.shape, routing.recursions) if every_recursion else None
+  forced = routers.every_recursion(routing, step.shape) if every_recursion else None
   more, next_gate, route = routers.route(routing, params['routers'], h, jnp.minimum(
       step, routing.recursions - 1), state.route, threshold, forced)
   more = more & (step < routing.recursions)
@@ -194,7 +195,10 @@ def _finish(cfg, params, state: RoutedDecodeState, threshold, eos_id, sampling, 
   """Up to finish_slots finishing slots, gathered: last layer, head, emitted token, and the
   next token's first layer and recursion-0 decision; scattered back."""
   num_layers, per = cfg.num_layers, cfg.num_blocks - 2
-  score = jnp.where(state.finishing, 1.0, 0.0)
+  count_slots = state.finishing.shape[0]
+  # Round-robin priority among finishing slots: slot i ranks (i - ticks) mod S.
+  rank = (jnp.arange(count_slots) - state.ticks) % count_slots
+  score = jnp.where(state.finishing, 2.0 * count_slots - rank, 0.0)
   taken, slots = jax.lax.top_k(score, finish_slots)
   valid = taken > 0
   positions = state.position[slots][:, None]
@@ -214,7 +218,7 @@ def _finish(cfg, params, state: RoutedDecodeState, threshold, eos_id, sampling, 
   done_now = valid & ((new_token == eos_id) | (new_count >= state.max_new[slots]))
   next_input = valid & ~done_now
   position = jnp.minimum(state.position[slots] + 1, state.cache.length - 1)
-  forced = jnp.full(slots.shape, cfg.routing.recursions) if every_recursion else None
+  forced = routers.every_recursion(cfg.routing, slots.shape) if every_recursion else None
   h_next, runs, gate, route, cache, ran = _start_tokens(
       cfg, params, cache, state.ran, slots, new_token, position, next_input, threshold, forced)
   # Rows of the sub-batch that start no token (not finishing, or done) keep every field.
@@ -235,6 +239,7 @@ def _finish(cfg, params, state: RoutedDecodeState, threshold, eos_id, sampling, 
 
 @flax.struct.dataclass
 class _Chunk:
+  """The carry of one chunk of ticks: ticks run so far, and the slot table."""
   ticks_run: jax.Array
   state: RoutedDecodeState
 

@@ -175,7 +175,7 @@ def run_engine_benchmark(config, workdir: str, out_path: str,
     return costs.policy_token_flops(cfg, depths, policy, context, kv=kv)
 
   if cfg.routing is not None:
-    full = float(costs.mor_decode_flops(cfg, cfg.num_layers, context))
+    full = costs.mor_every_recursion_flops(cfg, context)
   cache_len = serving_api.padded_length(max(max(len(p) + n for p, n in zip(prompts, max_new)),
                                              prompt_lens[1]))
   progress(f'Engine benchmark: {b.num_requests} requests, prompts {prompt_lens[0]}-'
@@ -244,6 +244,7 @@ def run_engine_benchmark(config, workdir: str, out_path: str,
         record('per_row_exit', slots, threshold, tokens, depths, seconds, compile_s, flops,
                utilisation, static_tokens)
     engine = serving_api.Engine(model, slots=slots, cache_len=cache_len, eos_id=NO_EOS,
+                                finish_slots=min(config.serve.finish_slots, slots),
                                 classifier=classifier)
     kv_cost = serving_api.kv_cost(cfg)
     for threshold, policy in policies:
