@@ -144,8 +144,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.serve.slots = 16              # requests decoded at once, each at its own depth
   c.serve.chunk_ticks = 16        # engine ticks per device loop between host refills
   c.serve.cache_len = 0           # positions per slot; 0 = fit the longest request
-  c.serve.finish_slots = 0        # MoR: slots that may finish a token per tick (0 = slots /
-                                  # the mean recursions of the training capacities)
+  c.serve.finish_slots = 0        # MoR: slots that may finish a token per tick (0 = 1.5 x
+                                  # slots / the mean recursions of the training capacities)
 
   c.calibrate = ml_collections.ConfigDict()  # launch/calibrate.py (Learn-then-Test)
   c.calibrate.num_examples = 512  # validation windows: a prompt, then a reference continuation

@@ -10,7 +10,7 @@ next token's first layer and first routing decision.
 
 The finishing work (two blocks and the head) is not run for every slot: at most F slots
 finish per tick (`finish_slots`; default S / the mean recursions the training capacities
-give), gathered into a sub-batch of static size F and scattered back. Past F, slots wait,
+give, with headroom), gathered into a sub-batch of static size F and scattered back. Past F, slots wait,
 running nothing; priority rotates with the tick count, so no slot waits more than S / F
 ticks. A tick costs K x S + 2 x F block rows; a token costs its recursions in ticks (plus
 any wait).
@@ -54,8 +54,11 @@ class RoutedDecodeState(engine_lib.DecodeState):
 
 
 def default_finish_slots(cfg: model_lib.ModelConfig, slots: int, every_recursion: bool) -> int:
-  """S / expected recursions per token (expert_choice: the sum of the capacities;
-  token_choice: (N_r + 1) / 2; every recursion: N_r), rounded up."""
+  """1.5 S / expected recursions per token (expert_choice: the sum of the capacities;
+  token_choice: (N_r + 1) / 2; every recursion: N_r), rounded up, at most S. The 1.5 is
+  headroom: decoding's causal decisions need not keep the training capacities (the
+  configs/mor.py model runs 1.58 recursions a token, not 2), and at 16 slots 12 finishing
+  slots decoded 7% faster than 8 on a 32-request stream, 16 slower again."""
   routing = cfg.routing
   if every_recursion:
     expected = routing.recursions
@@ -63,7 +66,7 @@ def default_finish_slots(cfg: model_lib.ModelConfig, slots: int, every_recursion
     expected = sum(routing.capacities)
   else:
     expected = (routing.recursions + 1) / 2
-  return max(1, min(slots, math.ceil(slots / expected)))
+  return max(1, min(slots, math.ceil(1.5 * slots / expected)))
 
 
 def empty_state(cfg: model_lib.ModelConfig, slots: int, cache_len: int) -> RoutedDecodeState:
