@@ -91,21 +91,6 @@ def test_decode_equals_the_masked_forward_and_batch_one(routing, kv):
   assert 0 < out.stats['relative_flops'] < 1
 
 
-def test_every_recursion_is_the_full_compute_baseline():
-  config, cfg, params = model_and_params('expert_choice', 'recursion_wise')
-  prompts = [[5, 17, 99, 3], [77, 2, 64]]
-  full = ad.generate(params, config, prompts, max_new_tokens=6,
-                     exit=exits.ExitPolicy(measure='never'))
-  assert all(d == cfg.num_layers for row in full.exit_depths for d in row)
-  assert full.stats['relative_flops'] == pytest.approx(1.0)
-  for row, prompt in enumerate(prompts):
-    sequence = jnp.asarray([prompt + full.tokens[row][:-1]], jnp.int32)
-    depths = jnp.full(sequence.shape, cfg.routing.recursions)
-    h, _ = mor.forward_masked(cfg, params, sequence, depths=depths)
-    logits = model_lib.head_logits(cfg, params, h)[0]
-    np.testing.assert_array_equal(np.argmax(logits[len(prompt) - 1:], -1), full.tokens[row])
-
-
 def test_bad_decode_settings_for_a_mor_model():
   config, cfg, params = model_and_params('expert_choice', 'recursion_wise')
   with pytest.raises(ValueError, match="measure='max_prob'.*allowed: router, never"):
@@ -143,7 +128,9 @@ def test_engine_stream_equals_each_request_decoded_alone(routing, kv):
 
 def test_engine_benchmark_runs_a_mor_model(tmp_path):
   """launch/benchmark.py's engine mode on a MoR model: (a)/(c) every recursion, (b)/(d)
-  routed; the engine and batch-synchronised decoding route every token alike."""
+  routed; the engine and batch-synchronised decoding route every token alike. Every
+  recursion is the full-compute baseline: its tokens are the teacher-forced argmax of the
+  masked forward with every token at depth N_r (agreement 1.0), at relative FLOPs 1."""
   import json
   from adaptive_depth.serving import stream_benchmark
   workdir = tiny_models.save_workdir(str(tmp_path / 'model'), 'configs/mor.py:tiny',
@@ -158,6 +145,8 @@ def test_engine_benchmark_runs_a_mor_model(tmp_path):
   full, routed = by_mode['engine'], by_mode['engine_exit']
   assert full['mean_recursions'] == by_mode['static']['mean_recursions'] == 3
   assert full['agreement'] == full['sequence_agreement'] == 1.0
+  assert by_mode['static']['agreement'] == 1.0
+  assert full['per_token_theoretical_speedup'] == pytest.approx(1.0)
   assert routed['mean_recursions'] < 3
   for key in ('mean_recursions', 'agreement', 'sequence_agreement'):
     assert routed[key] == by_mode['per_row_exit'][key], key
