@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -75,7 +74,7 @@ def _run_recursion(cfg, per_step, recursion, h, positions, valid, shared_kv):
     mask = layers.causal_mask(positions, key_positions)
   own = []
   for j, step in enumerate(recursion_steps(cfg, recursion)):
-    block = jax.tree.map(lambda p, s=step: p[s], per_step)
+    block = model_lib.select_block(per_step, step)
     merge = None if shared_kv is None else (lambda k, v, j=j: layer_kv[j])
     h, kv = model_lib.apply_block(cfg, block, h, positions, mask, merge)
     own.append(kv)
@@ -90,7 +89,7 @@ def forward_states(cfg: model_lib.ModelConfig, params, tokens, constrain=lambda 
   positions = model_lib.default_positions(tokens)
   batch, seq_len = tokens.shape
   per_step = model_lib.all_step_blocks(cfg, params)
-  step_block = lambda s: jax.tree.map(lambda p: p[s], per_step)
+  step_block = lambda s: model_lib.select_block(per_step, s)
   full_mask = layers.causal_mask(positions, positions)
 
   h = constrain(model_lib.embed(cfg, params, tokens))
@@ -171,7 +170,7 @@ def forward_masked(cfg: model_lib.ModelConfig, params, tokens, threshold=0.5,
   positions = model_lib.default_positions(tokens)
   causal = layers.causal_mask(positions, positions)
   per_step = model_lib.all_step_blocks(cfg, params)
-  step_block = lambda s: jax.tree.map(lambda p: p[s], per_step)
+  step_block = lambda s: model_lib.select_block(per_step, s)
   h = model_lib.embed(cfg, params, tokens)
   h, _ = model_lib.apply_block(cfg, step_block(0), h, positions, causal)
   state = routers.RouteState.start(tokens.shape, routing.recursions)

@@ -35,6 +35,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 # The static description lives in mor_config.py (config.model.mor); re-exported here.
 from adaptive_depth.mor_config import (  # pylint: disable=unused-import,g-bad-import-order
@@ -108,9 +109,8 @@ def expert_choice_gate(routing: RoutingConfig, logits):
 
 def token_choice_depth(routing: RoutingConfig, logits):
   """(depth [...] int32 in 1..N_r, gate [...]) from depth logits [..., N_r]."""
-  probs = jax.nn.softmax(logits, axis=-1)
   choice = jnp.argmax(logits, axis=-1)
-  gate = jnp.take_along_axis(probs, choice[..., None], axis=-1)[..., 0]
+  gate = jax.nn.softmax(logits, axis=-1).max(axis=-1)  # the chosen depth's probability
   if routing.gate == 'pass_through':
     gate = jnp.ones_like(gate)
   else:
@@ -137,8 +137,7 @@ def top_k_positions(scores, eligible, k: int):
 def membership_bce(logits, selected, eligible):
   """Mean binary cross entropy of router logits against top-k membership over the eligible
   tokens. logits: [B, T]; selected, eligible: [B, T] bool -> scalar."""
-  target = selected.astype(jnp.float32)
-  loss = jnp.maximum(logits, 0) - logits * target + jnp.log1p(jnp.exp(-jnp.abs(logits)))
+  loss = optax.sigmoid_binary_cross_entropy(logits, selected.astype(jnp.float32))
   weight = eligible.astype(jnp.float32)
   return jnp.sum(loss * weight) / jnp.maximum(jnp.sum(weight), 1.0)
 

@@ -51,25 +51,30 @@ def empty(cfg: model_lib.ModelConfig, batch: int, cache_len: int) -> Cache:
   return Cache(k=jnp.zeros(shape, cfg.compute_dtype), v=jnp.zeros(shape, cfg.compute_dtype))
 
 
-def layer_of_rows(cache: Cache, steps) -> tuple[jax.Array, jax.Array]:
+def layer_of_rows(cache: Cache, steps, rows=None) -> tuple[jax.Array, jax.Array]:
   """Each row's cache layer at its loop step: steps scalar (every row) or [B] ->
-  (k, v) [B, KV, S, Dh]."""
+  (k, v) [B, KV, S, Dh]. rows: [B] the cache rows to read (default 0..B-1: every row; the
+  MoR engine reads a gathered subset of its slots)."""
   steps = jnp.asarray(steps)
-  if steps.ndim == 0:
-    return (jax.lax.dynamic_index_in_dim(cache.k, steps, keepdims=False),
-            jax.lax.dynamic_index_in_dim(cache.v, steps, keepdims=False))
-  rows = jnp.arange(steps.shape[0])
+  if rows is None:
+    if steps.ndim == 0:
+      return (jax.lax.dynamic_index_in_dim(cache.k, steps, keepdims=False),
+              jax.lax.dynamic_index_in_dim(cache.v, steps, keepdims=False))
+    rows = jnp.arange(steps.shape[0])
+  steps = jnp.broadcast_to(steps, rows.shape)
   return cache.k[steps, rows], cache.v[steps, rows]
 
 
-def store(cache: Cache, steps, k, v, positions, keep=None) -> Cache:
+def store(cache: Cache, steps, k, v, positions, keep=None, rows=None) -> Cache:
   """cache with K/V [B, T, KV, Dh] written at positions [B, T] of their loop steps (scalar,
   [B] per row, or [B, T] per entry); nothing else is touched. keep: optional [B, T] bool,
-  the entries to write (the others are dropped: one scatter serves a ragged set)."""
+  the entries to write (the others are dropped: one scatter serves a ragged set). rows: [B]
+  the cache rows written (default 0..B-1)."""
   batch, length = positions.shape
   steps = jnp.asarray(steps)
   steps = jnp.broadcast_to(steps[:, None] if steps.ndim == 1 else steps, (batch, length))
-  rows = jnp.broadcast_to(jnp.arange(batch)[:, None], (batch, length))
+  rows = jnp.arange(batch) if rows is None else rows
+  rows = jnp.broadcast_to(rows[:, None], (batch, length))
   mode = None
   if keep is not None:  # an out-of-range position: the scatter drops the entry
     positions, mode = jnp.where(keep, positions, cache.length), 'drop'
@@ -78,13 +83,17 @@ def store(cache: Cache, steps, k, v, positions, keep=None) -> Cache:
       v=cache.v.at[steps, rows, :, positions].set(v.astype(cache.v.dtype), mode=mode))
 
 
-def cached_call(cache: Cache, steps, positions, call: Callable, kv_of_call: Callable):
+def cached_call(cache: Cache, steps, positions, call: Callable, kv_of_call: Callable, *,
+                keep=None, read_steps=None, rows=None):
   """The block call of a decode step against the cache.
 
   kv_of_call() -> (k, v) [B, T, KV, Dh]: the K/V this call's tokens write (the block's own
   projections, Block.kv_only). They are stored first, at positions [B, T] of each row's
-  step; then call(merge_kv) -> (out, _) runs the block, whose attention reads, through
-  merge_kv, each row's layer [B, KV, S, Dh] of the updated cache. Returns (out, cache).
+  step (only where keep [B, T], if given); then call(merge_kv) -> (out, _) runs the block,
+  whose attention reads, through merge_kv, each row's layer [B, KV, S, Dh] of the updated
+  cache at read_steps (default: steps; Mixture-of-Recursions' shared KV reads recursion
+  0's). rows: [B] the cache rows of this call's rows (default all, in order). Returns
+  (out, cache).
 
   Store, then read: the layer read happens after the write, so the write is in place. The
   other order (read the layer, write K/V into a copy of it, store later) leaves XLA free to
@@ -95,8 +104,8 @@ def cached_call(cache: Cache, steps, positions, call: Callable, kv_of_call: Call
   (about 6% of a block at width 512 with 2 KV heads); elsewhere it merges them.
   """
   k, v = kv_of_call()
-  cache = store(cache, steps, k, v, positions)
-  k_rows, v_rows = layer_of_rows(cache, steps)
+  cache = store(cache, steps, k, v, positions, keep, rows)
+  k_rows, v_rows = layer_of_rows(cache, steps if read_steps is None else read_steps, rows)
   out, _ = call(lambda *_: (k_rows, v_rows))
   return out, cache
 

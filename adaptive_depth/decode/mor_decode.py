@@ -54,22 +54,15 @@ class _RecursionLoop:
 
 def _cached_block(cfg, params, cache: kv_cache.Cache, step, h, positions, mask, write,
                   read_step=None):
-  """Loop step `step` on h [B, T, D] against the cache. write: [B, T] bool, the entries
-  whose K/V are stored at `step` (None: all); read_step: the step whose layer attention
-  reads (default `step`; 'shared' reads recursion 0's). Returns (h, cache)."""
-  def kv_of_call():
-    return model_lib.apply_step(cfg, params, step, h, positions, kv_only=True)
-
-  def call(merge):
-    return model_lib.apply_step(cfg, params, step, h, positions, mask, merge)
-
-  if read_step is None and write is None:
-    return kv_cache.cached_call(cache, step, positions, call, kv_of_call)
-  k, v = kv_of_call()
-  cache = kv_cache.store(cache, step, k, v, positions, keep=write)
-  layer = kv_cache.layer_of_rows(cache, step if read_step is None else read_step)
-  out, _ = call(lambda *_: layer)
-  return out, cache
+  """Loop step `step` on h [B, T, D] against the cache (kv_cache.cached_call). write:
+  [B, T] bool, the entries whose K/V are stored at `step` (None: all); read_step: the step
+  whose layer attention reads (default `step`; 'shared' reads recursion 0's).
+  Returns (h, cache)."""
+  return kv_cache.cached_call(
+      cache, step, positions,
+      lambda merge: model_lib.apply_step(cfg, params, step, h, positions, mask, merge),
+      lambda: model_lib.apply_step(cfg, params, step, h, positions, kv_only=True),
+      keep=write, read_steps=read_step)
 
 
 def run_tokens(cfg: model_lib.ModelConfig, params, cache: RoutedCache, tokens, positions,

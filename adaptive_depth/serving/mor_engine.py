@@ -92,20 +92,16 @@ def _rows_block(cfg, params, cache, block, step, slots, h, positions, write, mas
                 read_step=None):
   """Block `block` (static) at loop step `step` ([F] or scalar) for the cache rows `slots`
   [F]: h [F, 1, D] at positions [F, 1]; K/V stored where write [F] (at `step`), attention
-  reads each row's layer at read_step (default step) under mask [F, 1, C]."""
+  reads each row's layer at read_step (default step) under mask [F, 1, C]
+  (kv_cache.cached_call on those rows)."""
   steps = jnp.broadcast_to(jnp.asarray(step), slots.shape)
-  k, v = model_lib.apply_block_rows(cfg, params, block, steps, h, positions, kv_only=True)
-  where = jnp.where(write[:, None], positions, cache.length)
-  cache = kv_cache.Cache(
-      k=cache.k.at[steps[:, None], slots[:, None], :, where].set(
-          k.astype(cache.k.dtype), mode='drop'),
-      v=cache.v.at[steps[:, None], slots[:, None], :, where].set(
-          v.astype(cache.v.dtype), mode='drop'))
-  read = steps if read_step is None else jnp.broadcast_to(jnp.asarray(read_step), slots.shape)
-  layer = (cache.k[read, slots], cache.v[read, slots])
-  out, _ = model_lib.apply_block_rows(cfg, params, block, steps, h, positions, mask,
-                                      lambda *_: layer)
-  return out, cache
+  return kv_cache.cached_call(
+      cache, steps, positions,
+      lambda merge: model_lib.apply_block_rows(cfg, params, block, steps, h, positions, mask,
+                                               merge),
+      lambda: model_lib.apply_block_rows(cfg, params, block, steps, h, positions,
+                                         kv_only=True),
+      keep=write[:, None], read_steps=read_step, rows=slots)
 
 
 def _start_tokens(cfg, params, cache, ran, slots, tokens, position, write, threshold,

@@ -45,6 +45,13 @@ def _compiled_step(config, rng_batch):
   return compiled, (state, rng_batch), float((cost or {}).get('flops', 0.0))
 
 
+def _random_batch(config):
+  """One fixed random batch [B, T + 1] of config.train.batch_size x config.data.seq_len."""
+  return jnp.asarray(np.random.default_rng(0).integers(
+      0, config.model.vocab_size, (config.train.batch_size, config.data.seq_len + 1)),
+      jnp.int32)
+
+
 def memory_report(compiled, config) -> dict:
   """XLA's memory analysis of a compiled step, beside the bytes of every exit's float32
   logits at once (exits x tokens x vocab x 4), which the chunked loss avoids holding."""
@@ -107,8 +114,7 @@ def run_step_benchmark(config, out_path: str, *, implementations: Sequence[str],
     if problem:
       raise config_lib.ConfigError(problem)
   batch_size, seq_len = config.train.batch_size, config.data.seq_len
-  batch = jnp.asarray(np.random.default_rng(0).integers(
-      0, config.model.vocab_size, (batch_size, seq_len + 1)), jnp.int32)
+  batch = _random_batch(config)
   progress(f'Train step benchmark: batch {batch_size} x {seq_len}, {rounds} interleaved '
            f'rounds, on {jax.devices()[0].platform}')
   programs, memory = {}, {}
@@ -197,8 +203,7 @@ def full_recursion_benchmark(config, out_path: str, *, rounds: int = 5,
   full = config.copy_and_resolve_references()
   full.model.mor.capacities = ','.join(['1'] * mor.recursions)
   batch_size, seq_len = config.train.batch_size, config.data.seq_len
-  batch = jnp.asarray(np.random.default_rng(0).integers(
-      0, config.model.vocab_size, (batch_size, seq_len + 1)), jnp.int32)
+  batch = _random_batch(config)
   progress(f'MoR train step, routed vs every token through every recursion: batch '
            f'{batch_size} x {seq_len}, {rounds} interleaved rounds, on '
            f'{jax.devices()[0].platform}')
