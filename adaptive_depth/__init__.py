@@ -3,7 +3,15 @@
     import adaptive_depth as ad
     config = ad.load_config('configs/quickstart.py')
     ad.train_and_evaluate(config, '/tmp/quickstart')
+
+Importing the package first sets glibc's malloc to keep freed memory mapped, so XLA's
+per-step temporary buffers stop page-faulting (host_memory.py; ADAPTIVE_DEPTH_HOST_MALLOC=system
+opts out). Import it before running anything on jax for that to take effect.
 """
+from adaptive_depth import host_memory
+
+host_memory.keep_freed_memory()  # before anything below creates jax's CPU backend
+
 from adaptive_depth.cli import PathError, UserError
 from adaptive_depth.config_lib import ConfigError, base_config, validate
 from adaptive_depth.config_loading import load_config

@@ -14,7 +14,13 @@ pip install -e ".[parity]".
 """
 from __future__ import annotations
 
+import importlib.util
 import math
+import os
+import pickle
+import subprocess
+import sys
+import tempfile
 
 import numpy as np
 
@@ -174,3 +180,62 @@ def make_train_step(model_config, train_config, batch: np.ndarray, threads: int)
       raise RuntimeError(f'PyTorch reference step: loss {value}')
 
   return step
+
+
+class SubprocessStep:
+  """The PyTorch step run in a child process of its own, one step per call.
+
+  A process of its own gives PyTorch its own heap and its own malloc settings: in one
+  process with XLA, each framework's allocations fragment the heap the other reuses, and
+  both then page-fault (adaptive_depth/host_memory.py). host_malloc is the child's
+  ADAPTIVE_DEPTH_HOST_MALLOC: 'system' runs PyTorch as it runs by default (glibc's malloc
+  defaults), 'keep' with the malloc settings this library makes at import. Calling the
+  object runs one step in the child and waits for it (a pipe round trip, well under a
+  millisecond, is all it adds)."""
+
+  def __init__(self, model_config, train_config, batch: np.ndarray, threads: int,
+               host_malloc: str):
+    if importlib.util.find_spec('torch') is None:
+      raise cli.UserError('--torch needs torch: pip install -e ".[parity]"')
+    self._folder = tempfile.TemporaryDirectory()
+    spec = os.path.join(self._folder.name, 'step.pkl')
+    with open(spec, 'wb') as f:
+      pickle.dump((model_config, train_config, np.asarray(batch), threads), f)
+    env = dict(os.environ, ADAPTIVE_DEPTH_HOST_MALLOC=host_malloc)
+    self._child = subprocess.Popen([sys.executable, os.path.abspath(__file__), spec],
+                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
+                                   text=True, bufsize=1)
+    self._expect('ready')
+
+  def _expect(self, word):
+    line = self._child.stdout.readline().strip()
+    if line != word:
+      self._child.kill()
+      raise RuntimeError(f'PyTorch reference process: expected {word!r}, got {line!r} '
+                         '(its error is above)')
+
+  def __call__(self):
+    self._child.stdin.write('step\n')
+    self._expect('done')
+
+  def close(self):
+    if self._child.poll() is None:
+      self._child.stdin.close()
+      self._child.wait()
+    self._folder.cleanup()
+
+
+def _serve_steps(spec_path: str):
+  """The child of SubprocessStep: builds the step, then runs one per 'step' line on stdin."""
+  with open(spec_path, 'rb') as f:
+    model_config, train_config, batch, threads = pickle.load(f)
+  step = make_train_step(model_config, train_config, batch, threads)
+  print('ready', flush=True)
+  for line in sys.stdin:
+    if line.strip() == 'step':
+      step()
+      print('done', flush=True)
+
+
+if __name__ == '__main__':
+  _serve_steps(sys.argv[1])

@@ -5,6 +5,9 @@ in interleaved rounds (adaptive_depth/train/step_benchmark.py): median ms per st
 tokens/s and FLOP/s by XLA's count. Random parameters and batch: no workdir needed.
 --torch also times the same step written in PyTorch (launch/torch_train_reference.py; eager,
 on --torch_threads threads) in the same rounds, and reports each step's speed relative to it.
+PyTorch runs in processes of its own, twice: as it runs by default ('pytorch') and with the
+malloc settings this library makes at import ('pytorch_keep_malloc'; see
+adaptive_depth/host_memory.py).
 --whole_run_steps=N also runs the training loop itself (data pipeline, logging, checkpoints)
 and reports its tokens/s as a fraction of the step alone.
 --full_recursion (a Mixture-of-Recursions config, expert choice) instead times the routed step
@@ -12,6 +15,7 @@ against the same model with every token running every recursion, beside the FLOP
 adaptive_depth.costs predicts:
   python launch/train_benchmark.py --config=configs/mor.py --full_recursion --out=FILE.json
 """
+import functools
 import os
 
 from absl import flags
@@ -53,8 +57,12 @@ def main(argv):
     return
   references = {}
   if _TORCH.value:
-    references['pytorch'] = lambda batch: torch_train_reference.make_train_step(
-        config.model, config.train, batch, _TORCH_THREADS.value)
+    # Each in a process of its own (own heap): as PyTorch runs by default, and with the
+    # malloc settings this library makes at import (adaptive_depth/host_memory.py).
+    for name, host_malloc in (('pytorch', 'system'), ('pytorch_keep_malloc', 'keep')):
+      references[name] = functools.partial(
+          torch_train_reference.SubprocessStep, config.model, config.train,
+          threads=_TORCH_THREADS.value, host_malloc=host_malloc)
   step_benchmark.run_step_benchmark(
       config, _OUT.value,
       implementations=config_lib.parse_list(_ATTENTION.value, str, '--attention'),

@@ -1,5 +1,6 @@
 """The PyTorch train step launch/train_benchmark.py --torch times is the same model: with
 this library's parameters copied in, its multi-exit loss and gradient equal the library's."""
+import functools
 import os
 import sys
 
@@ -58,18 +59,32 @@ def test_train_benchmark_times_pytorch_and_the_whole_loop_beside_the_step(tmp_pa
   lines = []
   rows = step_benchmark.run_step_benchmark(
       config, str(out), implementations=['xla'], rounds=1, progress=lines.append,
-      reference_steps={'pytorch': lambda batch: torch_train_reference.make_train_step(
-          config.model, config.train, batch, threads=2)},
+      reference_steps={
+          'pytorch': lambda batch: torch_train_reference.make_train_step(
+              config.model, config.train, batch, threads=2),
+          # What launch/train_benchmark.py --torch runs: the step in a process of its own.
+          'pytorch_process': functools.partial(
+              torch_train_reference.SubprocessStep, config.model, config.train,
+              threads=1, host_malloc='system')},
       whole_run_steps=3)
-  assert [r['implementation'] for r in rows] == ['xla', 'pytorch', 'launch/train.py']
-  xla, pytorch, whole = rows
-  assert pytorch['step_ms'] > 0 and xla['step_ms'] > 0
+  assert [r['implementation'] for r in rows] == ['xla', 'pytorch', 'pytorch_process',
+                                                 'launch/train.py']
+  xla, pytorch, in_process, whole = rows
+  assert pytorch['step_ms'] > 0 and xla['step_ms'] > 0 and in_process['step_ms'] > 0
   assert xla['speed_vs_pytorch'] == pytest.approx(pytorch['step_ms'] / xla['step_ms'])
   assert whole['fraction_of_step_alone'] == pytest.approx(
       whole['tokens_per_second'] / xla['tokens_per_second'])
   assert any("pytorch's speed" in line for line in lines)
   # XLA's memory analysis beside the bytes of every exit's logits (exits x B x T x V x 4).
   assert xla['all_exit_logits_bytes'] == 4 * 8 * 32 * 258 * 4 and xla['temp_bytes'] > 0
+  # A step the child cannot build (make_train_step refuses this loss) fails the parent
+  # at once instead of hanging it.
+  bad = config.copy_and_resolve_references()
+  with bad.unlocked():
+    bad.train.exit_loss = 'distill'
+  with pytest.raises(RuntimeError, match='PyTorch reference process'):
+    torch_train_reference.SubprocessStep(bad.model, bad.train, np.zeros((2, 9), np.int32),
+                                         threads=1, host_malloc='system')
   with pytest.raises(ad.config_lib.ConfigError, match='whole_run_steps'):
     step_benchmark.run_step_benchmark(config, str(out), implementations=['xla'],
                                       whole_run_steps=-1)

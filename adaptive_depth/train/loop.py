@@ -270,9 +270,18 @@ def train_model(config: ml_collections.ConfigDict, workdir: str) -> dict:
   last_routing = None  # MoR: the routing metrics of the last logged step
   preempted = False
   step = start_step
+  # On CPU each step is waited for before the host goes on. Left to run ahead, the host
+  # makes the next batch and dispatches the next step while this one runs; its allocations
+  # then fragment the heap around the step's temporary buffer (572 MB for the quickstart),
+  # and every step page-faults through fresh memory again (see host_memory.py):
+  # launch/train.py ran at 0.82 of the step alone that way. Accelerators keep async
+  # dispatch: their buffers are not host heap, and the host's work overlaps theirs.
+  wait_for_each_step = jax.devices()[0].platform == 'cpu'
   with _Preemption() as preemption:
     while step < num_steps:
       state, step_metrics = train_step(state, put_batch(next(train_data)))
+      if wait_for_each_step:
+        jax.block_until_ready(state)
       step += 1
       if timer_start is None:  # the first step includes compilation: time from its end
         jax.block_until_ready(step_metrics)
