@@ -11,14 +11,19 @@ glibc's mmap threshold is raised, because those threads allocate from arenas of 
 the main heap), no `mmap` for big blocks, and no trimming of the heap's free top. The block
 of one step is then the same memory the next step gets back: no page faults after the first
 step. It must run before XLA's threads first allocate (before jax creates its CPU backend),
-which is why `import adaptive_depth` calls it. The cost: the process keeps its peak heap
-mapped, and threads share one arena (more lock contention in host code that mallocs from
-many threads at once). Setting the environment variable ADAPTIVE_DEPTH_HOST_MALLOC=system
-before the import leaves glibc's defaults. It does nothing off Linux or off glibc.
+which is why `import adaptive_depth` calls it (first thing, before its own imports). Threads
+that already allocated keep the arena they have: import adaptive_depth before other packages
+start threads (torch, a data loader) for the settings to reach XLA's threads. The cost: the
+process keeps its peak heap mapped, fragmentation can hold somewhat more, and threads share
+one arena (more lock contention in host code that mallocs from many threads at once).
+Setting the environment variable ADAPTIVE_DEPTH_HOST_MALLOC=system before the import leaves
+glibc's defaults. It does nothing off Linux glibc, and nothing where jax will run on a TPU
+or GPU (a plugin for one is installed, or JAX_PLATFORMS names no cpu).
 """
 from __future__ import annotations
 
 import ctypes
+import importlib.util
 import os
 import platform
 import sys
@@ -34,19 +39,45 @@ _M_ARENA_MAX = -8
 _LARGEST_TRIM_THRESHOLD = 2**31 - 1
 
 
+_ACCELERATOR_PLUGINS = ('libtpu', 'jax_cuda12_plugin', 'jax_cuda13_plugin', 'jax_rocm60_plugin',
+                        'jax_rocm7_plugin')
+_keeping = False
+
+
+def keeping() -> bool:
+  """Whether keep_freed_memory() set the options in this process."""
+  return _keeping
+
+
+def _accelerator_expected() -> bool:
+  """Whether jax will run on an accelerator here: JAX_PLATFORMS names no cpu, or a TPU or
+  GPU plugin is installed. There the step's buffers live on the device, not in the host heap,
+  and the settings would only hold host memory."""
+  platforms = os.environ.get('JAX_PLATFORMS', '')
+  if platforms and 'cpu' not in platforms.split(','):
+    return True
+  if platforms == 'cpu':
+    return False
+  return any(importlib.util.find_spec(name) is not None for name in _ACCELERATOR_PLUGINS)
+
+
 def keep_freed_memory() -> bool:
   """Sets glibc's malloc to reuse freed blocks instead of unmapping them (see the module
-  docstring). Returns whether the options were set: False off Linux glibc, or when
-  ADAPTIVE_DEPTH_HOST_MALLOC=system. Raises ValueError for another value of that variable."""
+  docstring). Returns whether the options were set: False off Linux glibc, where jax will
+  run on an accelerator, or when ADAPTIVE_DEPTH_HOST_MALLOC=system. Raises ValueError for
+  another value of that variable."""
+  global _keeping
   choice = os.environ.get(ENV_VAR, 'keep')
   if choice not in _ENV_VALUES:
     raise ValueError(f'{ENV_VAR}={choice!r}: allowed values {list(_ENV_VALUES)}')
   if choice == 'system' or not sys.platform.startswith('linux'):
     return False
-  if platform.libc_ver()[0] != 'glibc':
+  if platform.libc_ver()[0] != 'glibc' or _accelerator_expected():
     return False
   libc = ctypes.CDLL(None)  # the process's C library, already loaded
   if not hasattr(libc, 'mallopt'):
     return False
-  return all(libc.mallopt(option, value) == 1 for option, value in (
-      (_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _LARGEST_TRIM_THRESHOLD)))
+  results = [libc.mallopt(option, value) == 1 for option, value in (
+      (_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _LARGEST_TRIM_THRESHOLD))]
+  _keeping = all(results)
+  return _keeping

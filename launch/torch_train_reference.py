@@ -18,9 +18,12 @@ import importlib.util
 import math
 import os
 import pickle
+import queue
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 
 import numpy as np
 
@@ -205,24 +208,57 @@ class SubprocessStep:
     self._child = subprocess.Popen([sys.executable, os.path.abspath(__file__), spec],
                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
                                    text=True, bufsize=1)
+    # The child's lines, read on a thread of their own so that waiting for one can time out.
+    self._lines = queue.Queue()
+    threading.Thread(target=self._read_lines, daemon=True).start()
     self._expect('ready')
 
-  def _expect(self, word):
-    line = self._child.stdout.readline().strip()
-    if line != word:
-      self._child.kill()
-      raise RuntimeError(f'PyTorch reference process: expected {word!r}, got {line!r} '
-                         '(its error is above)')
+  def _read_lines(self):
+    for line in self._child.stdout:
+      self._lines.put(line)
+    self._lines.put('')  # end of output: the child has ended
+
+  def _expect(self, word, timeout_seconds: float = 600.0):
+    """Reads the child's stdout until the line `word`; a RuntimeError if the child ends,
+    or is silent for timeout_seconds, first (its traceback is on stderr, above)."""
+    deadline = time.monotonic() + timeout_seconds
+    while True:
+      try:
+        line = self._lines.get(timeout=max(0.0, deadline - time.monotonic()))
+      except queue.Empty:
+        line = None
+      if line is None or line == '':
+        self._stop()
+        why = 'timed out' if line is None else 'ended'
+        raise RuntimeError(f'PyTorch reference process {why} before {word!r} (its error, '
+                           'if any, is above)')
+      if line.strip() == word:
+        return  # other lines are the child's own output
 
   def __call__(self):
-    self._child.stdin.write('step\n')
+    try:
+      self._child.stdin.write('step\n')
+      self._child.stdin.flush()
+    except BrokenPipeError:
+      self._stop()
+      raise RuntimeError('PyTorch reference process ended (its error is above)') from None
     self._expect('done')
 
+  def _stop(self):
+    if self._child.poll() is None:
+      self._child.kill()
+    self._child.wait()
+    self._folder.cleanup()
+
   def close(self):
+    """Ends the child (EOF on its stdin) and removes its files."""
     if self._child.poll() is None:
       self._child.stdin.close()
-      self._child.wait()
-    self._folder.cleanup()
+      try:
+        self._child.wait(timeout=60)
+      except subprocess.TimeoutExpired:
+        pass
+    self._stop()
 
 
 def _serve_steps(spec_path: str):

@@ -26,6 +26,7 @@ import optax
 from adaptive_depth import checkpoint as checkpoint_lib
 from adaptive_depth import config_lib
 from adaptive_depth import exit_heads
+from adaptive_depth import host_memory
 from adaptive_depth import forward as forward_lib
 from adaptive_depth import metrics as metrics_lib
 from adaptive_depth import model as model_lib
@@ -270,13 +271,13 @@ def train_model(config: ml_collections.ConfigDict, workdir: str) -> dict:
   last_routing = None  # MoR: the routing metrics of the last logged step
   preempted = False
   step = start_step
-  # On CPU each step is waited for before the host goes on. Left to run ahead, the host
-  # makes the next batch and dispatches the next step while this one runs; its allocations
-  # then fragment the heap around the step's temporary buffer (572 MB for the quickstart),
-  # and every step page-faults through fresh memory again (see host_memory.py):
+  # On CPU, with host_memory's malloc settings, each step is waited for before the host goes
+  # on. Left to run ahead, the host makes the next batch and dispatches the next step while
+  # this one runs; its allocations then fragment the heap around the step's temporary buffer
+  # (0.56 GB for the quickstart), and steps page-fault through fresh memory again:
   # launch/train.py ran at 0.82 of the step alone that way. Accelerators keep async
   # dispatch: their buffers are not host heap, and the host's work overlaps theirs.
-  wait_for_each_step = jax.devices()[0].platform == 'cpu'
+  wait_for_each_step = (jax.devices()[0].platform == 'cpu' and host_memory.keeping())
   with _Preemption() as preemption:
     while step < num_steps:
       state, step_metrics = train_step(state, put_batch(next(train_data)))

@@ -11,6 +11,7 @@ compiled step (cost_analysis). The data pipeline is left out: one random batch.
 from __future__ import annotations
 
 import json
+import resource
 import tempfile
 from typing import Callable, Optional, Sequence
 
@@ -50,6 +51,15 @@ def _random_batch(config):
   return jnp.asarray(np.random.default_rng(0).integers(
       0, config.model.vocab_size, (config.train.batch_size, config.data.seq_len + 1)),
       jnp.int32)
+
+
+def _page_faults_per_step(compiled, args, steps: int = 3) -> float:
+  """Minor page faults of this process per call of `compiled`, over `steps` calls: each
+  one is a fresh page the step's buffers touched (see host_memory.py)."""
+  before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+  for _ in range(steps):
+    jax.block_until_ready(compiled(*args))
+  return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / steps
 
 
 def memory_report(compiled, config) -> dict:
@@ -139,13 +149,20 @@ def run_step_benchmark(config, out_path: str, *, implementations: Sequence[str],
   timed = {name: (compiled, args) for name, (compiled, args, _) in programs.items()}
   for name, make_step in (reference_steps or {}).items():
     timed[name] = (make_step(np.asarray(batch)), ())
-  if whole_run_steps:
-    first_half = timing.interleaved_seconds(timed, (rounds + 1) // 2)
-    whole = _whole_run_tokens_per_second(config, whole_run_steps, progress)
-    second_half = timing.interleaved_seconds(timed, rounds // 2) if rounds > 1 else {}
-    times = {k: first_half[k] + second_half.get(k, []) for k in timed}
-  else:
-    times = timing.interleaved_seconds(timed, rounds)
+  try:
+    if whole_run_steps:
+      first_half = timing.interleaved_seconds(timed, (rounds + 1) // 2)
+      whole = _whole_run_tokens_per_second(config, whole_run_steps, progress)
+      second_half = timing.interleaved_seconds(timed, rounds // 2) if rounds > 1 else {}
+      times = {k: first_half[k] + second_half.get(k, []) for k in timed}
+    else:
+      times = timing.interleaved_seconds(timed, rounds)
+  finally:
+    for step, _ in timed.values():  # e.g. a reference step's child process
+      if hasattr(step, 'close'):
+        step.close()
+  faults = {name: _page_faults_per_step(compiled, args)
+            for name, (compiled, args, _) in programs.items()}
   # The same step's arithmetic, whoever runs it: XLA's count of the first implementation.
   flops_of = {name: flops for name, (_, _, flops) in programs.items()}
   same_step_flops = next(iter(flops_of.values()))
@@ -158,6 +175,7 @@ def run_step_benchmark(config, out_path: str, *, implementations: Sequence[str],
                  'step_ms': 1e3 * seconds, 'tokens_per_second': batch_size * seq_len / seconds,
                  'flops_per_step': flops, 'flops_per_second': flops / seconds,
                  'rounds': rounds, 'batch': batch_size, 'seq_len': seq_len,
+                 **({'page_faults_per_step': faults[name]} if name in faults else {}),
                  **memory.get(name, {})})
   for row in rows:
     for reference in reference_steps or {}:
@@ -166,9 +184,11 @@ def run_step_benchmark(config, out_path: str, *, implementations: Sequence[str],
     name = row['implementation']
     compared = ''.join(f'  {row[f"speed_vs_{r}"]:.2f}x {r}\'s speed'
                        for r in reference_steps or {} if r != name)
+    faulted = (f'  {row["page_faults_per_step"]:,.0f} page faults/step'
+               if 'page_faults_per_step' in row else '')
     progress(f'  {name:<22} {row["step_ms"]:7.1f} ms/step  '
              f'{row["tokens_per_second"]:7.0f} tokens/s  '
-             f'{row["flops_per_second"] / 1e9:6.1f} GFLOP/s (XLA count){compared}')
+             f'{row["flops_per_second"] / 1e9:6.1f} GFLOP/s (XLA count){faulted}{compared}')
   if whole_run_steps:
     chosen = attention_lib.resolve(config.model.attention)
     step_alone = next((r for r in rows if r['resolved'] == chosen), rows[0])
