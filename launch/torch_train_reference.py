@@ -148,7 +148,6 @@ def _copy_params(torch, model, params, num_layers: int):
 def make_train_step(model_config, train_config, batch: np.ndarray, threads: int):
   """A no-argument callable running one PyTorch train step on `batch` ([B, T + 1] ids):
   multi-exit loss, backward, clipping, AdamW."""
-  torch = _torch()
   t = train_config
   same_step = {'train.exit_loss': (t.exit_loss, 'lm'),
                'train.exit_loss_weights': (t.exit_loss_weights, 'uniform'),
@@ -160,6 +159,7 @@ def make_train_step(model_config, train_config, batch: np.ndarray, threads: int)
     if value != implemented:
       raise cli.UserError(f'--torch re-implements the step with config.{key}={implemented!r} '
                           f'only (got {value!r}): set it so both steps are the same')
+  torch = _torch()
   torch.set_num_threads(threads)
   model = build_model(model_config, batch.shape[1] - 1)
   decay = [p for n, p in model.named_parameters() if 'norm' not in n]

@@ -1,7 +1,7 @@
 """host_memory.keep_freed_memory: a compiled program's temporary buffer stops page-faulting.
 
 Measured in fresh processes (the setting must precede jax's CPU backend): the same jitted
-program with a 64 MB temporary buffer, run again and again, with the library's malloc
+program with tens of MB of temporary buffers, run again and again, with the library's malloc
 settings and with glibc's defaults; the minor page faults of each later call are counted.
 """
 import os
@@ -20,16 +20,16 @@ import adaptive_depth  # sets (or, with ADAPTIVE_DEPTH_HOST_MALLOC=system, leave
 import jax, jax.numpy as jnp
 
 @jax.jit
-def program(x):  # [2048, 2048] float32 intermediates: 16 MB each, several live at once
-  y = jnp.sin(x) @ x
-  return (jnp.cos(y) @ y).sum()
+def program(x, w):  # [8192, 512] float32 intermediates: 16 MB each, several live at once
+  y = jnp.sin(x) @ w
+  return (jnp.cos(y) @ w).sum()
 
-x = jnp.ones((2048, 2048))
-for _ in range(3):
-  program(x).block_until_ready()
-for _ in range(9):
+x, w = jnp.ones((8192, 512)), jnp.full((512, 512), 1e-3)
+for _ in range(2):
+  program(x, w).block_until_ready()
+for _ in range(7):
   before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-  program(x).block_until_ready()
+  program(x, w).block_until_ready()
   print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 '''
 
