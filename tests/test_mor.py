@@ -116,7 +116,7 @@ def test_router_losses_and_gradients():
         out = forward_lib.forward_outputs(cfg, p, x)
         return out.routing.aux_loss + jnp.mean(jnp.square(out.exit_states)) * 1e-3, out.routing
 
-      (value, routing_out), grads = jax.value_and_grad(loss, has_aux=True)(params)
+      (value, routing_out), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
       assert np.isfinite(value)
       assert float(jnp.abs(grads['routers']['kernel']).sum()) > 0
     else:
@@ -245,7 +245,7 @@ def test_mlp_router_routes_and_trains():
   r = params['routers']
   want = jax.nn.gelu(h @ r['hidden'][0]) @ r['kernel'][0]
   np.testing.assert_allclose(out.routing.logits[0], want, rtol=1e-4, atol=1e-4)
-  grads = jax.grad(lambda p: forward_lib.forward_outputs(cfg, p, x).routing.aux_loss)(params)
+  grads = jax.jit(jax.grad(lambda p: forward_lib.forward_outputs(cfg, p, x).routing.aux_loss))(params)
   assert float(jnp.abs(grads['routers']['hidden']).sum()) > 0
 
 
