@@ -245,7 +245,8 @@ def test_mlp_router_routes_and_trains():
   r = params['routers']
   want = jax.nn.gelu(h @ r['hidden'][0]) @ r['kernel'][0]
   np.testing.assert_allclose(out.routing.logits[0], want, rtol=1e-4, atol=1e-4)
-  grads = jax.jit(jax.grad(lambda p: forward_lib.forward_outputs(cfg, p, x).routing.aux_loss))(params)
+  aux_loss = lambda p: forward_lib.forward_outputs(cfg, p, x).routing.aux_loss
+  grads = jax.jit(jax.grad(aux_loss))(params)
   assert float(jnp.abs(grads['routers']['hidden']).sum()) > 0
 
 

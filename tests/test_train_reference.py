@@ -71,8 +71,9 @@ def test_train_benchmark_times_pytorch_and_the_whole_loop_beside_the_step(tmp_pa
                                                  'launch/train.py']
   xla, pytorch, in_process, whole = rows
   assert pytorch['step_ms'] > 0 and xla['step_ms'] > 0 and in_process['step_ms'] > 0
-  # Page faults are counted in this process: for the library's step, not PyTorch's.
-  assert xla['page_faults_per_step'] >= 0 and 'page_faults_per_step' not in pytorch
+  # Page faults are counted in this process, so for the library's step and not for
+  # PyTorch's (their effect is tested in test_host_memory.py).
+  assert 'page_faults_per_step' in xla and 'page_faults_per_step' not in pytorch
   assert xla['speed_vs_pytorch'] == pytest.approx(pytorch['step_ms'] / xla['step_ms'])
   assert whole['fraction_of_step_alone'] == pytest.approx(
       whole['tokens_per_second'] / xla['tokens_per_second'])

@@ -26,8 +26,8 @@ import optax
 from adaptive_depth import checkpoint as checkpoint_lib
 from adaptive_depth import config_lib
 from adaptive_depth import exit_heads
-from adaptive_depth import host_memory
 from adaptive_depth import forward as forward_lib
+from adaptive_depth import host_memory
 from adaptive_depth import metrics as metrics_lib
 from adaptive_depth import model as model_lib
 from adaptive_depth import routers
@@ -277,7 +277,7 @@ def train_model(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # (0.56 GB for the quickstart), and steps page-fault through fresh memory again:
   # launch/train.py ran at 0.82 of the step alone that way. Accelerators keep async
   # dispatch: their buffers are not host heap, and the host's work overlaps theirs.
-  wait_for_each_step = (jax.devices()[0].platform == 'cpu' and host_memory.keeping())
+  wait_for_each_step = jax.devices()[0].platform == 'cpu' and host_memory.keeping()
   with _Preemption() as preemption:
     while step < num_steps:
       state, step_metrics = train_step(state, put_batch(next(train_data)))
