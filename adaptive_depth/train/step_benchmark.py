@@ -53,13 +53,24 @@ def _random_batch(config):
       jnp.int32)
 
 
-def _page_faults_per_step(compiled, args, steps: int = 3) -> float:
-  """Minor page faults of this process per call of `compiled`, over `steps` calls: each
-  one is a fresh page the step's buffers touched (see host_memory.py)."""
-  before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-  for _ in range(steps):
-    jax.block_until_ready(compiled(*args))
-  return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / steps
+class _FaultCountingStep:
+  """A compiled step that counts this process's minor page faults over each call (each one a
+  fresh page the step's buffers touched; see host_memory.py), so the faults reported are
+  those of the very calls that were timed."""
+
+  def __init__(self, compiled):
+    self._compiled = compiled
+    self.faults = []
+
+  def __call__(self, *args):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    out = jax.block_until_ready(self._compiled(*args))
+    self.faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    return out
+
+  def faults_per_timed_call(self) -> float:
+    """Mean faults per call, the warm-up call (the first) left out."""
+    return float(np.mean(self.faults[1:])) if len(self.faults) > 1 else float('nan')
 
 
 def memory_report(compiled, config) -> dict:
@@ -146,7 +157,8 @@ def run_step_benchmark(config, out_path: str, *, implementations: Sequence[str],
       json.dump(rows, f, indent=1)
     progress(f'Wrote {out_path}')
     return rows
-  timed = {name: (compiled, args) for name, (compiled, args, _) in programs.items()}
+  counting = {name: _FaultCountingStep(compiled) for name, (compiled, _, _) in programs.items()}
+  timed = {name: (counting[name], args) for name, (_, args, _) in programs.items()}
   for name, make_step in (reference_steps or {}).items():
     timed[name] = (make_step(np.asarray(batch)), ())
   try:
@@ -161,8 +173,7 @@ def run_step_benchmark(config, out_path: str, *, implementations: Sequence[str],
     for step, _ in timed.values():  # e.g. a reference step's child process
       if hasattr(step, 'close'):
         step.close()
-  faults = {name: _page_faults_per_step(compiled, args)
-            for name, (compiled, args, _) in programs.items()}
+  faults = {name: step.faults_per_timed_call() for name, step in counting.items()}
   # The same step's arithmetic, whoever runs it: XLA's count of the first implementation.
   flops_of = {name: flops for name, (_, _, flops) in programs.items()}
   same_step_flops = next(iter(flops_of.values()))
