@@ -104,7 +104,7 @@ def _rope_table(positions, head_dim: int, base: float):
 
   Left as plain elementwise operations, XLA (on CPU at least) fuses the cosine and sine
   into every consumer and recomputes them per head and per use, forward and backward: two
-  transcendental functions per element of q and k (27 fused cosines in the quickstart train
+  transcendental functions per element of q and k (16 fused cosines in the quickstart train
   step, which ran 1.07x faster once they were gone, on the 2-core CPU). A product with the
   identity is an operation XLA does not fuse into its consumers, so the table is computed
   once, and the layers that share the positions share it. HIGHEST precision keeps the product exact where float32 products would
