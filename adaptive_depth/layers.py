@@ -100,15 +100,16 @@ def rope_frequencies(head_dim: int, base: float) -> jnp.ndarray:
 
 
 def _rope_table(positions, head_dim: int, base: float):
-  """(cos, sin) of the rotary angles, each [B, T, head_dim // 2] float32, materialised once.
+  """(cos, sin) of the rotary angles, each [B, T, head_dim // 2] float32, materialised.
 
   Left as plain elementwise operations, XLA (on CPU at least) fuses the cosine and sine
   into every consumer and recomputes them per head and per use, forward and backward: two
-  transcendental functions per element of q and k (16 fused cosines in the quickstart train
-  step, which ran 1.07x faster once they were gone, on the 2-core CPU). A product with the
-  identity is an operation XLA does not fuse into its consumers, so the table is computed
-  once, and the layers that share the positions share it. HIGHEST precision keeps the product exact where float32 products would
-  otherwise round through bfloat16 (TPU).
+  transcendental functions per element of q and k, a large share of a small model's train
+  step on CPU (README, Scale). A product with the identity is an operation XLA does not
+  fuse into its consumers, so the table is computed once per forward pass and shared by
+  the layers with the same positions (lax.optimization_barrier did not stop the fusion: XLA
+  removes it first). HIGHEST precision: TPU would otherwise round a float32 product's
+  operands through bfloat16.
   """
   angles = positions.astype(jnp.float32)[..., None] * rope_frequencies(head_dim, base)
   table = jnp.concatenate([jnp.cos(angles), jnp.sin(angles)], axis=-1)

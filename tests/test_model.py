@@ -1,5 +1,6 @@
 """The model against an independent numpy implementation; shapes of large configs."""
 import dataclasses
+from unittest import mock
 
 import flax.linen as nn
 import jax
@@ -54,6 +55,18 @@ def test_rope_is_relative():
                                    layers.apply_rope(k, pos + shift, 1e4))
   np.testing.assert_allclose(score(0), score(37), atol=1e-4)
   assert not np.allclose(score(0)[..., 0, 1], score(0)[..., 0, 2])
+
+
+def test_rope_table_is_the_cosine_and_sine_exactly():
+  """The table passes through a product with the identity (so XLA does not recompute it in
+  every consumer): that product must change no bit, at positions up to a long context."""
+  positions = jnp.array([[0, 1, 7, 4095, 32767], [5, 3, 2, 1, 0]])
+  frequencies = layers.rope_frequencies(64, 1e4)  # fixed here: pow may round otherwise in jit
+  angles = positions.astype(jnp.float32)[..., None] * frequencies
+  with mock.patch.object(layers, 'rope_frequencies', lambda *_: frequencies):
+    cos, sin = jax.jit(layers._rope_table, static_argnums=(1, 2))(positions, 64, 1e4)
+  np.testing.assert_array_equal(np.asarray(cos), np.asarray(jnp.cos(angles)))
+  np.testing.assert_array_equal(np.asarray(sin), np.asarray(jnp.sin(angles)))
 
 
 @pytest.mark.parametrize('schedule,num_blocks,num_layers', [

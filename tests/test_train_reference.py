@@ -58,7 +58,7 @@ def test_train_benchmark_times_pytorch_and_the_whole_loop_beside_the_step(tmp_pa
   out = tmp_path / 'bench.json'
   lines = []
   rows = step_benchmark.run_step_benchmark(
-      config, str(out), implementations=['xla'], rounds=1, progress=lines.append,
+      config, str(out), implementations=['xla'], rounds=2, progress=lines.append,
       reference_steps={
           'pytorch': lambda batch: torch_train_reference.make_train_step(
               config.model, config.train, batch, threads=2),
@@ -74,6 +74,10 @@ def test_train_benchmark_times_pytorch_and_the_whole_loop_beside_the_step(tmp_pa
   # Page faults are counted in this process, so for the library's step and not for
   # PyTorch's (their effect is tested in test_host_memory.py).
   assert 'page_faults_per_step' in xla and 'page_faults_per_step' not in pytorch
+  # One count per timed call, one round before the whole run and one after: the warm-up
+  # call each half starts with is left out.
+  assert len(xla['page_faults_per_timed_call']) == 2
+  assert xla['page_faults_per_step'] == np.median(xla['page_faults_per_timed_call'])
   assert xla['speed_vs_pytorch'] == pytest.approx(pytorch['step_ms'] / xla['step_ms'])
   assert whole['fraction_of_step_alone'] == pytest.approx(
       whole['tokens_per_second'] / xla['tokens_per_second'])

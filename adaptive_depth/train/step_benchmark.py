@@ -30,7 +30,7 @@ from adaptive_depth.train import losses
 from adaptive_depth.train import state as state_lib
 
 
-def _compiled_step(config, rng_batch):
+def compiled_step(config, rng_batch):
   """(compiled step, its arguments, XLA's FLOP count) for config.model as it stands."""
   cfg = model_lib.ModelConfig.from_config(config.model)
   params = model_lib.init_params(cfg, jax.random.key(config.seed))
@@ -46,7 +46,7 @@ def _compiled_step(config, rng_batch):
   return compiled, (state, rng_batch), float((cost or {}).get('flops', 0.0))
 
 
-def _random_batch(config):
+def random_batch(config):
   """One fixed random batch [B, T + 1] of config.train.batch_size x config.data.seq_len."""
   return jnp.asarray(np.random.default_rng(0).integers(
       0, config.model.vocab_size, (config.train.batch_size, config.data.seq_len + 1)),
@@ -56,21 +56,31 @@ def _random_batch(config):
 class _FaultCountingStep:
   """A compiled step that counts this process's minor page faults over each call (each one a
   fresh page the step's buffers touched; see host_memory.py), so the faults reported are
-  those of the very calls that were timed."""
+  those of the very calls that were timed, warm-up calls left out."""
 
   def __init__(self, compiled):
     self._compiled = compiled
-    self.faults = []
+    self._skip_next = False
+    self.faults = []  # per timed call
+
+  def skip_next_call(self):
+    """Leaves the next call (timing.interleaved_seconds' warm-up) out of the count."""
+    self._skip_next = True
 
   def __call__(self, *args):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     out = jax.block_until_ready(self._compiled(*args))
-    self.faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    if not self._skip_next:
+      self.faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    self._skip_next = False
     return out
 
-  def faults_per_timed_call(self) -> float:
-    """Mean faults per call, the warm-up call (the first) left out."""
-    return float(np.mean(self.faults[1:])) if len(self.faults) > 1 else float('nan')
+
+def _timed_rounds(timed: dict, counting: dict, rounds: int) -> dict:
+  """timing.interleaved_seconds(timed, rounds), its warm-up calls left out of the faults."""
+  for step in counting.values():
+    step.skip_next_call()
+  return timing.interleaved_seconds(timed, rounds)
 
 
 def memory_report(compiled, config) -> dict:
@@ -135,7 +145,7 @@ def run_step_benchmark(config, out_path: str, *, implementations: Sequence[str],
     if problem:
       raise config_lib.ConfigError(problem)
   batch_size, seq_len = config.train.batch_size, config.data.seq_len
-  batch = _random_batch(config)
+  batch = random_batch(config)
   progress(f'Train step benchmark: batch {batch_size} x {seq_len}, {rounds} interleaved '
            f'rounds, on {jax.devices()[0].platform}')
   programs, memory = {}, {}
@@ -143,7 +153,7 @@ def run_step_benchmark(config, out_path: str, *, implementations: Sequence[str],
   try:
     for name in implementations:
       config.model.attention = name
-      programs[name] = _compiled_step(config, batch)
+      programs[name] = compiled_step(config, batch)
       memory[name] = memory_report(programs[name][0], config)
       progress(f'  {name:<22} compiled: {memory[name]["temp_bytes"] / 1e9:.2f} GB temporary '
                f'(every exit\'s logits at once: '
@@ -163,17 +173,17 @@ def run_step_benchmark(config, out_path: str, *, implementations: Sequence[str],
     timed[name] = (make_step(np.asarray(batch)), ())
   try:
     if whole_run_steps:
-      first_half = timing.interleaved_seconds(timed, (rounds + 1) // 2)
+      first_half = _timed_rounds(timed, counting, (rounds + 1) // 2)
       whole = _whole_run_tokens_per_second(config, whole_run_steps, progress)
-      second_half = timing.interleaved_seconds(timed, rounds // 2) if rounds > 1 else {}
+      second_half = _timed_rounds(timed, counting, rounds // 2) if rounds > 1 else {}
       times = {k: first_half[k] + second_half.get(k, []) for k in timed}
     else:
-      times = timing.interleaved_seconds(timed, rounds)
+      times = _timed_rounds(timed, counting, rounds)
   finally:
     for step, _ in timed.values():  # e.g. a reference step's child process
       if hasattr(step, 'close'):
         step.close()
-  faults = {name: step.faults_per_timed_call() for name, step in counting.items()}
+  faults = {name: step.faults for name, step in counting.items()}
   # The same step's arithmetic, whoever runs it: XLA's count of the first implementation.
   flops_of = {name: flops for name, (_, _, flops) in programs.items()}
   same_step_flops = next(iter(flops_of.values()))
@@ -186,7 +196,8 @@ def run_step_benchmark(config, out_path: str, *, implementations: Sequence[str],
                  'step_ms': 1e3 * seconds, 'tokens_per_second': batch_size * seq_len / seconds,
                  'flops_per_step': flops, 'flops_per_second': flops / seconds,
                  'rounds': rounds, 'batch': batch_size, 'seq_len': seq_len,
-                 **({'page_faults_per_step': faults[name]} if name in faults else {}),
+                 **({'page_faults_per_step': float(np.median(faults[name])),
+                     'page_faults_per_timed_call': faults[name]} if name in faults else {}),
                  **memory.get(name, {})})
   for row in rows:
     for reference in reference_steps or {}:
@@ -195,7 +206,7 @@ def run_step_benchmark(config, out_path: str, *, implementations: Sequence[str],
     name = row['implementation']
     compared = ''.join(f'  {row[f"speed_vs_{r}"]:.2f}x {r}\'s speed'
                        for r in reference_steps or {} if r != name)
-    faulted = (f'  {row["page_faults_per_step"]:,.0f} page faults/step'
+    faulted = (f'  {row["page_faults_per_step"]:,.0f} page faults/step (median)'
                if 'page_faults_per_step' in row else '')
     progress(f'  {name:<22} {row["step_ms"]:7.1f} ms/step  '
              f'{row["tokens_per_second"]:7.0f} tokens/s  '
@@ -234,11 +245,11 @@ def full_recursion_benchmark(config, out_path: str, *, rounds: int = 5,
   full = config.copy_and_resolve_references()
   full.model.mor.capacities = ','.join(['1'] * mor.recursions)
   batch_size, seq_len = config.train.batch_size, config.data.seq_len
-  batch = _random_batch(config)
+  batch = random_batch(config)
   progress(f'MoR train step, routed vs every token through every recursion: batch '
            f'{batch_size} x {seq_len}, {rounds} interleaved rounds, on '
            f'{jax.devices()[0].platform}')
-  programs = {'routed': _compiled_step(config, batch), 'full': _compiled_step(full, batch)}
+  programs = {'routed': compiled_step(config, batch), 'full': compiled_step(full, batch)}
   times = timing.interleaved_seconds({k: (c, a) for k, (c, a, _) in programs.items()}, rounds)
   ms = {k: 1e3 * float(np.median(v)) for k, v in times.items()}
   cfg = model_lib.ModelConfig.from_config(config.model)
