@@ -74,7 +74,7 @@ def _grouped(rows, key) -> dict:
   totals = collections.Counter()
   for row in rows:
     totals[row[key]] += row['ms']
-  return {name: round(ms, 2) for name, ms in totals.most_common()}
+  return dict(totals.most_common())
 
 
 def profile_step(config, out_dir: str, *, steps: int = 3, top: int = 20,
@@ -115,11 +115,10 @@ def profile_step(config, out_dir: str, *, steps: int = 3, top: int = 20,
   step_ms = (max(e['ts'] + e['dur'] for e in ops) - min(e['ts'] for e in ops)) / 1e3 / steps
   report = {'batch': config.train.batch_size, 'seq_len': config.data.seq_len,
             'attention': config.model.attention, 'steps': steps,
-            'traced_step_ms': round(step_ms, 2),
-            'operations_ms': round(sum(row['ms'] for row in rows), 2),
+            'traced_step_ms': step_ms, 'operations_ms': sum(row['ms'] for row in rows),
             'by_pass': _grouped(rows, 'pass'), 'by_part': _grouped(rows, 'part'),
             'by_kind': _grouped(rows, 'kind'),
-            'slowest': [{**row, 'ms': round(row['ms'], 3)} for row in rows[:top]]}
+            'slowest': rows[:top]}
   with open(os.path.join(out_dir, 'profile.json'), 'w') as f:
     json.dump(report, f, indent=1)
   progress(f'  step {report["traced_step_ms"]:.1f} ms traced; operations '
