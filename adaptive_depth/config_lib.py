@@ -100,6 +100,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.loss_chunk_tokens = 0   # > 0: the multi-exit loss in chunks of this many positions,
                                   # never holding exits x tokens x vocab logits (large vocabularies)
   c.train.trainable = 'all'       # 'all' | 'exit_heads' (trunk frozen: only exit heads train)
+  c.train.batch_splits = 0        # the batch as this many independent parts in one step (same
+                                  # gradient); 0: 2 on a single CPU device, where XLA then runs
+                                  # the parts' operations side by side on the cores, else 1
   c.train.init_from = ''          # a workdir: start from its latest checkpoint's parameters
   c.train.log_every = 25
   c.train.progress_bar = True
@@ -242,6 +245,12 @@ def _value_problems(c) -> list[str]:
     p.append(f'config.seed={c.seed}: must be >= 0')
   if m.head_dim < 0:
     p.append(f'config.model.head_dim={m.head_dim}: must be >= 0 (0 = width // num_heads)')
+  if t.batch_splits < 0:
+    p.append(f'config.train.batch_splits={t.batch_splits}: must be >= 0 (0 = automatic, '
+             '1 = the whole batch at once)')
+  elif t.batch_splits > 1 and t.batch_size % t.batch_splits:
+    p.append(f'config.train.batch_splits={t.batch_splits} must divide '
+             f'config.train.batch_size={t.batch_size}')
   if t.loss_chunk_tokens < 0:
     p.append(f'config.train.loss_chunk_tokens={t.loss_chunk_tokens}: must be >= 0 '
              '(0 = the whole sequence at once)')

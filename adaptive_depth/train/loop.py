@@ -43,16 +43,48 @@ def _global_norm(tree):
   return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))
 
 
+def batch_splits(config, cfg: model_lib.ModelConfig) -> int:
+  """config.train.batch_splits with 0 (automatic) resolved: 2 on a single CPU device when
+  the batch is even, else 1. On CPU, XLA runs most of a step's operations on one thread
+  each, side by side where they do not depend on each other; two independent halves of the
+  batch give it that work (README, Scale). Accelerators and meshes gain nothing from it. Raises ConfigError for a split of a
+  Mixture-of-Recursions model, whose routing is over the whole batch."""
+  splits = config.train.batch_splits
+  if cfg.routing is not None:
+    if splits > 1:
+      raise config_lib.ConfigError(
+          f'config.train.batch_splits={splits}: a Mixture-of-Recursions model routes over '
+          'the whole batch; allowed: 0 or 1')
+    return 1
+  if splits:
+    return splits
+  single_cpu = jax.device_count() == 1 and jax.default_backend() == 'cpu'
+  return 2 if single_cpu and config.train.batch_size % 2 == 0 else 1
+
+
 def make_train_step(cfg: model_lib.ModelConfig, tx, weights, constrain, *,
-                    exit_loss: str = 'lm', trainable: str = 'all', loss_chunk_tokens: int = 0):
+                    exit_loss: str = 'lm', trainable: str = 'all', loss_chunk_tokens: int = 0,
+                    splits: int = 1):
   """(state, batch [B, T+1]) -> (state, metrics); pure, for jax.jit. loss_chunk_tokens > 0:
   the multi-exit loss over chunks of that many positions, never holding every exit's
-  logits at once (losses.chunked_multi_exit_loss)."""
+  logits at once (losses.chunked_multi_exit_loss). splits > 1: the loss as the mean of that
+  many independent equal parts of the batch (the same loss and gradient; see batch_splits).
+  A Mixture-of-Recursions model takes splits=1 only."""
   def train_step(state, batch):
-    inputs, targets = batch[:, :-1], batch[:, 1:]
-
     def loss_fn(trained, frozen):
       params = {**frozen, **trained}
+      if splits == 1:
+        return part_loss(params, batch)
+      # Each part traced on its own (not vmapped), so that the parts stay independent
+      # operations the compiler can run side by side.
+      results = [part_loss(params, part) for part in jnp.split(batch, splits)]
+      loss = sum(loss for loss, _ in results) / splits
+      exit_loss_, exit_acc, _ = jax.tree.map(lambda *x: sum(x) / splits,
+                                             *[aux for _, aux in results])
+      return loss, (exit_loss_, exit_acc, {})
+
+    def part_loss(params, part):  # part: [b, T+1]
+      inputs, targets = part[:, :-1], part[:, 1:]
       out = forward_lib.forward_outputs(cfg, params, inputs, constrain)
       if loss_chunk_tokens:
         heads = lambda h: model_lib.head_logits(cfg, params, h, exit_heads.ALL_EXITS)
@@ -176,6 +208,7 @@ def train_model(config: ml_collections.ConfigDict, workdir: str) -> dict:
   wall_start = time.perf_counter()
   config_lib.validate(config)
   cfg = model_lib.ModelConfig.from_config(config.model)
+  splits = batch_splits(config, cfg)
   mesh = sharding.make_mesh(config.mesh)
   batch_split = mesh.shape['data'] * mesh.shape['fsdp']
   for key in ('train', 'eval'):
@@ -216,7 +249,8 @@ def train_model(config: ml_collections.ConfigDict, workdir: str) -> dict:
   train_step = jax.jit(make_train_step(cfg, tx, weights, constrain,
                                        exit_loss=config.train.exit_loss,
                                        trainable=config.train.trainable,
-                                       loss_chunk_tokens=config.train.loss_chunk_tokens),
+                                       loss_chunk_tokens=config.train.loss_chunk_tokens,
+                                       splits=splits),
                        in_shardings=(shardings, batch_sharding),
                        out_shardings=(shardings, sharding.replicated(mesh)),
                        donate_argnums=0)
@@ -244,7 +278,8 @@ def train_model(config: ml_collections.ConfigDict, workdir: str) -> dict:
   tokens_per_step = config.train.batch_size * config.data.seq_len
   print(f'Model: {num_params:,} parameters, {cfg.num_layers} steps over {cfg.num_blocks} '
         f'blocks ({cfg.schedule}), exits at depths {list(cfg.exit_depths)}; '
-        f'mesh {dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} device(s)',
+        f'mesh {dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} device(s)'
+        + (f'; each batch as {splits} parts (config.train.batch_splits)' if splits > 1 else ''),
         flush=True)
 
   writer = metrics_lib.EventWriter(workdir, purge_step=start_step + 1 if latest else None)

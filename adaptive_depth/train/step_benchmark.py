@@ -39,7 +39,8 @@ def compiled_step(config, rng_batch):
   weights = losses.exit_loss_weights(config.train.exit_loss_weights, cfg.exit_depths)
   step = loop.make_train_step(cfg, tx, weights, lambda x: x, exit_loss=config.train.exit_loss,
                               trainable=config.train.trainable,
-                              loss_chunk_tokens=config.train.loss_chunk_tokens)
+                              loss_chunk_tokens=config.train.loss_chunk_tokens,
+                              splits=loop.batch_splits(config, cfg))
   compiled = jax.jit(step).lower(state, rng_batch).compile()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # a list in older jax
