@@ -1,10 +1,10 @@
 """Host memory: keep freed memory mapped, so a compiled step does not page-fault every call.
 
 XLA on CPU allocates each execution's temporary buffer afresh (the quickstart's train step:
-one 572 MB block) and frees it at the end. glibc serves a block that large from its own
-`mmap` and returns it with `munmap`, so every step touches fresh pages: about 140,000 minor
-page faults and a third of a CPU-second of kernel time per step on the 2-core CPU, where the
-whole step takes 0.6-0.8 s. Big blocks made by XLA's worker threads go to `mmap` even when
+one block of about 0.5 GB) and frees it at the end. glibc serves a block that large from its
+own `mmap` and returns it with `munmap`, so every step touches fresh pages: when measured,
+about 140,000 minor page faults and a third of a CPU-second of kernel time per step on a
+2-core CPU, where the whole step took 0.6-0.8 s. Big blocks made by XLA's worker threads go to `mmap` even when
 glibc's mmap threshold is raised, because those threads allocate from arenas of their own.
 
 `keep_freed_memory()` sets three glibc malloc options: one arena (every thread allocates from

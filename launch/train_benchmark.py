@@ -9,7 +9,8 @@ PyTorch runs in processes of its own, twice: as it runs by default ('pytorch') a
 malloc settings this library makes at import ('pytorch_keep_malloc'; see
 adaptive_depth/host_memory.py).
 --whole_run_steps=N also runs the training loop itself (data pipeline, logging, checkpoints)
-and reports its tokens/s as a fraction of the step alone.
+and reports its tokens/s as a fraction of the step alone. --batch_splits=1,2 times each
+implementation with the batch whole and in two parts (config.train.batch_splits).
 --full_recursion (a Mixture-of-Recursions config, expert choice) instead times the routed step
 against the same model with every token running every recursion, beside the FLOP ratio
 adaptive_depth.costs predicts:
@@ -43,6 +44,9 @@ _TORCH_THREADS = flags.DEFINE_integer('torch_threads', len(os.sched_getaffinity(
 _WHOLE_RUN_STEPS = flags.DEFINE_integer(
     'whole_run_steps', 0, 'Also run the training loop of launch/train.py for this many steps '
     '(between two halves of the rounds) and compare its tokens/s with the step alone.')
+_BATCH_SPLITS = flags.DEFINE_string(
+    'batch_splits', '', 'Comma-separated values of config.train.batch_splits to time each '
+    'implementation under, in the same rounds (default: the config\'s own).')
 _FULL_RECURSION = flags.DEFINE_bool(
     'full_recursion', False, 'MoR: time the routed train step against every token running '
     'every recursion (ignores --attention, --torch, --whole_run_steps).')
@@ -67,7 +71,9 @@ def main(argv):
       config, _OUT.value,
       implementations=config_lib.parse_list(_ATTENTION.value, str, '--attention'),
       rounds=_ROUNDS.value, reference_steps=references,
-      whole_run_steps=_WHOLE_RUN_STEPS.value)
+      whole_run_steps=_WHOLE_RUN_STEPS.value,
+      batch_splits=(config_lib.parse_list(_BATCH_SPLITS.value, int, '--batch_splits')
+                    if _BATCH_SPLITS.value else ()))
 
 
 if __name__ == '__main__':

@@ -44,11 +44,12 @@ def _global_norm(tree):
 
 
 def batch_splits(config, cfg: model_lib.ModelConfig) -> int:
-  """config.train.batch_splits with 0 (automatic) resolved: 2 on a single CPU device when
-  the batch is even, else 1. On CPU, XLA runs most of a step's operations on one thread
-  each, side by side where they do not depend on each other; two independent halves of the
-  batch give it that work (README, Scale). Accelerators and meshes gain nothing from it. Raises ConfigError for a split of a
-  Mixture-of-Recursions model, whose routing is over the whole batch."""
+  """config.train.batch_splits with 0 (automatic) resolved: 2 on a single CPU device
+  when the batch is even, else 1. On CPU, XLA runs most of a step's operations on one
+  thread each, side by side where they do not depend on each other; two independent halves
+  of the batch give it that work (README, Scale). Accelerators and meshes gain nothing from
+  it. Raises ConfigError for a split of a Mixture-of-Recursions model, whose routing is
+  over the whole batch."""
   splits = config.train.batch_splits
   if cfg.routing is not None:
     if splits > 1:
@@ -70,6 +71,9 @@ def make_train_step(cfg: model_lib.ModelConfig, tx, weights, constrain, *,
   logits at once (losses.chunked_multi_exit_loss). splits > 1: the loss as the mean of that
   many independent equal parts of the batch (the same loss and gradient; see batch_splits).
   A Mixture-of-Recursions model takes splits=1 only."""
+  if splits > 1 and cfg.routing is not None:
+    raise config_lib.ConfigError(f'batch splits={splits}: a Mixture-of-Recursions model '
+                                 'routes over the whole batch; allowed: 1')
   def train_step(state, batch):
     def loss_fn(trained, frozen):
       params = {**frozen, **trained}
@@ -211,6 +215,10 @@ def train_model(config: ml_collections.ConfigDict, workdir: str) -> dict:
   splits = batch_splits(config, cfg)
   mesh = sharding.make_mesh(config.mesh)
   batch_split = mesh.shape['data'] * mesh.shape['fsdp']
+  if splits > 1 and (config.train.batch_size // splits) % batch_split:
+    raise config_lib.ConfigError(
+        f'config.train.batch_splits={splits}: each part ({config.train.batch_size // splits} '
+        f'rows) must be divisible by the mesh data x fsdp size ({batch_split}); set it to 1')
   for key in ('train', 'eval'):
     if config[key].batch_size % batch_split:
       raise config_lib.ConfigError(
@@ -309,7 +317,7 @@ def train_model(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # On CPU, with host_memory's malloc settings, each step is waited for before the host goes
   # on. Left to run ahead, the host makes the next batch and dispatches the next step while
   # this one runs; its allocations then fragment the heap around the step's temporary buffer
-  # (0.56 GB for the quickstart), and steps page-fault through fresh memory again:
+  # (about 0.5 GB for the quickstart), and steps page-fault through fresh memory again:
   # launch/train.py ran at 0.82 of the step alone that way. Accelerators keep async
   # dispatch: their buffers are not host heap, and the host's work overlaps theirs.
   wait_for_each_step = jax.devices()[0].platform == 'cpu' and host_memory.keeping()

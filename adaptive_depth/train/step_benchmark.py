@@ -115,8 +115,11 @@ def _whole_run_tokens_per_second(config, steps: int, progress) -> float:
 def run_step_benchmark(config, out_path: str, *, implementations: Sequence[str],
                        rounds: int = 5, progress: Callable[[str], None] = print,
                        reference_steps: Optional[dict] = None,
-                       whole_run_steps: int = 0) -> list:
+                       whole_run_steps: int = 0, batch_splits: Sequence[int] = ()) -> list:
   """Times the train step under each implementation; writes the rows to out_path (JSON).
+
+  batch_splits: values of config.train.batch_splits to time each implementation under (one
+  row each, 'NAME, K parts'; default: the config's own), in the same interleaved rounds.
 
   reference_steps: {name: make_step(batch [B, T + 1] numpy) -> no-argument callable running
   one step}, other implementations of the same step (launch/train_benchmark.py --torch: the
@@ -132,6 +135,11 @@ def run_step_benchmark(config, out_path: str, *, implementations: Sequence[str],
                                  'memory only)')
   if not implementations:
     raise config_lib.ConfigError('--attention: name at least one implementation')
+  for splits in batch_splits:
+    if splits < 0 or (splits > 1 and config.train.batch_size % splits):
+      raise config_lib.ConfigError(
+          f'--batch_splits={list(batch_splits)}: each must be 0 (automatic), 1, or divide '
+          f'config.train.batch_size={config.train.batch_size}')
   if not rounds and (reference_steps or whole_run_steps):
     raise config_lib.ConfigError('--rounds=0 compiles only: it times nothing, so --torch and '
                                  '--whole_run_steps need --rounds >= 1')
@@ -149,21 +157,26 @@ def run_step_benchmark(config, out_path: str, *, implementations: Sequence[str],
   batch = random_batch(config)
   progress(f'Train step benchmark: batch {batch_size} x {seq_len}, {rounds} interleaved '
            f'rounds, on {jax.devices()[0].platform}')
-  programs, memory = {}, {}
-  chosen = config.model.attention
+  cfg = model_lib.ModelConfig.from_config(config.model)
+  programs, memory, attention_of, splits_of = {}, {}, {}, {}
+  chosen, chosen_splits = config.model.attention, config.train.batch_splits
   try:
     for name in implementations:
-      config.model.attention = name
-      programs[name] = compiled_step(config, batch)
-      memory[name] = memory_report(programs[name][0], config)
-      progress(f'  {name:<22} compiled: {memory[name]["temp_bytes"] / 1e9:.2f} GB temporary '
-               f'(every exit\'s logits at once: '
-               f'{memory[name]["all_exit_logits_bytes"] / 1e9:.2f} GB)')
-  finally:
-    config.model.attention = chosen  # the caller's config as it was
+      for splits in batch_splits or [chosen_splits]:
+        label = f'{name}, {splits} part{"s" * (splits != 1)}' if batch_splits else name
+        config.model.attention, config.train.batch_splits = name, splits
+        programs[label] = compiled_step(config, batch)
+        memory[label] = memory_report(programs[label][0], config)
+        attention_of[label], splits_of[label] = name, loop.batch_splits(config, cfg)
+        progress(f'  {label:<22} compiled: {memory[label]["temp_bytes"] / 1e9:.2f} GB '
+                 f'temporary (every exit\'s logits at once: '
+                 f'{memory[label]["all_exit_logits_bytes"] / 1e9:.2f} GB)')
+  finally:  # the caller's config as it was
+    config.model.attention, config.train.batch_splits = chosen, chosen_splits
   if not rounds:  # compile only: the memory each step needs
-    rows = [{'implementation': name, 'attention': name, 'batch': batch_size,
-             'seq_len': seq_len, **memory[name]} for name in programs]
+    rows = [{'implementation': label, 'attention': attention_of[label],
+             'batch_splits': splits_of[label], 'batch': batch_size, 'seq_len': seq_len,
+             **memory[label]} for label in programs]
     with open(out_path, 'w') as f:
       json.dump(rows, f, indent=1)
     progress(f'Wrote {out_path}')
@@ -192,8 +205,10 @@ def run_step_benchmark(config, out_path: str, *, implementations: Sequence[str],
   for name in timed:
     flops = flops_of.get(name, same_step_flops)
     seconds = float(np.median(times[name]))
-    rows.append({'attention': name if name in programs else None, 'implementation': name,
-                 'resolved': attention_lib.resolve(name) if name in programs else name,
+    rows.append({'attention': attention_of.get(name), 'implementation': name,
+                 'batch_splits': splits_of.get(name),
+                 'resolved': (attention_lib.resolve(attention_of[name]) if name in programs
+                              else name),
                  'step_ms': 1e3 * seconds, 'tokens_per_second': batch_size * seq_len / seconds,
                  'flops_per_step': flops, 'flops_per_second': flops / seconds,
                  'rounds': rounds, 'batch': batch_size, 'seq_len': seq_len,
@@ -213,8 +228,10 @@ def run_step_benchmark(config, out_path: str, *, implementations: Sequence[str],
              f'{row["tokens_per_second"]:7.0f} tokens/s  '
              f'{row["flops_per_second"] / 1e9:6.1f} GFLOP/s (XLA count){faulted}{compared}')
   if whole_run_steps:
-    chosen = attention_lib.resolve(config.model.attention)
-    step_alone = next((r for r in rows if r['resolved'] == chosen), rows[0])
+    # The row of the step launch/train.py runs: the config's attention and batch split.
+    chosen = (attention_lib.resolve(config.model.attention), loop.batch_splits(config, cfg))
+    step_alone = next((r for r in rows if (r['resolved'], r['batch_splits']) == chosen),
+                      rows[0])
     rows.append({'implementation': 'launch/train.py', 'attention': config.model.attention,
                  'steps': whole_run_steps, 'tokens_per_second': whole,
                  'fraction_of_step_alone': whole / step_alone['tokens_per_second'],
