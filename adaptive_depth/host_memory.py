@@ -4,8 +4,9 @@ XLA on CPU allocates each execution's temporary buffer afresh (the quickstart's 
 one block of about 0.5 GB) and frees it at the end. glibc serves a block that large from its
 own `mmap` and returns it with `munmap`, so every step touches fresh pages: when measured,
 about 140,000 minor page faults and a third of a CPU-second of kernel time per step on a
-2-core CPU, where the whole step took 0.6-0.8 s. Big blocks made by XLA's worker threads go to `mmap` even when
-glibc's mmap threshold is raised, because those threads allocate from arenas of their own.
+2-core CPU, where the whole step took 0.6-0.8 s. Big blocks made by XLA's worker threads go
+to `mmap` even when glibc's mmap threshold is raised, because those threads allocate from
+arenas of their own.
 
 `keep_freed_memory()` sets three glibc malloc options: one arena (every thread allocates from
 the main heap), no `mmap` for big blocks, and no trimming of the heap's free top. The block

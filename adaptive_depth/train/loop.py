@@ -43,22 +43,26 @@ def _global_norm(tree):
   return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))
 
 
+def _refuse_split_of_routed_model(splits: int, cfg: model_lib.ModelConfig) -> None:
+  if splits > 1 and cfg.routing is not None:
+    raise config_lib.ConfigError(
+        f'config.train.batch_splits={splits}: a Mixture-of-Recursions model routes over the '
+        'whole batch; allowed: 0 (automatic) or 1')
+
+
 def batch_splits(config, cfg: model_lib.ModelConfig) -> int:
   """config.train.batch_splits with 0 (automatic) resolved: 2 on a single CPU device
   when the batch is even, else 1. On CPU, XLA runs most of a step's operations on one
   thread each, side by side where they do not depend on each other; two independent halves
   of the batch give it that work (README, Scale). Accelerators and meshes gain nothing from
-  it. Raises ConfigError for a split of a Mixture-of-Recursions model, whose routing is
-  over the whole batch."""
+  it, nor a Mixture-of-Recursions model, whose routing is over the whole batch (an explicit
+  split of one is refused, here and by make_train_step)."""
   splits = config.train.batch_splits
-  if cfg.routing is not None:
-    if splits > 1:
-      raise config_lib.ConfigError(
-          f'config.train.batch_splits={splits}: a Mixture-of-Recursions model routes over '
-          'the whole batch; allowed: 0 or 1')
-    return 1
+  _refuse_split_of_routed_model(splits, cfg)
   if splits:
     return splits
+  if cfg.routing is not None:
+    return 1
   single_cpu = jax.device_count() == 1 and jax.default_backend() == 'cpu'
   return 2 if single_cpu and config.train.batch_size % 2 == 0 else 1
 
@@ -71,9 +75,8 @@ def make_train_step(cfg: model_lib.ModelConfig, tx, weights, constrain, *,
   logits at once (losses.chunked_multi_exit_loss). splits > 1: the loss as the mean of that
   many independent equal parts of the batch (the same loss and gradient; see batch_splits).
   A Mixture-of-Recursions model takes splits=1 only."""
-  if splits > 1 and cfg.routing is not None:
-    raise config_lib.ConfigError(f'batch splits={splits}: a Mixture-of-Recursions model '
-                                 'routes over the whole batch; allowed: 1')
+  _refuse_split_of_routed_model(splits, cfg)
+
   def train_step(state, batch):
     def loss_fn(trained, frozen):
       params = {**frozen, **trained}

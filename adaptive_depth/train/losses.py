@@ -27,24 +27,28 @@ def exit_loss_weights(kind: str, exit_depths: Sequence[int]) -> np.ndarray:
   return (w / w.sum()).astype(np.float32)
 
 
+def _log_probs_nll_correct(logits, targets):
+  """logits: [E, ..., V]; targets: [...] int -> (log-probabilities [E, ..., V], cross
+  entropy [E, ...], argmax correct [E, ...] float32)."""
+  log_probs = jax.nn.log_softmax(logits, axis=-1)
+  nll = -jnp.take_along_axis(log_probs, targets[None, ..., None], axis=-1)[..., 0]
+  correct = (jnp.argmax(logits, axis=-1) == targets[None]).astype(jnp.float32)
+  return log_probs, nll, correct
+
+
 def per_exit_token_losses(logits, targets):
   """Cross entropy and argmax correctness per exit and token.
 
   logits: [E, B, T, V] float32; targets: [B, T] int.
   Returns (nll [E, B, T], correct [E, B, T] float32).
   """
-  log_probs = jax.nn.log_softmax(logits, axis=-1)
-  nll = -jnp.take_along_axis(log_probs, targets[None, ..., None], axis=-1)[..., 0]
-  correct = (jnp.argmax(logits, axis=-1) == targets[None]).astype(jnp.float32)
-  return nll, correct
+  return _log_probs_nll_correct(logits, targets)[1:]
 
 
 def _token_terms(logits, targets, kind: str):
   """Per exit and token: (objective, cross entropy, argmax correct), each [E, ...].
   logits: [E, ..., V]; targets: [...]. The objectives of multi_exit_loss's kinds."""
-  log_probs = jax.nn.log_softmax(logits, axis=-1)
-  nll = -jnp.take_along_axis(log_probs, targets[None, ..., None], axis=-1)[..., 0]
-  correct = (jnp.argmax(logits, axis=-1) == targets[None]).astype(jnp.float32)
+  log_probs, nll, correct = _log_probs_nll_correct(logits, targets)
   if kind == 'lm':
     return nll, nll, correct
   if kind in ('distill', 'lm_distill'):

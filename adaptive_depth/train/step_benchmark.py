@@ -135,11 +135,14 @@ def run_step_benchmark(config, out_path: str, *, implementations: Sequence[str],
                                  'memory only)')
   if not implementations:
     raise config_lib.ConfigError('--attention: name at least one implementation')
-  for splits in batch_splits:
-    if splits < 0 or (splits > 1 and config.train.batch_size % splits):
-      raise config_lib.ConfigError(
-          f'--batch_splits={list(batch_splits)}: each must be 0 (automatic), 1, or divide '
-          f'config.train.batch_size={config.train.batch_size}')
+  for splits in batch_splits:  # each value checked as the config key it sets
+    trial = config.copy_and_resolve_references()
+    with trial.unlocked():
+      trial.train.batch_splits = splits
+    try:
+      config_lib.validate(trial)
+    except config_lib.ConfigError as e:
+      raise config_lib.ConfigError(f'--batch_splits={splits}: {e}') from None
   if not rounds and (reference_steps or whole_run_steps):
     raise config_lib.ConfigError('--rounds=0 compiles only: it times nothing, so --torch and '
                                  '--whole_run_steps need --rounds >= 1')
