@@ -71,3 +71,20 @@ def test_chunk_lengths_that_do_not_divide_are_refused():
     ad.config_lib.validate(config)
   assert losses.chunk_length(32, 24) == 16
 
+
+
+def test_correctness_is_the_argmax_and_a_tie_counts_for_every_tied_target():
+  rng = np.random.default_rng(3)
+  logits = rng.normal(size=(3, 2, 5, 11)).astype(np.float32)
+  targets = rng.integers(0, 11, (2, 5))
+  targets[0, :3] = logits[-1, 0, :3].argmax(-1)  # some correct tokens at the last exit
+  nll, correct = losses.per_exit_token_losses(jnp.asarray(logits), jnp.asarray(targets))
+  np.testing.assert_array_equal(np.asarray(correct), logits.argmax(-1) == targets[None])
+  shifted = logits - logits.max(-1, keepdims=True)
+  expected_nll = -np.take_along_axis(
+      shifted - np.log(np.exp(shifted).sum(-1, keepdims=True)), targets[None, ..., None], -1)
+  np.testing.assert_allclose(np.asarray(nll), expected_nll[..., 0], rtol=1e-5)
+  tied = np.zeros((1, 1, 1, 4), np.float32)
+  tied[..., 1] = tied[..., 3] = 2.0  # argmax is index 1; index 3 ties with it
+  _, correct = losses.per_exit_token_losses(jnp.asarray(tied), jnp.asarray([[3]]))
+  assert float(correct[0, 0, 0]) == 1.0
