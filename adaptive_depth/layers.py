@@ -256,6 +256,33 @@ class Attention(nn.Module):
     return projected, own_kv
 
 
+@jax.custom_vjp
+def gated_silu(gate, up):
+  """silu(gate) * up, elementwise, with a gradient that keeps only gate and up.
+
+  Differentiated through, the product saved sigmoid(gate) and silu(gate) as well and read
+  them back in separate passes; on the CPU each pass over a [B, T, mlp] tensor is about as
+  long as a third of the matrix product beside it. Here the forward is one pass and the
+  backward one pass that recomputes the sigmoid.
+  """
+  return jax.nn.silu(gate) * up
+
+
+def _gated_silu_forward(gate, up):
+  return gated_silu(gate, up), (gate, up)
+
+
+def _gated_silu_backward(saved, grad):
+  gate, up = saved
+  sigmoid = jax.nn.sigmoid(gate)
+  silu = gate * sigmoid
+  # d silu / d gate = sigmoid + silu * (1 - sigmoid)
+  return grad * up * (sigmoid + silu * (1 - sigmoid)), grad * silu
+
+
+gated_silu.defvjp(_gated_silu_forward, _gated_silu_backward)
+
+
 class SwiGLU(nn.Module):
   """down(silu(gate(x)) * up(x)). x: [B, T, D] -> [B, T, D]."""
   config: BlockConfig
@@ -278,7 +305,7 @@ class SwiGLU(nn.Module):
       if row_lora is not None:
         out = out + row_lora_delta(x, row_lora[name], 1, out.shape[2:])
       return out
-    hidden = jax.nn.silu(project(x, gate, 'gate')) * project(x, up, 'up')
+    hidden = gated_silu(project(x, gate, 'gate'), project(x, up, 'up'))
     return project(hidden, down, 'down')
 
 
