@@ -33,8 +33,8 @@ def _log_probs_nll_correct(logits, targets):
 
   A token counts as correct when its target's logit is the row's maximum: argmax == target
   except where the maximum is tied (then any tied target counts). jnp.argmax is a
-  (value, index) reduction that XLA's CPU backend does not vectorise (2-3% of the quickstart
-  step); the maximum is the one log_softmax computes anyway.
+  (value, index) reduction that XLA's CPU backend does not vectorise (about 2% of the
+  quickstart step); the maximum is the one log_softmax computes anyway.
   """
   log_probs = jax.nn.log_softmax(logits, axis=-1)
   target_index = targets[None, ..., None]
