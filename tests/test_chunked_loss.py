@@ -72,7 +72,6 @@ def test_chunk_lengths_that_do_not_divide_are_refused():
   assert losses.chunk_length(32, 24) == 16
 
 
-
 def test_correctness_is_the_argmax_and_a_tie_counts_for_every_tied_target():
   rng = np.random.default_rng(3)
   logits = rng.normal(size=(3, 2, 5, 11)).astype(np.float32)
