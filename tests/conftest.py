@@ -10,7 +10,10 @@
   speed, not results. Tests marked `pretrained` (a real 135M-parameter model, where running
   time dominates) compile with the optimisations on.
 * On jaxlib 0.10 (where the flag is known), XLA's older CPU emitters instead of its fusion
-  emitters: they compile the tiny test programs in about half the time.
+  emitters, for every program of the session (the flag is read once per process, so the
+  `pretrained` tests too) and for subprocesses that inherit XLA_FLAGS: they compile the
+  tiny test programs in about half the time. Users' runs keep the fusion emitters; the
+  tests check results, which do not depend on the emitter.
 * One persistent compilation cache per session, shared with subprocesses.
 * Under pytest-xdist with several workers, XLA runs each worker's programs on one thread.
 """
