@@ -13,12 +13,18 @@
   emitters, for every program of the session (the flag is read once per process, so the
   `pretrained` tests too) and for subprocesses that inherit XLA_FLAGS: they compile the
   tiny test programs in about half the time. Users' runs keep the fusion emitters; the
-  tests check results, which do not depend on the emitter.
+  emitter changes speed and, at most, rounding, which the tests' tolerances allow for (exact
+  comparisons compare two programs compiled alike).
 * One persistent compilation cache per session, shared with subprocesses.
 * Under pytest-xdist with several workers, XLA runs each worker's programs on one thread.
 """
 import importlib.metadata
 import os
+
+
+def _add_xla_flag(flag: str):
+  os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' ' + flag).strip()
+
 
 os.environ.setdefault('JAX_DISABLE_MOST_OPTIMIZATIONS', '1')
 if importlib.metadata.version('jaxlib').startswith('0.10.'):
@@ -26,12 +32,10 @@ if importlib.metadata.version('jaxlib').startswith('0.10.'):
   # program as the older elemental emitters (4.6 s against 2.4 s for a tiny MoR decode, on
   # 2 cores), and compiling is most of this suite's time. Only where the flag is known: an
   # unknown XLA flag aborts the process.
-  os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
-                             ' --xla_cpu_use_fusion_emitters=false').strip()
+  _add_xla_flag('--xla_cpu_use_fusion_emitters=false')
 if int(os.environ.get('PYTEST_XDIST_WORKER_COUNT', '1')) > 1:
   # One worker per core: XLA's own thread pool per worker would only oversubscribe the cores.
-  os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
-                             ' --xla_cpu_multi_thread_eigen=false').strip()
+  _add_xla_flag('--xla_cpu_multi_thread_eigen=false')
 
 import jax  # noqa: E402  (after the environment it reads)
 import pytest  # noqa: E402
