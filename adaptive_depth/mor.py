@@ -46,11 +46,6 @@ def _scatter(x, index, values):
   return x.at[rows, index].set(values)
 
 
-def _cache_layout(kv):
-  """(k, v) [B, T, KV, Dh] -> [B, KV, T, Dh] each: what attention reads through merge_kv."""
-  return tuple(x.transpose(0, 2, 1, 3) for x in kv)
-
-
 def _block_cfg(cfg: model_lib.ModelConfig) -> model_lib.ModelConfig:
   # A gathered sequence may hold invalid slots (token_choice rows with fewer eligible
   # tokens than the capacity), masked out of attention: splash applies only its own
@@ -123,7 +118,7 @@ def forward_states(cfg: model_lib.ModelConfig, params, tokens, constrain=lambda 
         valid)
     if routing.kv == 'shared' and r == 0:
       # Recursion 0 ran every token in position order (capacity 1): its K/V, cache layout.
-      shared_kv = ([_cache_layout(kv) for kv in own_kv], positions)
+      shared_kv = ([layers.to_cache_layout(*kv) for kv in own_kv], positions)
     if routing.routing == 'expert_choice':
       logits_all.append(logits)
       bce_terms.append(routers.membership_bce(logits, selected, eligible))
@@ -185,7 +180,7 @@ def forward_masked(cfg: model_lib.ModelConfig, params, tokens, threshold=0.5,
       merge = (lambda k, v, j=j: recursion_zero_kv[j]) if shared else None
       x, (k, v) = model_lib.apply_block(cfg, step_block(step), x, positions, mask, merge)
       if routing.kv == 'shared' and r == 0:
-        recursion_zero_kv.append(_cache_layout((k, v)))
+        recursion_zero_kv.append(layers.to_cache_layout(k, v))
     h = routers.gated_update(h, x, gate, runs)
   h, _ = model_lib.apply_block(cfg, step_block(cfg.num_layers - 1), h, positions, causal)
   return h, state.ran

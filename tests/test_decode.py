@@ -11,6 +11,7 @@ from adaptive_depth import exits
 from adaptive_depth import model as model_lib
 from adaptive_depth.decode import adaptive_decode as generate_lib
 from adaptive_depth.decode import generation
+from adaptive_depth.decode import kv_cache
 from adaptive_depth.decode import sampling as sampling_lib
 from tests import tiny_models
 from tests.test_model import small_config
@@ -202,3 +203,36 @@ def test_eos_stops_each_row_and_pads(setup, kv):
     assert (np.asarray(out.tokens[row, n:]) == -7).all()
     assert (np.asarray(out.exit_depth[row, n:]) == 0).all()
   assert 1 <= stopped < len(PROMPTS) or stopped == len(PROMPTS)
+
+
+def test_cache_store_and_layer_read_match_a_numpy_cache():
+  """kv_cache against a numpy cache [L, B, S, KV, Dh] by position: a write at a traced step
+  (some entries dropped by `keep`) lands only there, and the layer read at that step (the
+  keys stored [Dh, S], the values [S, Dh]) holds what numpy holds."""
+  cfg = small_config(num_layers=4, vocab_size=40)
+  batch, length, new, step = 3, 10, 2, 2
+  rng = np.random.default_rng(0)
+  want = rng.normal(size=(2, cfg.num_layers, batch, length, cfg.num_kv_heads,
+                          cfg.head_dim)).astype(np.float32)  # k, v by position
+  cache = kv_cache.Cache(k=jnp.asarray(want[0].transpose(0, 1, 3, 4, 2)),
+                         v=jnp.asarray(want[1].transpose(0, 1, 3, 2, 4)))
+  k_new, v_new = rng.normal(size=(2, batch, new, cfg.num_kv_heads,
+                                  cfg.head_dim)).astype(np.float32)
+  positions = np.array([[4, 5], [0, 1], [8, 9]], np.int32)
+  keep = np.array([[True, False], [True, True], [False, True]])
+  for row in range(batch):
+    for t in range(new):
+      if keep[row, t]:
+        want[0, step, row, positions[row, t]] = k_new[row, t]
+        want[1, step, row, positions[row, t]] = v_new[row, t]
+
+  @jax.jit
+  def write_then_read(cache, step):
+    cache = kv_cache.store(cache, step, k_new, v_new, positions, keep)
+    return cache.by_position(), kv_cache.layer_of_rows(cache, step)
+
+  written, (k_layer, v_layer) = write_then_read(cache, jnp.int32(step))
+  np.testing.assert_array_equal(written.k, want[0])
+  np.testing.assert_array_equal(written.v, want[1])
+  np.testing.assert_array_equal(np.asarray(k_layer).transpose(0, 3, 1, 2), want[0, step])
+  np.testing.assert_array_equal(np.asarray(v_layer).transpose(0, 2, 1, 3), want[1, step])

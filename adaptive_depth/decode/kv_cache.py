@@ -1,11 +1,10 @@
 """The decode KV cache and the one way every decode path calls a block against it.
 
-Cache: k, v [num_layers, B, KV, cache_len, Dh], one layer per loop step (a recursive model
-caches per recursion step), each row's prompt left-aligned and its later tokens written at
-their own positions. K/V heads come before positions so that a row's layer is already in
-the layout attention multiplies with ([B, KV, S, Dh], layers.attend with
-kv_heads_first=True): a [B, S, KV, Dh] layer made XLA transpose it, a copy of the layer per
-step and layer.
+Cache: k [num_layers, B, KV, Dh, cache_len] and v [num_layers, B, KV, cache_len, Dh], one
+layer per loop step (a recursive model caches per recursion step), each row's prompt
+left-aligned and its later tokens written at their own positions. A row's layer is already
+in the layout attention multiplies with (layers.to_cache_layout says why): a
+[B, S, KV, Dh] layer made XLA transpose it, a copy of the layer per step and layer.
 
 `cached_call` is the step every decode path shares: read each row's layer (its own loop
 step: one scalar step for the depth loops, a step per row for the depth-wise batching
@@ -32,29 +31,31 @@ from adaptive_depth import model as model_lib
 
 @flax.struct.dataclass
 class Cache:
-  k: jax.Array  # [L, B, KV, S, Dh]
-  v: jax.Array
+  k: jax.Array  # [L, B, KV, Dh, S]
+  v: jax.Array  # [L, B, KV, S, Dh]
 
   @property
   def length(self) -> int:
     """Positions per row."""
-    return self.k.shape[3]
+    return self.v.shape[3]
 
   def by_position(self) -> 'Cache':
     """The same K/V as [L, B, S, KV, Dh] (position before head), for inspection."""
-    return Cache(k=jnp.swapaxes(self.k, 2, 3), v=jnp.swapaxes(self.v, 2, 3))
+    return Cache(k=self.k.transpose(0, 1, 4, 2, 3), v=jnp.swapaxes(self.v, 2, 3))
 
 
 def empty(cfg: model_lib.ModelConfig, batch: int, cache_len: int) -> Cache:
-  """Zeros: [num_layers, batch, KV, cache_len, Dh] each."""
-  shape = (cfg.num_layers, batch, cfg.num_kv_heads, cache_len, cfg.head_dim)
-  return Cache(k=jnp.zeros(shape, cfg.compute_dtype), v=jnp.zeros(shape, cfg.compute_dtype))
+  """Zeros: k [num_layers, batch, KV, Dh, cache_len], v [num_layers, batch, KV, cache_len,
+  Dh]."""
+  heads = (cfg.num_layers, batch, cfg.num_kv_heads)
+  return Cache(k=jnp.zeros(heads + (cfg.head_dim, cache_len), cfg.compute_dtype),
+               v=jnp.zeros(heads + (cache_len, cfg.head_dim), cfg.compute_dtype))
 
 
 def layer_of_rows(cache: Cache, steps, rows=None) -> tuple[jax.Array, jax.Array]:
   """Each row's cache layer at its loop step: steps scalar (every row) or [B] ->
-  (k, v) [B, KV, S, Dh]. rows: [B] the cache rows to read (default 0..B-1: every row; the
-  MoR engine reads a gathered subset of its slots)."""
+  (k [B, KV, Dh, S], v [B, KV, S, Dh]). rows: [B] the cache rows to read (default 0..B-1:
+  every row; the MoR engine reads a gathered subset of its slots)."""
   steps = jnp.asarray(steps)
   if rows is None:
     if steps.ndim == 0:
@@ -78,8 +79,9 @@ def store(cache: Cache, steps, k, v, positions, keep=None, rows=None) -> Cache:
   mode = None
   if keep is not None:  # an out-of-range position: the scatter drops the entry
     positions, mode = jnp.where(keep, positions, cache.length), 'drop'
+  # Either indexed update is [B, T, KV, Dh]: the index arrays' dimensions come first.
   return Cache(
-      k=cache.k.at[steps, rows, :, positions].set(k.astype(cache.k.dtype), mode=mode),
+      k=cache.k.at[steps, rows, :, :, positions].set(k.astype(cache.k.dtype), mode=mode),
       v=cache.v.at[steps, rows, :, positions].set(v.astype(cache.v.dtype), mode=mode))
 
 
@@ -90,7 +92,8 @@ def cached_call(cache: Cache, steps, positions, call: Callable, kv_of_call: Call
   kv_of_call() -> (k, v) [B, T, KV, Dh]: the K/V this call's tokens write (the block's own
   projections, Block.kv_only). They are stored first, at positions [B, T] of each row's
   step (only where keep [B, T], if given); then call(merge_kv) -> (out, _) runs the block,
-  whose attention reads, through merge_kv, each row's layer [B, KV, S, Dh] of the updated
+  whose attention reads, through merge_kv, each row's layer (k [B, KV, Dh, S], v [B, KV, S,
+  Dh]) of the updated
   cache at read_steps (default: steps; Mixture-of-Recursions' shared KV reads recursion
   0's). rows: [B] the cache rows of this call's rows (default all, in order). Returns
   (out, cache).

@@ -7,7 +7,7 @@ threshold (recursions trained at capacity 1 always run), token_choice while r < 
 its router chose. The auxiliary BCE loss of training is what makes the first rule agree
 with the training-time top-k (figures in the README).
 
-KV, in the cache's per-step layers (kv_cache: [num_layers, B, KV, S, Dh]):
+KV, in the cache's per-step layers (kv_cache.Cache: one layer per loop step):
 - 'recursion_wise': a token writes K/V at the steps of the recursions it runs, and at
   recursion r attends only to the positions that ran r. `ran` [B, S] (recursions each
   cached position ran) rides beside the cache and makes that mask.

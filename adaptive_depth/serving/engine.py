@@ -44,7 +44,7 @@ MEASURES = tuple(m for m in exits.MEASURES if m not in ('oracle', 'router'))
 
 @flax.struct.dataclass
 class Prefix:
-  """A prompt run at full depth. k, v: [num_layers, KV, cache_len, Dh] (one cache row);
+  """A prompt run at full depth. k, v: one row of the cache (kv_cache.Cache's layout);
   logits: [V] float32 at the last prompt token (the first new token is chosen from them
   when the prefix is inserted, with the request's own random key); length: scalar int32
   prompt length (the first token's position)."""
@@ -59,7 +59,7 @@ class DecodeState:
   """The slot table (S slots). Per slot: the request it serves (-1: never used), the token
   being computed (its input token, position, loop step at the tick start, hidden state
   h [S, D], state at its previous exit check h_previous [S, D] for 'saturation'), its row of
-  the cache (k, v [num_layers, S, KV, cache_len, Dh], one layer per loop step), what it has
+  the cache (kv_cache.Cache's layout, one layer per loop step), what it has
   emitted (tokens, exit_depth [S, cache_len]; count [S]) out of max_new [S], live (still
   decoding) and done (finished, waiting for the host to collect it). Counters: ticks run and
   live_slot_ticks (slot-ticks spent on a live token)."""
@@ -99,13 +99,11 @@ def schedule_error(cfg: model_lib.ModelConfig):
 
 def empty_state(cfg: model_lib.ModelConfig, slots: int, cache_len: int) -> DecodeState:
   """Every slot free (not live, not done)."""
-  kv_shape = (cfg.num_layers, slots, cfg.num_kv_heads, cache_len, cfg.head_dim)
   # Every field its own buffer: the state is donated to the programs that update it.
   zeros = lambda shape, dtype=jnp.int32: jnp.zeros(shape, dtype)
   hidden = lambda: zeros((slots, cfg.width), cfg.compute_dtype)
   return DecodeState(
-      cache=kv_cache.Cache(k=zeros(kv_shape, cfg.compute_dtype),
-                           v=zeros(kv_shape, cfg.compute_dtype)),
+      cache=kv_cache.empty(cfg, slots, cache_len),
       h=hidden(), h_previous=hidden(), token=zeros((slots,)), position=zeros((slots,)),
       step=zeros((slots,)), request=jnp.full((slots,), -1, jnp.int32),
       tokens=zeros((slots, cache_len)), exit_depth=zeros((slots, cache_len)),
