@@ -256,8 +256,9 @@ class Attention(nn.Module):
 
     merge_kv: optional function (k, v) -> (k_all, v_all) in the KV cache's layout
     (to_cache_layout): what to attend to, with this call's K/V in it
-    (kv_cache.cached_call). Without it the call attends to its own tokens (S = T). row_lora: optional per-row LoRA factors
-    {q, k, v, o} (see row_lora_delta). Returns (out [B, T, D], (k, v) [B, T, KV, Dh] of this call).
+    (kv_cache.cached_call). Without it the call attends to its own tokens (S = T).
+    row_lora: optional per-row LoRA factors {q, k, v, o} (see row_lora_delta). Returns
+    (out [B, T, D], (k, v) [B, T, KV, Dh] of this call).
     """
     q = apply_rope(self._project(x, 'q', row_lora), positions, self.config.rope_base)
     own_kv = self.project_kv(x, positions, row_lora)

@@ -59,7 +59,8 @@ def _run_recursion(cfg, per_step, recursion, h, positions, valid, shared_kv):
   """The K blocks of one recursion on gathered tokens.
 
   h: [B, k, D]; positions, valid: [B, k]. shared_kv: None (attend among these tokens) or
-  (per layer (k, v) [B, KV, T, Dh] of recursion 0, key positions [B, T]) to attend to
+  (per layer (k, v) of recursion 0 in the cache layout (layers.to_cache_layout), key
+  positions [B, T]) to attend to
   instead. Returns (h [B, k, D], per layer own (k, v) [B, k, KV, Dh]).
   """
   if shared_kv is None:

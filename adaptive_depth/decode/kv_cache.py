@@ -45,11 +45,11 @@ class Cache:
 
 
 def empty(cfg: model_lib.ModelConfig, batch: int, cache_len: int) -> Cache:
-  """Zeros: k [num_layers, batch, KV, Dh, cache_len], v [num_layers, batch, KV, cache_len,
-  Dh]."""
-  heads = (cfg.num_layers, batch, cfg.num_kv_heads)
-  return Cache(k=jnp.zeros(heads + (cfg.head_dim, cache_len), cfg.compute_dtype),
-               v=jnp.zeros(heads + (cache_len, cfg.head_dim), cfg.compute_dtype))
+  """Zeros: k [num_layers, batch, KV, Dh, cache_len], v [num_layers, batch, KV,
+  cache_len, Dh]."""
+  leading = (cfg.num_layers, batch, cfg.num_kv_heads)
+  return Cache(k=jnp.zeros(leading + (cfg.head_dim, cache_len), cfg.compute_dtype),
+               v=jnp.zeros(leading + (cache_len, cfg.head_dim), cfg.compute_dtype))
 
 
 def layer_of_rows(cache: Cache, steps, rows=None) -> tuple[jax.Array, jax.Array]:
@@ -92,10 +92,9 @@ def cached_call(cache: Cache, steps, positions, call: Callable, kv_of_call: Call
   kv_of_call() -> (k, v) [B, T, KV, Dh]: the K/V this call's tokens write (the block's own
   projections, Block.kv_only). They are stored first, at positions [B, T] of each row's
   step (only where keep [B, T], if given); then call(merge_kv) -> (out, _) runs the block,
-  whose attention reads, through merge_kv, each row's layer (k [B, KV, Dh, S], v [B, KV, S,
-  Dh]) of the updated
-  cache at read_steps (default: steps; Mixture-of-Recursions' shared KV reads recursion
-  0's). rows: [B] the cache rows of this call's rows (default all, in order). Returns
+  whose attention reads, through merge_kv, each row's layer (k [B, KV, Dh, S],
+  v [B, KV, S, Dh]) of the updated cache at read_steps (default: steps;
+  Mixture-of-Recursions' shared KV reads recursion 0's). rows: [B] the cache rows of this call's rows (default all, in order). Returns
   (out, cache).
 
   Store, then read: the layer read happens after the write, so the write is in place. The

@@ -59,8 +59,8 @@ class DecodeState:
   """The slot table (S slots). Per slot: the request it serves (-1: never used), the token
   being computed (its input token, position, loop step at the tick start, hidden state
   h [S, D], state at its previous exit check h_previous [S, D] for 'saturation'), its row of
-  the cache (kv_cache.Cache's layout, one layer per loop step), what it has
-  emitted (tokens, exit_depth [S, cache_len]; count [S]) out of max_new [S], live (still
+  the cache (kv_cache.Cache's layout, one layer per loop step), what it has emitted
+  (tokens, exit_depth [S, cache_len]; count [S]) out of max_new [S], live (still
   decoding) and done (finished, waiting for the host to collect it). Counters: ticks run and
   live_slot_ticks (slot-ticks spent on a live token)."""
   cache: kv_cache.Cache
