@@ -60,8 +60,8 @@ def _run_recursion(cfg, per_step, recursion, h, positions, valid, shared_kv):
 
   h: [B, k, D]; positions, valid: [B, k]. shared_kv: None (attend among these tokens) or
   (per layer (k, v) of recursion 0 in the cache layout (layers.to_cache_layout), key
-  positions [B, T]) to attend to
-  instead. Returns (h [B, k, D], per layer own (k, v) [B, k, KV, Dh]).
+  positions [B, T]) to attend to instead. Returns (h [B, k, D], per layer own (k, v)
+  [B, k, KV, Dh]).
   """
   if shared_kv is None:
     mask = layers.causal_mask(positions, positions) & valid[:, None, :]

@@ -94,8 +94,8 @@ def cached_call(cache: Cache, steps, positions, call: Callable, kv_of_call: Call
   step (only where keep [B, T], if given); then call(merge_kv) -> (out, _) runs the block,
   whose attention reads, through merge_kv, each row's layer (k [B, KV, Dh, S],
   v [B, KV, S, Dh]) of the updated cache at read_steps (default: steps;
-  Mixture-of-Recursions' shared KV reads recursion 0's). rows: [B] the cache rows of this call's rows (default all, in order). Returns
-  (out, cache).
+  Mixture-of-Recursions' shared KV reads recursion 0's). rows: [B] the cache rows of this
+  call's rows (default all, in order). Returns (out, cache).
 
   Store, then read: the layer read happens after the write, so the write is in place. The
   other order (read the layer, write K/V into a copy of it, store later) leaves XLA free to
