@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 import adaptive_depth as ad
+from tests import subprocess_env
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = 'configs/quickstart.py:tiny'
@@ -198,10 +199,7 @@ _CRASH = {'script': 'evaluate', 'patch': 'evaluate_run', 'argv': [f'--config={TI
 
 
 def _env() -> dict:
-  env = dict(os.environ)
-  env['JAX_PLATFORMS'] = 'cpu'
-  env.pop('XLA_FLAGS', None)
-  return env
+  return subprocess_env.subprocess_env()
 
 
 @pytest.fixture(scope='module')

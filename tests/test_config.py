@@ -17,6 +17,7 @@ import adaptive_depth as ad
 from adaptive_depth import sharding
 from adaptive_depth.data import pipeline
 from adaptive_depth.train import state as state_lib
+from tests import subprocess_env
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIG_FILES = sorted((REPO / 'configs').glob('*.py'))
@@ -24,12 +25,7 @@ TINY = f'{REPO / "configs" / "quickstart.py"}:tiny'
 
 
 def _env(devices: int = 1) -> dict:
-  env = dict(os.environ)
-  env['JAX_PLATFORMS'] = 'cpu'
-  env.pop('XLA_FLAGS', None)
-  if devices != 1:
-    env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
-  return env
+  return subprocess_env.subprocess_env(devices)
 
 
 # ----------------------------------------------------------------------------- config files

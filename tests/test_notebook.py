@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from tests import subprocess_env
+
 nbformat = pytest.importorskip('nbformat', reason='needs nbformat: pip install -e .[test]')
 nbclient = pytest.importorskip('nbclient', reason='needs nbclient: pip install -e .[test]')
 pytest.importorskip('ipykernel', reason='needs ipykernel: pip install -e .[test]')
@@ -55,8 +57,8 @@ def kernel_env(tmp_path, monkeypatch):
   monkeypatch.setenv('MPLBACKEND', 'module://matplotlib_inline.backend_inline')
   # Three CPU devices: the tiny config's batch size (8) is not a multiple of the device count,
   # so the notebook's rounding of the batch sizes runs too.
-  monkeypatch.setenv('JAX_PLATFORMS', 'cpu')
-  monkeypatch.setenv('XLA_FLAGS', f'--xla_force_host_platform_device_count={NUM_DEVICES}')
+  for name in ('JAX_PLATFORMS', 'XLA_FLAGS'):
+    monkeypatch.setenv(name, subprocess_env.subprocess_env(NUM_DEVICES)[name])
 
 
 def test_quickstart_notebook_runs(tmp_path, kernel_env):

@@ -31,6 +31,7 @@ from adaptive_depth import saved_model
 from adaptive_depth import sharding
 from adaptive_depth.data import pipeline
 from adaptive_depth.train import state as state_lib
+from tests import subprocess_env
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 LAUNCH = REPO / 'launch' / 'train.py'
@@ -53,13 +54,9 @@ def jax_cache(tmp_path_factory) -> pathlib.Path:
 
 
 def _env(jax_cache, *, devices: int = 1) -> dict:
-  env = dict(os.environ)
-  env['JAX_PLATFORMS'] = 'cpu'
+  env = subprocess_env.subprocess_env(devices)
   env['JAX_COMPILATION_CACHE_DIR'] = str(jax_cache)
   env['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
-  env.pop('XLA_FLAGS', None)
-  if devices != 1:
-    env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
   return env
 
 
