@@ -71,18 +71,23 @@ def test_decode_equals_the_masked_forward_and_batch_one(routing, kv):
   new = 10
   out = ad.generate(params, config, prompts, max_new_tokens=new)
   per = cfg.num_blocks - 2
+  # Teacher-forced: the masked forward over each prompt + its generated text, routing
+  # itself; one call for all rows, padded at the end (causal: padding changes no earlier
+  # position's state or routing), which spares compiling every op for each row's length.
+  sequences = [prompt + tokens[:-1] for prompt, tokens in zip(prompts, out.tokens)]
+  padded = np.zeros((len(sequences), max(map(len, sequences))), np.int32)
+  for row, sequence in enumerate(sequences):
+    padded[row, :len(sequence)] = sequence
+  h, ran = mor.forward_masked(cfg, params, jnp.asarray(padded))
+  all_logits = model_lib.head_logits(cfg, params, h)
   for row, prompt in enumerate(prompts):
     tokens, depths = out.tokens[row], out.exit_depths[row]
     assert len(tokens) == new
-    # Teacher-forced: the masked forward over prompt + generated text, routing itself.
-    sequence = jnp.asarray([prompt + tokens[:-1]], jnp.int32)
-    h, ran = mor.forward_masked(cfg, params, sequence)
-    logits = model_lib.head_logits(cfg, params, h)[0]
-    start = len(prompt) - 1
-    np.testing.assert_array_equal(np.argmax(logits[start:], -1), tokens)
+    start, end = len(prompt) - 1, len(sequences[row])
+    np.testing.assert_array_equal(np.argmax(all_logits[row, start:end], -1), tokens)
     # Decode steps (every token but the prefill's first) ran the recursions the masked
     # forward's routing gives those positions.
-    np.testing.assert_array_equal(2 + per * np.asarray(ran[0, start + 1:]), depths[1:])
+    np.testing.assert_array_equal(2 + per * np.asarray(ran[row, start + 1:end]), depths[1:])
     # Batched decoding equals decoding this row alone.
     alone = ad.generate(params, config, [prompt], max_new_tokens=new)
     assert alone.tokens[0] == tokens and alone.exit_depths[0] == depths
