@@ -157,7 +157,15 @@ def _cases(p: dict) -> dict:
           'negative_temperature': _Case([config, nowhere, prompt,
                                          '--config.generate.temperature=-1'],
                                         ['config.generate.temperature', '-1']),
+          # Checked before the run loads: the threshold file calibrate.py writes.
+          'calibrated_threshold_without_file': _Case(
+              [config, nowhere, prompt, '--config.generate.measure=max_prob',
+               '--config.generate.threshold=calibrated'], ['calibration.json']),
           **workdirs(config, prompt),
+      },
+      'calibrate': {
+          'delta_out_of_range': _Case([serving, nowhere, '--delta=1.5'], ['delta=1.5', '(0, 1)']),
+          **workdirs(serving),
       },
       'evaluate': {
           'unknown_measure': _Case([config, nowhere, '--measures=nonsense'],
