@@ -164,7 +164,8 @@ def _cases(p: dict) -> dict:
           **workdirs(config, prompt),
       },
       'calibrate': {
-          'delta_out_of_range': _Case([serving, nowhere, '--delta=1.5'], ['delta=1.5', '(0, 1)']),
+          'delta_out_of_range': _Case([serving, nowhere, '--delta=1.5'],
+                                      ['delta=1.5', '(0, 1)']),
           **workdirs(serving),
       },
       'evaluate': {
