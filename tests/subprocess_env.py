@@ -1,9 +1,9 @@
 """The environment of a subprocess a test starts (a launch script, a notebook kernel).
 
-It keeps the session's settings (conftest.py: the compilation cache, XLA's optimisation
-and emitter flags, the TFDS data dir), which make the tiny programs compile in about half
-the time; only the number of CPU devices is the test's own, as a parent's device count
-would otherwise carry over.
+It keeps the session's settings (conftest.py: the compilation cache, XLA's optimisations
+off, the emitter flag in XLA_FLAGS, the TFDS data dir): with the flag, the tiny programs
+compile in about half the time. Only the number of CPU devices is the test's own, as a
+parent's device count would otherwise carry over.
 """
 import os
 

@@ -289,4 +289,5 @@ def test_bad_arguments_are_refused_before_loading(tmp_path):
   small = ad.load_config(os.path.join(REPO, CONFIG), {'calibrate.num_examples': 1})
   with pytest.raises(cli.UserError, match='each needs at least 1'):
     calibration_run.calibrate_run(small, missing, splits=10)
-  # From the command line (one line, exit status 2): test_cli.py's calibrate cases.
+  # From the command line (one line, exit status 2): test_cli.py's cases
+  # calibrate-delta_out_of_range and generate-calibrated_threshold_without_file.

@@ -38,23 +38,29 @@ needs_glibc = pytest.mark.skipif(
     reason='the malloc settings are glibc-only (a no-op elsewhere)')
 
 
-def _median_faults_per_call(*settings) -> list:
+def _medians_of_faults_per_call(*settings) -> list:
   """One process per setting, run side by side (page faults are counted per process)."""
   processes = [subprocess.Popen([sys.executable, '-c', _PROGRAM], stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True,
                                 env=dict(os.environ, ADAPTIVE_DEPTH_HOST_MALLOC=setting))
                for setting in settings]
   medians = []
-  for process in processes:
-    out, err = process.communicate(timeout=600)
-    assert process.returncode == 0, err[-3000:]
-    medians.append(statistics.median_low(int(n) for n in out.split()))
+  try:
+    for process in processes:
+      out, err = process.communicate(timeout=600)
+      assert process.returncode == 0, err[-3000:]
+      medians.append(statistics.median_low(int(n) for n in out.split()))
+  finally:
+    for process in processes:
+      if process.poll() is None:
+        process.kill()
+        process.wait()
   return medians
 
 
 @needs_glibc
 def test_kept_memory_stops_the_page_faults_of_repeated_calls():
-  system, keep = _median_faults_per_call('system', 'keep')
+  system, keep = _medians_of_faults_per_call('system', 'keep')
   # glibc's defaults map and unmap the temporary buffers on every call: a fresh page for
   # every 4 KB of them, 16 MB at least. Kept, the heap grows over the first calls (a buffer
   # that lands past the others faults in once) and then a call reuses the last call's memory:

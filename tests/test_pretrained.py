@@ -79,7 +79,8 @@ def gguf_read_once():
   original = gguf.GGUFReader
 
   def read_once(path, mode='r'):
-    key = (os.path.realpath(path), mode)
+    status = os.stat(path)  # a file rewritten at the same path is read again
+    key = (os.path.realpath(path), mode, status.st_mtime_ns, status.st_size)
     if key not in readers:
       readers[key] = original(path, mode)
     return readers[key]
