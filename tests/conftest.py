@@ -84,8 +84,8 @@ def real_model_jit():
   """jax.jit for a real pretrained model's programs (SmolLM2-135M), where running time
   dominates: XLA's optimisation passes on for the test, and the fusion emitters for these
   programs (per program: the session's emitter flag is read once per process). On the
-  2-core CPU the session's elemental emitters took 58 s to compile SmolLM2's batched greedy
-  decode, the fusion emitters 19 s."""
+  2-core CPU, with the optimisations off in both, the session's elemental emitters took
+  58 s to compile SmolLM2's batched greedy decode, the fusion emitters 19 s."""
   name = 'jax_disable_most_optimizations'
   previous = jax.config.values[name]
   jax.config.update(name, False)
