@@ -207,10 +207,6 @@ def _cases(p: dict) -> dict:
 _CRASH = {'script': 'evaluate', 'patch': 'evaluate_run', 'argv': [f'--config={TINY}']}
 
 
-def _env() -> dict:
-  return subprocess_env.subprocess_env()
-
-
 @pytest.fixture(scope='module')
 def launched(tmp_path_factory):
   """{'paths': the paths the cases name, 'cases': {'script-case': {status, stderr}},
@@ -222,7 +218,7 @@ def launched(tmp_path_factory):
                               f'--workdir={paths["missing"]}']}
   result = subprocess.run(
       [sys.executable, '-c', _HARNESS, json.dumps(scripts), json.dumps(crash)], cwd=REPO,
-      env=_env(), capture_output=True, text=True, timeout=300)
+      env=subprocess_env.subprocess_env(), capture_output=True, text=True, timeout=300)
   lines = result.stdout.strip().splitlines()
   assert lines, f'no results; stderr:\n{result.stderr[-3000:]}'
   return {'paths': paths, 'cases': json.loads(lines[-1]), 'returncode': result.returncode,
@@ -365,7 +361,8 @@ print(json.dumps(failures))
 def test_every_module_imports_first_in_a_fresh_interpreter():
   names = ['adaptive_depth.config_lib', *_module_files()]  # config_lib first of all
   result = subprocess.run([sys.executable, '-c', _IMPORT_EACH_FIRST, json.dumps(names)],
-                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+                          cwd=REPO, env=subprocess_env.subprocess_env(), capture_output=True,
+                          text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
   failures = json.loads(result.stdout.strip().splitlines()[-1])
   assert not failures, '\n'.join(f'{k}:\n{v}' for k, v in failures.items())

@@ -23,10 +23,6 @@ CONFIG_FILES = sorted((REPO / 'configs').glob('*.py'))
 TINY = f'{REPO / "configs" / "quickstart.py"}:tiny'
 
 
-def _env(devices: int = 1) -> dict:
-  return subprocess_env.subprocess_env(devices)
-
-
 # ----------------------------------------------------------------------------- config files
 
 
@@ -214,7 +210,7 @@ def test_launch_rejects_bad_override(tmp_path, override, expected):
   result = subprocess.run(
       [sys.executable, str(REPO / 'launch' / 'train.py'), '--config=configs/quickstart.py:tiny',
        f'--workdir={workdir}', override],
-      cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+      cwd=REPO, env=subprocess_env.subprocess_env(), capture_output=True, text=True, timeout=300)
   assert result.returncode != 0
   assert expected in result.stderr, result.stderr[-2000:]
   assert not (workdir / 'checkpoints').exists()
@@ -245,8 +241,8 @@ print(json.dumps(out))
 def test_batch_size_must_divide_over_data_and_fsdp(tmp_path):
   # 6 rows cannot be split over data x fsdp = 2 x 2 on an 8-device (2, 2, 2) mesh.
   result = subprocess.run([sys.executable, '-c', _BATCH_PROBE, str(tmp_path / 'workdir')],
-                          cwd=REPO, env=_env(devices=8), capture_output=True, text=True,
-                          timeout=300)
+                          cwd=REPO, env=subprocess_env.subprocess_env(devices=8),
+                          capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
   out = json.loads(result.stdout.strip().splitlines()[-1])
   assert out['device_count'] == 8
