@@ -112,3 +112,22 @@ def pytest_runtest_makereport(item, call):
     report.outcome = 'failed'
     report.longrepr = (f'{item.nodeid} skipped for an optional install ({reason}) but has no '
                        '@pytest.mark.pretrained, so no CI stage would run it')
+
+
+# The test modules that take longest (seconds of test time summed over the module, from
+# `--junitxml` of a whole run on the 2-core CPU), longest first. `--dist loadfile` gives
+# each worker whole modules in collection order (pytest.ini turns off xdist's own reorder,
+# which puts modules with many tests first whatever they cost): starting the long ones
+# first keeps one worker from finishing a long module alone at the end.
+_LONGEST_MODULES = (
+    'test_mor_decode', 'test_evaluate', 'test_training', 'test_pretrained', 'test_exit_heads',
+    'test_engine', 'test_mor', 'test_train_reference', 'test_model', 'test_decode',
+    'test_param_layout', 'test_calibrate', 'test_cli', 'test_batch_splits', 'test_notebook',
+    'test_config', 'test_depth', 'test_host_memory', 'test_generate_api', 'test_chunked_loss',
+    'test_adaptive_threshold')
+
+
+def pytest_collection_modifyitems(items):
+  rank = {name: i for i, name in enumerate(_LONGEST_MODULES)}
+  items.sort(key=lambda item: rank.get(item.module.__name__.rpartition('.')[2],
+                                       len(rank)))  # stable: the rest keep their order
