@@ -199,6 +199,12 @@ def _attend_cache_layout(q, k, v, mask):
   return out.reshape(batch, num_kv, q_len, group, head_dim).transpose(0, 2, 1, 3, 4)
 
 
+def attend_to_kv(k, v):
+  """An Attention attend_to that attends to k [B, KV, Dh, S], v [B, KV, S, Dh] (the cache
+  layout) instead of the call's own K/V."""
+  return lambda q, own_k, own_v, mask: attend(q, k, v, mask, cache_layout=True)
+
+
 def causal_mask(q_positions, kv_positions):
   """[B, T] and [B, S] int positions -> [B, T, S] bool, key position <= query position."""
   return kv_positions[:, None, :] <= q_positions[:, :, None]
@@ -251,20 +257,22 @@ class Attention(nn.Module):
     v = self._project(x, 'v', row_lora)
     return apply_rope(k, positions, self.config.rope_base), v
 
-  def __call__(self, x, positions, mask, merge_kv: Optional[Callable] = None, row_lora=None):
+  def __call__(self, x, positions, mask, attend_to: Optional[Callable] = None, row_lora=None):
     """x: [B, T, D] normed input; positions: [B, T]; mask: [B, T, S].
 
-    merge_kv: optional function (k, v) -> (k_all, v_all) in the KV cache's layout
-    (to_cache_layout): what to attend to, with this call's K/V in it
-    (kv_cache.cached_call). Without it the call attends to its own tokens (S = T).
+    attend_to: optional function (q [B, T, H, Dh], k, v [B, T, KV, Dh], mask) ->
+    [B, T, H, Dh], the attention of this call's queries to other keys than their own
+    tokens' (k, v are this call's own): the decode cache (kv_cache.cached_call) or given
+    K/V (attend_to_kv). Without it the call attends to its own tokens (S = T).
     row_lora: optional per-row LoRA factors {q, k, v, o} (see row_lora_delta). Returns
     (out [B, T, D], (k, v) [B, T, KV, Dh] of this call).
     """
     q = apply_rope(self._project(x, 'q', row_lora), positions, self.config.rope_base)
     own_kv = self.project_kv(x, positions, row_lora)
-    k, v = own_kv if merge_kv is None else merge_kv(*own_kv)
-    out = attend(q, k, v, mask, cache_layout=merge_kv is not None,
-                 implementation=self.config.attention)
+    if attend_to is None:
+      out = attend(q, *own_kv, mask, implementation=self.config.attention)
+    else:
+      out = attend_to(q, *own_kv, mask)
     projected = dense(out, self._cast(self.o), in_dims=2)
     if row_lora is not None:
       projected = projected + row_lora_delta(out, row_lora['o'], 2, projected.shape[2:])
@@ -335,14 +343,14 @@ class Block(nn.Module):
     self.mlp_norm = RMSNorm(eps=c.norm_eps, dtype=c.dtype)
     self.mlp = SwiGLU(c)
 
-  def __call__(self, h, positions, mask, merge_kv=None, row_lora=None):
+  def __call__(self, h, positions, mask, attend_to=None, row_lora=None):
     """h: [B, T, D] residual stream. Returns (h_out [B, T, D], (k, v) [B, T, KV, Dh]).
 
     row_lora: optional {'attn': ..., 'mlp': ...} LoRA factors with a leading [B] axis, one
     set per row, applied unmerged (each row may run a different loop step of this block).
     """
     lora = row_lora or {}
-    attn_out, own_kv = self.attn(self.attn_norm(h), positions, mask, merge_kv,
+    attn_out, own_kv = self.attn(self.attn_norm(h), positions, mask, attend_to,
                                  lora.get('attn'))
     h = h + attn_out.astype(h.dtype)
     h = h + self.mlp(self.mlp_norm(h), lora.get('mlp')).astype(h.dtype)

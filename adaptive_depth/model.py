@@ -323,15 +323,15 @@ def per_block_layout(params) -> dict:
                                     for i in range(num_blocks))}
 
 
-def apply_step(cfg: ModelConfig, params, step, h, positions, mask=None, merge_kv=None,
+def apply_step(cfg: ModelConfig, params, step, h, positions, mask=None, attend_to=None,
                kv_only=False):
   """Loop step `step` (traced) on either parameter layout, with that step's block and LoRA
-  delta: Block(h, positions, mask, merge_kv) -> (h, (k, v)), or with kv_only the K/V the
+  delta: Block(h, positions, mask, attend_to) -> (h, (k, v)), or with kv_only the K/V the
   block computes from h (Block.kv_only)."""
   def call(block, h, positions, mask):
     if kv_only:
       return cfg.block.apply({'params': block}, h, positions, method=layers.Block.kv_only)
-    return apply_block(cfg, block, h, positions, mask, merge_kv)
+    return apply_block(cfg, block, h, positions, mask, attend_to)
 
   if not isinstance(params['blocks'], tuple):
     return call(step_block(cfg, params, step), h, positions, mask)
@@ -363,9 +363,9 @@ def all_step_blocks(cfg: ModelConfig, params):
   return _add_lora(per_step, params['lora'], einsum_prefix='s')
 
 
-def apply_block(cfg: ModelConfig, one_block, h, positions, mask, merge_kv=None):
+def apply_block(cfg: ModelConfig, one_block, h, positions, mask, attend_to=None):
   """One loop step. h: [B, T, D] -> (h [B, T, D], (k, v) [B, T, KV, Dh])."""
-  return cfg.block.apply({'params': one_block}, h, positions, mask, merge_kv)
+  return cfg.block.apply({'params': one_block}, h, positions, mask, attend_to)
 
 
 def default_positions(tokens):
@@ -435,14 +435,14 @@ def reference_forward(cfg: ModelConfig, params, tokens) -> list:
 
 
 def apply_block_rows(cfg: ModelConfig, params, block_number: int, steps, h, positions,
-                     mask=None, merge_kv=None, kv_only=False):
+                     mask=None, attend_to=None, kv_only=False):
   """Block `block_number` (static) on every row, each row with the LoRA delta of its own
   loop step, applied unmerged (x @ W + (x @ A[s]) @ B[s]): rows at different steps of the
   same block share one call of its weights (the depth-wise batching engine's tick).
 
   steps: [B] int, the loop step each row runs (only its LoRA factors depend on it; the
   caller makes sure every row's step runs `block_number`). h: [B, T, D]. Returns
-  Block(h, positions, mask, merge_kv) -> (h [B, T, D], (k, v) [B, T, KV, Dh]), or with
+  Block(h, positions, mask, attend_to) -> (h [B, T, D], (k, v) [B, T, KV, Dh]), or with
   kv_only the K/V the block computes from h. Either parameter layout.
   """
   blocks = params['blocks']
@@ -454,4 +454,4 @@ def apply_block_rows(cfg: ModelConfig, params, block_number: int, steps, h, posi
   if kv_only:
     return cfg.block.apply({'params': block}, h, positions, row_lora,
                            method=layers.Block.kv_only)
-  return cfg.block.apply({'params': block}, h, positions, mask, merge_kv, row_lora)
+  return cfg.block.apply({'params': block}, h, positions, mask, attend_to, row_lora)

@@ -71,8 +71,8 @@ def _run_recursion(cfg, per_step, recursion, h, positions, valid, shared_kv):
   own = []
   for j, step in enumerate(recursion_steps(cfg, recursion)):
     block = model_lib.select_block(per_step, step)
-    merge = None if shared_kv is None else (lambda k, v, j=j: layer_kv[j])
-    h, kv = model_lib.apply_block(cfg, block, h, positions, mask, merge)
+    attend_to = None if shared_kv is None else layers.attend_to_kv(*layer_kv[j])
+    h, kv = model_lib.apply_block(cfg, block, h, positions, mask, attend_to)
     own.append(kv)
   return h, own
 
@@ -178,8 +178,8 @@ def forward_masked(cfg: model_lib.ModelConfig, params, tokens, threshold=0.5,
     mask = causal if shared else causal & runs[:, None, :]
     x = h
     for j, step in enumerate(recursion_steps(cfg, r)):
-      merge = (lambda k, v, j=j: recursion_zero_kv[j]) if shared else None
-      x, (k, v) = model_lib.apply_block(cfg, step_block(step), x, positions, mask, merge)
+      attend_to = layers.attend_to_kv(*recursion_zero_kv[j]) if shared else None
+      x, (k, v) = model_lib.apply_block(cfg, step_block(step), x, positions, mask, attend_to)
       if routing.kv == 'shared' and r == 0:
         recursion_zero_kv.append(layers.to_cache_layout(k, v))
     h = routers.gated_update(h, x, gate, runs)

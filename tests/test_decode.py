@@ -20,6 +20,15 @@ PROMPTS = [[3, 7, 1], [5, 2, 9, 11, 4, 8, 1], [6], [12, 13, 14, 15, 16]]
 MAX_NEW = 48
 
 
+@pytest.fixture(autouse=True, scope='module')
+def read_cache_in_chunks():
+  """Every decode program of this module reads its cache layers in lengths of 16 positions
+  (kv_cache.attend_reachable; at the default, 64, these short caches are read whole): the
+  full-sequence references below then also check the reads that stop short of the cache."""
+  with kv_cache.reading_in_steps(16):
+    yield
+
+
 @functools.lru_cache(maxsize=None)
 def _program(cfg, kv, capacity=8, max_new=MAX_NEW):
   """One compiled generation per (model, KV policy, queue capacity, length): policies, EOS
@@ -236,3 +245,41 @@ def test_cache_store_and_layer_read_match_a_numpy_cache():
   np.testing.assert_array_equal(written.v, want[1])
   np.testing.assert_array_equal(np.asarray(k_layer).transpose(0, 3, 1, 2), want[0, step])
   np.testing.assert_array_equal(np.asarray(v_layer).transpose(0, 2, 1, 3), want[1, step])
+
+
+@pytest.mark.parametrize('per_row', [False, True], ids=['one_step', 'step_per_row'])
+def test_cache_attention_reads_only_as_far_as_the_mask_reaches(per_row):
+  """attend_reachable equals a numpy attention over the whole layer, while positions past
+  the read it should choose hold NaN (a read of them would make the output NaN)."""
+  rng = np.random.default_rng(0)
+  layers_, batch, num_kv, head_dim, length, heads, queries = 3, 4, 2, 8, 29, 4, 2
+  chunk = kv_cache.READ_CHUNK  # 16 here: reads of 16 or 29 positions
+  assert kv_cache.read_lengths(length, chunk) == [16, 29]
+  k = rng.normal(size=(layers_, batch, length, num_kv, head_dim)).astype(np.float32)
+  v = rng.normal(size=k.shape).astype(np.float32)
+  q = rng.normal(size=(batch, queries, heads, head_dim)).astype(np.float32)
+  steps = np.array([2, 0, 1, 2]) if per_row else np.full(batch, 1)
+  rows = np.array([3, 1, 0, 2]) if per_row else np.arange(batch)
+  attend = jax.jit(lambda cache, q, mask: kv_cache.attend_reachable(
+      cache, jnp.asarray(steps) if per_row else jnp.int32(1),
+      jnp.asarray(rows) if per_row else None, q, mask))
+  for reach in (1, 9, 16, 17, 29):
+    positions = rng.integers(0, reach, size=(batch, queries))
+    positions[1, 0] = reach - 1
+    mask = np.arange(length)[None, None, :] <= positions[:, :, None]  # [B, T, S]
+    read = 16 if reach <= 16 else length
+    poisoned_k, poisoned_v = k.copy(), v.copy()
+    poisoned_k[:, :, read:] = poisoned_v[:, :, read:] = np.nan
+    cache = kv_cache.Cache(k=jnp.asarray(poisoned_k.transpose(0, 1, 3, 4, 2)),
+                           v=jnp.asarray(poisoned_v.transpose(0, 1, 3, 2, 4)))
+    got = np.asarray(attend(cache, jnp.asarray(q), jnp.asarray(mask)))
+    want = np.zeros_like(got)
+    for b in range(batch):
+      for h in range(heads):
+        kv = h // (heads // num_kv)
+        keys, values = k[steps[b], rows[b], :, kv], v[steps[b], rows[b], :, kv]  # [S, Dh]
+        scores = q[b, :, h] @ keys.T / np.sqrt(head_dim)  # [T, S]
+        scores = np.where(mask[b], scores, -np.inf)
+        probs = np.exp(scores - scores.max(-1, keepdims=True))
+        want[b, :, h] = (probs / probs.sum(-1, keepdims=True)) @ values
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5, err_msg=f'reach {reach}')

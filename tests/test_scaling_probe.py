@@ -27,3 +27,9 @@ def test_probe_refuses_an_output_folder_that_does_not_exist(tmp_path):
   config = ad.load_config('configs/quickstart.py:tiny')
   with pytest.raises(ad.PathError, match='--out=.*does not exist'):
     scaling_probe.run_probe(config, str(tmp_path / 'nowhere' / 'p.json'))
+
+
+def test_probe_refuses_bad_read_chunks(tmp_path):
+  config = ad.load_config('configs/quickstart.py:tiny')
+  with pytest.raises(config_lib.ConfigError, match=r'--read_chunks=\[64, 64\]: distinct'):
+    scaling_probe.run_probe(config, str(tmp_path / 'p.json'), read_chunks=(64, 64))

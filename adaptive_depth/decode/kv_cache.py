@@ -20,13 +20,33 @@ read, makes it copy the cache, which at batch 8 with a long cache cost more than
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 
+from adaptive_depth import layers
 from adaptive_depth import model as model_lib
+
+# The step between the lengths a decode step reads its cache layer in (attend_reachable).
+# A smaller step reads less, but puts a switch into short caches' programs (the tests'),
+# which then take longer to compile.
+READ_CHUNK = 64
+
+
+@contextlib.contextmanager
+def reading_in_steps(positions: int):
+  """Decode programs traced within read their cache layers in steps of `positions` (0: the
+  whole layer at every step) instead of READ_CHUNK's: to measure and test what the reads
+  save (launch/decode_probe.py --read_chunks)."""
+  global READ_CHUNK
+  saved, READ_CHUNK = READ_CHUNK, positions
+  try:
+    yield
+  finally:
+    READ_CHUNK = saved
 
 
 @flax.struct.dataclass
@@ -52,18 +72,64 @@ def empty(cfg: model_lib.ModelConfig, batch: int, cache_len: int) -> Cache:
                v=jnp.zeros(leading + (cache_len, cfg.head_dim), cfg.compute_dtype))
 
 
-def layer_of_rows(cache: Cache, steps, rows=None) -> tuple[jax.Array, jax.Array]:
+def layer_of_rows(cache: Cache, steps, rows=None, positions: int | None = None
+                  ) -> tuple[jax.Array, jax.Array]:
   """Each row's cache layer at its loop step: steps scalar (every row) or [B] ->
-  (k [B, KV, Dh, S], v [B, KV, S, Dh]). rows: [B] the cache rows to read (default 0..B-1:
-  every row; the MoR engine reads a gathered subset of its slots)."""
+  (k [B, KV, Dh, P], v [B, KV, P, Dh]), the first P = `positions` (default: all) of each
+  row's positions. rows: [B] the cache rows to read (default 0..B-1: every row; the MoR
+  engine reads a gathered subset of its slots)."""
   steps = jnp.asarray(steps)
+  _, batch, num_kv, head_dim, length = cache.k.shape
+  size = length if positions is None else positions
+  if rows is None and steps.ndim == 0:
+    start = (steps, 0, 0, 0, 0)
+    return (jax.lax.dynamic_slice(cache.k, start, (1, batch, num_kv, head_dim, size))[0],
+            jax.lax.dynamic_slice(cache.v, start, (1, batch, num_kv, size, head_dim))[0])
   if rows is None:
-    if steps.ndim == 0:
-      return (jax.lax.dynamic_index_in_dim(cache.k, steps, keepdims=False),
-              jax.lax.dynamic_index_in_dim(cache.v, steps, keepdims=False))
     rows = jnp.arange(steps.shape[0])
   steps = jnp.broadcast_to(steps, rows.shape)
-  return cache.k[steps, rows], cache.v[steps, rows]
+
+  def one_row(step, row):
+    start = (step, row, 0, 0, 0)
+    return (jax.lax.dynamic_slice(cache.k, start, (1, 1, num_kv, head_dim, size))[0, 0],
+            jax.lax.dynamic_slice(cache.v, start, (1, 1, num_kv, size, head_dim))[0, 0])
+  return jax.vmap(one_row)(steps, rows)
+
+
+def read_lengths(length: int, read_chunk: int) -> list[int]:
+  """The lengths attend_reachable reads a layer of `length` positions in: the multiples of
+  read_chunk (0: none) below it and the whole (a multiple less than half a chunk short of the
+  whole is left out: reading it would save too little to pay for the switch)."""
+  if read_chunk == 0:
+    return [length]
+  return [n for n in range(read_chunk, length, read_chunk) if length - n >= read_chunk // 2
+          ] + [length]
+
+
+def attend_reachable(cache: Cache, steps, rows, q, mask):
+  """The attention of q [B, T, H, Dh] to each row's cache layer at its step (as
+  layer_of_rows), under mask [B, T, S], reading only the positions some query can see.
+
+  A decode step needs the keys up to the furthest position any of its queries may see,
+  which is far less than the cache while a long generation is young. The layer is read in
+  one of a few fixed lengths (read_lengths: multiples of READ_CHUNK, and the whole cache),
+  the shortest that covers every visible key, chosen on device by a lax.switch: static
+  shapes, and per step a read and attention proportional to the text so far instead of to
+  the cache. The keys left out are masked for every query: the result is the same. What
+  this saves on the 2-core CPU is in the README (Decode scaling).
+  """
+  sizes = read_lengths(cache.length, READ_CHUNK)
+
+  def attend(size):
+    return lambda cache, q, mask: layers.attend(
+        q, *layer_of_rows(cache, steps, rows, size), mask[..., :size], cache_layout=True)
+
+  if len(sizes) == 1:
+    return attend(sizes[0])(cache, q, mask)
+  visible = mask.any(axis=(0, 1))  # [S]
+  reach = cache.length - jnp.argmax(visible[::-1])  # the last visible position + 1
+  branch = jnp.searchsorted(jnp.asarray(sizes), reach)  # the first size >= reach
+  return jax.lax.switch(branch, [attend(size) for size in sizes], cache, q, mask)
 
 
 def store(cache: Cache, steps, k, v, positions, keep=None, rows=None) -> Cache:
@@ -91,10 +157,10 @@ def cached_call(cache: Cache, steps, positions, call: Callable, kv_of_call: Call
 
   kv_of_call() -> (k, v) [B, T, KV, Dh]: the K/V this call's tokens write (the block's own
   projections, Block.kv_only). They are stored first, at positions [B, T] of each row's
-  step (only where keep [B, T], if given); then call(merge_kv) -> (out, _) runs the block,
-  whose attention reads, through merge_kv, each row's layer (k [B, KV, Dh, S],
-  v [B, KV, S, Dh]) of the updated cache at read_steps (default: steps;
-  Mixture-of-Recursions' shared KV reads recursion 0's). rows: [B] the cache rows of this
+  step (only where keep [B, T], if given); then call(attend_to) -> (out, _) runs the block,
+  whose attention (layers.Attention's attend_to) reads each row's layer of the updated
+  cache at read_steps (default: steps; Mixture-of-Recursions' shared KV reads recursion
+  0's), as far as its mask reaches (attend_reachable). rows: [B] the cache rows of this
   call's rows (default all, in order). Returns (out, cache).
 
   Store, then read: the layer read happens after the write, so the write is in place. The
@@ -107,8 +173,9 @@ def cached_call(cache: Cache, steps, positions, call: Callable, kv_of_call: Call
   """
   k, v = kv_of_call()
   cache = store(cache, steps, k, v, positions, keep, rows)
-  k_rows, v_rows = layer_of_rows(cache, steps if read_steps is None else read_steps, rows)
-  out, _ = call(lambda *_: (k_rows, v_rows))
+  read_steps = steps if read_steps is None else read_steps
+  out, _ = call(lambda q, own_k, own_v, mask: attend_reachable(cache, read_steps, rows, q,
+                                                                mask))
   return out, cache
 
 
@@ -117,7 +184,7 @@ def cached_step(cfg: model_lib.ModelConfig, params, cache: Cache, step, h, posit
   Returns (h [B, T, D], cache)."""
   return cached_call(
       cache, step, positions,
-      lambda merge: model_lib.apply_step(cfg, params, step, h, positions, mask, merge),
+      lambda attend_to: model_lib.apply_step(cfg, params, step, h, positions, mask, attend_to),
       lambda: model_lib.apply_step(cfg, params, step, h, positions, kv_only=True))
 
 

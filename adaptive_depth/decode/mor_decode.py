@@ -60,7 +60,7 @@ def _cached_block(cfg, params, cache: kv_cache.Cache, step, h, positions, mask, 
   Returns (h, cache)."""
   return kv_cache.cached_call(
       cache, step, positions,
-      lambda merge: model_lib.apply_step(cfg, params, step, h, positions, mask, merge),
+      lambda attend_to: model_lib.apply_step(cfg, params, step, h, positions, mask, attend_to),
       lambda: model_lib.apply_step(cfg, params, step, h, positions, kv_only=True),
       keep=write, read_steps=read_step)
 

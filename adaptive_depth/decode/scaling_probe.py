@@ -9,6 +9,11 @@ Two questions about the decode step itself, with nothing adaptive in the way:
                  [F, D], F = mlp_dim, num_layers of them) run the same number of steps in a
                  lax.fori_loop: what the hardware gives for free at that batch.
 
+read_chunks   the same decode timed at each step of cache read lengths (the cache layer is
+               read as far as the step's queries reach, in multiples of that many
+               positions: kv_cache.attend_reachable; 0 reads the whole layer every step),
+               side by side: what reading only the reachable positions saves.
+
 The parameters are random (timing does not depend on their values): no workdir needed.
 Every program is compiled and run once, then timed in `repeats` rounds, each round running
 every program once in turn; each figure is the median over rounds, and each ratio the
@@ -31,19 +36,23 @@ from adaptive_depth import exits
 from adaptive_depth import model as model_lib
 from adaptive_depth import timing
 from adaptive_depth.decode import generation
+from adaptive_depth.decode import kv_cache
 from adaptive_depth.decode import sampling as sampling_lib
 
 
-def decode_program(cfg, params, batch: int, prompt_len: int, max_new: int):
+def decode_program(cfg, params, batch: int, prompt_len: int, max_new: int,
+                   read_chunk: int = kv_cache.READ_CHUNK):
   """(compiled, args) of full-depth greedy decoding of max_new tokens after prompt_len-token
-  prompts at `batch`, with a cache of prompt_len + max_new + 1 positions."""
+  prompts at `batch`, with a cache of prompt_len + max_new + 1 positions, read in steps of
+  read_chunk positions (0: whole)."""
   prompt = jnp.ones((batch, prompt_len), jnp.int32)
   lengths = jnp.full((batch,), prompt_len, jnp.int32)
   run = lambda params: generation.generate_tokens(
       cfg, params, prompt, lengths, max_new_tokens=max_new,
       policy=exits.ExitPolicy(measure='never'), sampling=sampling_lib.Greedy(),
       rng=jax.random.key(0), eos_id=-1, pad_id=0)
-  return jax.jit(run).lower(params).compile(), (params,)
+  with kv_cache.reading_in_steps(read_chunk):
+    return jax.jit(run).lower(params).compile(), (params,)
 
 
 def matmul_chain_program(cfg, batch: int, steps: int):
@@ -67,7 +76,7 @@ def matmul_chain_program(cfg, batch: int, steps: int):
 
 def run_probe(config, out_path: str, *, batches: Sequence[int] = (1, 8),
               new_tokens: Sequence[int] = (32, 256), prompt_len: int = 32, repeats: int = 5,
-              progress: Callable[[str], None] = print) -> dict:
+              read_chunks: Sequence[int] = (kv_cache.READ_CHUNK,), progress: Callable[[str], None] = print) -> dict:
   """Measures both questions for config.model; writes a JSON report to out_path and
   returns it."""
   config_lib.validate(config)
@@ -76,6 +85,9 @@ def run_probe(config, out_path: str, *, batches: Sequence[int] = (1, 8),
                        ('prompt_len', [prompt_len]), ('repeats', [repeats])):
     if min(values) < 1:
       raise config_lib.ConfigError(f'--{name}={list(values)}: must be >= 1')
+  if min(read_chunks) < 0 or len(set(read_chunks)) != len(read_chunks):
+    raise config_lib.ConfigError(f'--read_chunks={list(read_chunks)}: distinct values >= 0 '
+                                 '(0: read the whole cache layer)')
   if 1 not in batches:
     raise config_lib.ConfigError(f'--batches={list(batches)}: include 1 (the ratios are to it)')
   if min(new_tokens) < 2:
@@ -92,39 +104,56 @@ def run_probe(config, out_path: str, *, batches: Sequence[int] = (1, 8),
   short, long = min(new_tokens), max(new_tokens)
   programs = {}
   for batch in batches:
-    # A step's time excludes the prefill: max_new=1 is the prefill and its one token.
-    for n in sorted({1, short, long}):
-      programs[('decode', batch, n)] = decode_program(cfg, params, batch, prompt_len, n)
+    for chunk in read_chunks:
+      # A step's time excludes the prefill: max_new=1 is the prefill and its one token.
+      for n in sorted({1, short, long}):
+        programs[('decode', chunk, batch, n)] = decode_program(cfg, params, batch, prompt_len,
+                                                               n, chunk)
     programs[('chain', batch)] = matmul_chain_program(cfg, batch, short)
   times = {key: np.asarray(t) for key, t in timing.interleaved_seconds(programs, repeats).items()}
-  step = lambda batch, n: (times[('decode', batch, n)] - times[('decode', batch, 1)]) / (n - 1)
-  decode_tps = {b: b / step(b, short) for b in batches}  # per round
-  chain_tps = {b: b * short / times[('chain', b)] for b in batches}
+  step = lambda chunk, batch, n: ((times[('decode', chunk, batch, n)]
+                                   - times[('decode', chunk, batch, 1)]) / (n - 1))
+  chain_tps = {b: b * short / times[('chain', b)] for b in batches}  # per round
   median = lambda x: float(np.median(x))
+  reads = lambda chunk: f'read in steps of {chunk}' if chunk else 'read whole'
   rows = []
-  for batch in batches:
-    row = {'batch': batch,
-           **{f'decode_ms_per_step_{n}_new': 1e3 * median(step(batch, n))
-              for n in (short, long)},
-           'cache_positions': {n: prompt_len + n + 1 for n in (short, long)},
-           # The median of each round's ratio: both steps of a round ran side by side.
-           'cache_length_cost': median(step(batch, long) / step(batch, short) - 1.0),
-           'decode_tokens_per_second': median(decode_tps[batch]),
-           'matmul_chain_tokens_per_second': median(chain_tps[batch]),
-           'decode_batch_ratio': median(decode_tps[batch] / decode_tps[1]),
-           'matmul_chain_batch_ratio': median(chain_tps[batch] / chain_tps[1])}
-    rows.append(row)
-    progress(f'  batch {batch:>2}: ' + ', '.join(
-        f'{row[f"decode_ms_per_step_{n}_new"]:.1f} ms/step with {prompt_len + n + 1} cached '
-        'positions' for n in (short, long)) + f' ({100 * row["cache_length_cost"]:+.0f}%); '
-        f'matmul chain {row["matmul_chain_tokens_per_second"]:.0f} tok/s')
+  for chunk in read_chunks:
+    decode_tps = {b: b / step(chunk, b, short) for b in batches}  # per round
+    for batch in batches:
+      row = {'batch': batch, 'read_chunk': chunk,
+             **{f'decode_ms_per_step_{n}_new': 1e3 * median(step(chunk, batch, n))
+                for n in (short, long)},
+             'cache_positions': {n: prompt_len + n + 1 for n in (short, long)},
+             # The median of each round's ratio: both steps of a round ran side by side.
+             'cache_length_cost': median(step(chunk, batch, long) / step(chunk, batch, short)
+                                         - 1.0),
+             'decode_tokens_per_second': median(decode_tps[batch]),
+             'matmul_chain_tokens_per_second': median(chain_tps[batch]),
+             'decode_batch_ratio': median(decode_tps[batch] / decode_tps[1]),
+             'matmul_chain_batch_ratio': median(chain_tps[batch] / chain_tps[1])}
+      if chunk != read_chunks[0]:  # against the first setting, round by round
+        row[f'step_over_read_chunk_{read_chunks[0]}'] = {
+            n: median(step(chunk, batch, n) / step(read_chunks[0], batch, n))
+            for n in (short, long)}
+      rows.append(row)
+      progress(f'  batch {batch:>2}, cache {reads(chunk)}: ' + ', '.join(
+          f'{row[f"decode_ms_per_step_{n}_new"]:.1f} ms/step with {prompt_len + n + 1} cached '
+          'positions' for n in (short, long)) + f' ({100 * row["cache_length_cost"]:+.0f}%); '
+          f'matmul chain {row["matmul_chain_tokens_per_second"]:.0f} tok/s')
   for row in rows:
     if row['batch'] != 1:
-      progress(f'  batch {row["batch"]} over batch 1, tokens/s: decode '
-               f'{row["decode_batch_ratio"]:.2f}x, bare matmul chain '
+      progress(f'  batch {row["batch"]} over batch 1, tokens/s, cache {reads(row["read_chunk"])}: '
+               f'decode {row["decode_batch_ratio"]:.2f}x, bare matmul chain '
                f'{row["matmul_chain_batch_ratio"]:.2f}x')
+  for row in rows:
+    if row['read_chunk'] != read_chunks[0]:
+      ratios = row[f'step_over_read_chunk_{read_chunks[0]}']
+      progress(f'  batch {row["batch"]}, step with the cache {reads(row["read_chunk"])} over '
+               f'{reads(read_chunks[0])}: ' + ', '.join(
+                   f'{ratios[n]:.2f}x with {prompt_len + n + 1} cached positions'
+                   for n in (short, long)))
   report = {'layers': cfg.num_layers, 'width': cfg.width, 'mlp_dim': cfg.mlp_dim,
-            'prompt_len': prompt_len, 'repeats': repeats, 'platform': jax.devices()[0].platform,
+            'prompt_len': prompt_len, 'repeats': repeats, 'read_chunks': list(read_chunks), 'platform': jax.devices()[0].platform,
             'rows': rows}
   with open(out_path, 'w') as f:
     json.dump(report, f, indent=1)

@@ -170,8 +170,8 @@ def _run_blocks(cfg, params, state: DecodeState) -> tuple[jax.Array, kv_cache.Ca
     steps = state.step + block
     h, cache = kv_cache.cached_call(
         cache, steps, positions,
-        lambda merge, block=block, steps=steps, h=h: model_lib.apply_block_rows(
-            cfg, params, block, steps, h, positions, mask, merge),
+        lambda attend_to, block=block, steps=steps, h=h: model_lib.apply_block_rows(
+            cfg, params, block, steps, h, positions, mask, attend_to),
         lambda block=block, steps=steps, h=h: model_lib.apply_block_rows(
             cfg, params, block, steps, h, positions, kv_only=True))
   return h[:, 0], cache
