@@ -21,6 +21,12 @@ KINDS = [('expert_choice', 'recursion_wise'), ('expert_choice', 'shared'),
          ('token_choice', 'recursion_wise'), ('token_choice', 'shared')]
 IDS = [f'{r}-{k}' for r, k in KINDS]
 
+# Jitted here (op by op, a tiny MoR forward compiled a hundred or more one-op programs,
+# which took longer than compiling it whole), but op by op in the decode test, whose four
+# model kinds share the one-op programs where a jitted forward compiles for each.
+forward_masked = jax.jit(mor.forward_masked, static_argnums=0)
+forward_states = jax.jit(mor.forward_states, static_argnums=0)
+
 
 def run_config(routing, kv):
   config = ad.load_config('configs/mor.py:tiny')
@@ -42,9 +48,9 @@ def test_masked_forward_with_the_training_selection_equals_the_gathered_one(kv):
   cfg = test_mor.mor_config(kv=kv, alpha=0.5)
   params = tiny_models.random_params(cfg)
   x = test_mor.tokens()
-  h_train, routing = mor.forward_states(cfg, params, x)
+  h_train, routing = forward_states(cfg, params, x)
   depths = routing.selected.sum(axis=0)
-  h_masked, ran = mor.forward_masked(cfg, params, x, depths=depths)
+  h_masked, ran = forward_masked(cfg, params, x, depths=depths)
   np.testing.assert_array_equal(ran, depths)
   np.testing.assert_allclose(h_masked, h_train, atol=2e-4, rtol=2e-4)
 
@@ -55,8 +61,8 @@ def test_changing_a_token_never_changes_earlier_outputs_or_routing(routing, kv):
   x = np.asarray(test_mor.tokens(batch=1, length=16, seed=3))
   changed = x.copy()
   changed[0, 9] = (changed[0, 9] + 7) % 258
-  h_a, ran_a = mor.forward_masked(cfg, params, jnp.asarray(x))
-  h_b, ran_b = mor.forward_masked(cfg, params, jnp.asarray(changed))
+  h_a, ran_a = forward_masked(cfg, params, jnp.asarray(x))
+  h_b, ran_b = forward_masked(cfg, params, jnp.asarray(changed))
   np.testing.assert_array_equal(ran_a[:, :9], ran_b[:, :9])
   np.testing.assert_allclose(h_a[:, :9], h_b[:, :9], atol=1e-5)
   assert np.abs(np.asarray(h_a[:, 9:]) - np.asarray(h_b[:, 9:])).max() > 1e-3
