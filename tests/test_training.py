@@ -1,10 +1,11 @@
 """End-to-end tests of training: resume, preemption, sharding, outputs.
 
 Runs are on the `tiny` quickstart variant (JAX on CPU). A kill must hit a real process, so
-the resume-after-SIGKILL and sharding runs are `launch/train.py` subprocesses, which share
-one persistent JAX compilation cache (a temporary directory of this module): only the first
-run of each distinct program pays for XLA compilation. SIGTERM's point is the training
-loop's handler, so those runs train in the test process and signal it.
+the run killed with SIGKILL and the sharding runs are `launch/train.py` subprocesses. They
+share the session's persistent JAX compilation cache with this process, where the
+uninterrupted reference run and the resumed run train: only the first run of each distinct
+program pays for XLA compilation. SIGTERM's point is the training loop's handler, so those
+runs train in the test process and signal it.
 """
 from __future__ import annotations
 
@@ -50,8 +51,9 @@ LONG_STEPS = 1000
 
 
 @pytest.fixture(scope='module')
-def jax_cache(tmp_path_factory) -> pathlib.Path:
-  return tmp_path_factory.mktemp('jax_compilation_cache')
+def jax_cache(shared_compilation_cache) -> pathlib.Path:
+  """The session's cache (conftest.py), which the runs in this process also use."""
+  return pathlib.Path(shared_compilation_cache)
 
 
 def _env(jax_cache, *, devices: int = 1) -> dict:
@@ -118,10 +120,6 @@ class _Run:
     self._log.close()
 
 
-def _run_to_completion(cmd, env, log_path) -> str:
-  return _Run(cmd, env, log_path).wait_ok()
-
-
 def _checkpoint_steps(workdir: pathlib.Path) -> list[int]:
   """Complete checkpoint steps: integer-named directories (Orbax tmp dirs are not)."""
   return checkpoint_lib.steps_on_disk(str(workdir / 'checkpoints'))
@@ -169,11 +167,13 @@ def _read_event_scalars(path: pathlib.Path) -> dict[str, dict[int, float]]:
 
 
 @pytest.fixture(scope='module')
-def reference_run(tmp_path_factory, jax_cache) -> pathlib.Path:
-  """Workdir of an uninterrupted tiny run of REF_STEPS steps."""
+def reference_run(tmp_path_factory) -> pathlib.Path:
+  """Workdir of an uninterrupted tiny run of REF_STEPS steps, in this process (what
+  launch/train.py runs; the killed run below goes through the script itself)."""
   workdir = tmp_path_factory.mktemp('reference') / 'A'
-  _run_to_completion(_train_cmd(workdir, *REF_OVERRIDES), _env(jax_cache),
-                     workdir.parent / 'A.log')
+  ad.train_and_evaluate(ad.load_config(str(REPO / TINY), {**REF_CONFIG,
+                                                           'train.progress_bar': False}),
+                        str(workdir))
   return workdir
 
 
