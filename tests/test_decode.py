@@ -20,13 +20,7 @@ PROMPTS = [[3, 7, 1], [5, 2, 9, 11, 4, 8, 1], [6], [12, 13, 14, 15, 16]]
 MAX_NEW = 48
 
 
-@pytest.fixture(autouse=True, scope='module')
-def read_cache_in_chunks():
-  """Every decode program of this module reads its cache layers in lengths of 16 positions
-  (kv_cache.attend_reachable; at the default, 64, these short caches are read whole): the
-  full-sequence references below then also check the reads that stop short of the cache."""
-  with kv_cache.reading_in_steps(16):
-    yield
+pytestmark = pytest.mark.usefixtures('cache_read_in_steps_of_16')  # conftest.py
 
 
 @functools.lru_cache(maxsize=None)

@@ -21,6 +21,8 @@ from adaptive_depth.decode import adaptive_decode
 from adaptive_depth.serving import Engine, serve
 from tests import tiny_models
 
+pytestmark = pytest.mark.usefixtures('cache_read_in_steps_of_16')  # conftest.py
+
 NUM_REQUESTS = 24
 REFERENCE_MAX_NEW = 12  # every reference call decodes this many, then is cut to its request's
 

@@ -17,6 +17,8 @@ from adaptive_depth import saved_model
 from tests import test_mor
 from tests import tiny_models
 
+pytestmark = pytest.mark.usefixtures('cache_read_in_steps_of_16')  # conftest.py
+
 KINDS = [('expert_choice', 'recursion_wise'), ('expert_choice', 'shared'),
          ('token_choice', 'recursion_wise'), ('token_choice', 'shared')]
 IDS = [f'{r}-{k}' for r, k in KINDS]

@@ -12,6 +12,8 @@ from adaptive_depth.decode import adaptive_decode
 from adaptive_depth.decode import speculative
 from tests import tiny_models
 
+pytestmark = pytest.mark.usefixtures('cache_read_in_steps_of_16')  # conftest.py
+
 MAX_NEW = 48
 NUM_LAYERS = tiny_models.NUM_LAYERS
 PAD = 0

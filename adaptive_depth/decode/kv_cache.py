@@ -40,7 +40,9 @@ READ_CHUNK = 64
 def reading_in_steps(positions: int):
   """Decode programs traced within read their cache layers in steps of `positions` (0: the
   whole layer at every step) instead of READ_CHUNK's: to measure and test what the reads
-  save (launch/decode_probe.py --read_chunks)."""
+  save (launch/decode_probe.py --read_chunks). Only tracing reads the setting: a program
+  compiled before (ad.generate and the engine keep theirs) keeps the reads it was traced
+  with. Not for use from several threads at once."""
   global READ_CHUNK
   saved, READ_CHUNK = READ_CHUNK, positions
   try:
@@ -115,8 +117,10 @@ def attend_reachable(cache: Cache, steps, rows, q, mask):
   one of a few fixed lengths (read_lengths: multiples of READ_CHUNK, and the whole cache),
   the shortest that covers every visible key, chosen on device by a lax.switch: static
   shapes, and per step a read and attention proportional to the text so far instead of to
-  the cache. The keys left out are masked for every query: the result is the same. What
-  this saves on the 2-core CPU is in the README (Decode scaling).
+  the cache. The keys left out are masked for every query, so every query that sees any
+  key gets the same result (a query that sees none, whose output its caller discards,
+  averages the values read). What this saves on the 2-core CPU is in the README (Decode
+  scaling).
   """
   sizes = read_lengths(cache.length, READ_CHUNK)
 
@@ -127,7 +131,8 @@ def attend_reachable(cache: Cache, steps, rows, q, mask):
   if len(sizes) == 1:
     return attend(sizes[0])(cache, q, mask)
   visible = mask.any(axis=(0, 1))  # [S]
-  reach = cache.length - jnp.argmax(visible[::-1])  # the last visible position + 1
+  # The last visible position + 1 (the whole cache when none is visible: argmax is 0).
+  reach = cache.length - jnp.argmax(visible[::-1])
   branch = jnp.searchsorted(jnp.asarray(sizes), reach)  # the first size >= reach
   return jax.lax.switch(branch, [attend(size) for size in sizes], cache, q, mask)
 

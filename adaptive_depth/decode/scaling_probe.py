@@ -1,6 +1,6 @@
 """How full-depth decoding scales with batch size and cache length, against bare matmuls.
 
-Two questions about the decode step itself, with nothing adaptive in the way:
+Questions about the decode step itself, with nothing adaptive in the way:
   cache cost     at each batch, the time per new token with a short cache (prompt +
                  short_new positions) and a long one (prompt + long_new): reading more
                  cached K/V costs a little; copying the cache per step would cost a lot.
@@ -9,10 +9,11 @@ Two questions about the decode step itself, with nothing adaptive in the way:
                  [F, D], F = mlp_dim, num_layers of them) run the same number of steps in a
                  lax.fori_loop: what the hardware gives for free at that batch.
 
-read_chunks   the same decode timed at each step of cache read lengths (the cache layer is
-               read as far as the step's queries reach, in multiples of that many
-               positions: kv_cache.attend_reachable; 0 reads the whole layer every step),
-               side by side: what reading only the reachable positions saves.
+  read steps     the same decode at each step of cache read lengths in read_chunks (a
+                 layer is read as far as the step's queries reach, in multiples of that
+                 many positions: kv_cache.attend_reachable; 0 reads the whole layer at
+                 every step), side by side: what reading only that far saves, and what
+                 the extra read lengths cost to compile.
 
 The parameters are random (timing does not depend on their values): no workdir needed.
 Every program is compiled and run once, then timed in `repeats` rounds, each round running
@@ -24,6 +25,7 @@ each setting is also timed with one new token (the prefill's) and that time is s
 from __future__ import annotations
 
 import json
+import time
 from typing import Callable, Sequence
 
 import jax
@@ -76,16 +78,17 @@ def matmul_chain_program(cfg, batch: int, steps: int):
 
 def run_probe(config, out_path: str, *, batches: Sequence[int] = (1, 8),
               new_tokens: Sequence[int] = (32, 256), prompt_len: int = 32, repeats: int = 5,
-              read_chunks: Sequence[int] = (kv_cache.READ_CHUNK,), progress: Callable[[str], None] = print) -> dict:
-  """Measures both questions for config.model; writes a JSON report to out_path and
-  returns it."""
+              read_chunks: Sequence[int] = (kv_cache.READ_CHUNK,),
+              progress: Callable[[str], None] = print) -> dict:
+  """Measures these for config.model; writes a JSON report to out_path and returns it."""
   config_lib.validate(config)
   cli.check_output_path('--out', out_path)
   for name, values in (('batches', batches), ('new_tokens', new_tokens),
                        ('prompt_len', [prompt_len]), ('repeats', [repeats])):
     if min(values) < 1:
       raise config_lib.ConfigError(f'--{name}={list(values)}: must be >= 1')
-  if min(read_chunks) < 0 or len(set(read_chunks)) != len(read_chunks):
+  if (not read_chunks or min(read_chunks) < 0
+      or len(set(read_chunks)) != len(read_chunks)):
     raise config_lib.ConfigError(f'--read_chunks={list(read_chunks)}: distinct values >= 0 '
                                  '(0: read the whole cache layer)')
   if 1 not in batches:
@@ -102,13 +105,15 @@ def run_probe(config, out_path: str, *, batches: Sequence[int] = (1, 8),
            f'{cfg.mlp_dim}, {prompt_len}-token prompts, median of {repeats} interleaved rounds, on '
            f'{jax.devices()[0].platform}')
   short, long = min(new_tokens), max(new_tokens)
-  programs = {}
+  programs, compile_seconds = {}, {}
   for batch in batches:
     for chunk in read_chunks:
       # A step's time excludes the prefill: max_new=1 is the prefill and its one token.
       for n in sorted({1, short, long}):
+        start = time.perf_counter()
         programs[('decode', chunk, batch, n)] = decode_program(cfg, params, batch, prompt_len,
                                                                n, chunk)
+        compile_seconds[(chunk, batch, n)] = time.perf_counter() - start
     programs[('chain', batch)] = matmul_chain_program(cfg, batch, short)
   times = {key: np.asarray(t) for key, t in timing.interleaved_seconds(programs, repeats).items()}
   step = lambda chunk, batch, n: ((times[('decode', chunk, batch, n)]
@@ -124,6 +129,8 @@ def run_probe(config, out_path: str, *, batches: Sequence[int] = (1, 8),
              **{f'decode_ms_per_step_{n}_new': 1e3 * median(step(chunk, batch, n))
                 for n in (short, long)},
              'cache_positions': {n: prompt_len + n + 1 for n in (short, long)},
+             # Tracing and compiling the long cache's program (the most read lengths).
+             'compile_seconds_long': compile_seconds[(chunk, batch, long)],
              # The median of each round's ratio: both steps of a round ran side by side.
              'cache_length_cost': median(step(chunk, batch, long) / step(chunk, batch, short)
                                          - 1.0),
@@ -138,8 +145,9 @@ def run_probe(config, out_path: str, *, batches: Sequence[int] = (1, 8),
       rows.append(row)
       progress(f'  batch {batch:>2}, cache {reads(chunk)}: ' + ', '.join(
           f'{row[f"decode_ms_per_step_{n}_new"]:.1f} ms/step with {prompt_len + n + 1} cached '
-          'positions' for n in (short, long)) + f' ({100 * row["cache_length_cost"]:+.0f}%); '
-          f'matmul chain {row["matmul_chain_tokens_per_second"]:.0f} tok/s')
+          'positions' for n in (short, long)) + f' ({100 * row["cache_length_cost"]:+.0f}%), '
+          f'compiled in {row["compile_seconds_long"]:.1f} s; matmul chain '
+          f'{row["matmul_chain_tokens_per_second"]:.0f} tok/s')
   for row in rows:
     if row['batch'] != 1:
       progress(f'  batch {row["batch"]} over batch 1, tokens/s, cache {reads(row["read_chunk"])}: '
@@ -153,7 +161,8 @@ def run_probe(config, out_path: str, *, batches: Sequence[int] = (1, 8),
                    f'{ratios[n]:.2f}x with {prompt_len + n + 1} cached positions'
                    for n in (short, long)))
   report = {'layers': cfg.num_layers, 'width': cfg.width, 'mlp_dim': cfg.mlp_dim,
-            'prompt_len': prompt_len, 'repeats': repeats, 'read_chunks': list(read_chunks), 'platform': jax.devices()[0].platform,
+            'prompt_len': prompt_len, 'repeats': repeats, 'read_chunks': list(read_chunks),
+            'platform': jax.devices()[0].platform,
             'rows': rows}
   with open(out_path, 'w') as f:
     json.dump(report, f, indent=1)

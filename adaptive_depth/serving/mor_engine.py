@@ -97,8 +97,8 @@ def _rows_block(cfg, params, cache, block, step, slots, h, positions, write, mas
   steps = jnp.broadcast_to(jnp.asarray(step), slots.shape)
   return kv_cache.cached_call(
       cache, steps, positions,
-      lambda attend_to: model_lib.apply_block_rows(cfg, params, block, steps, h, positions, mask,
-                                               attend_to),
+      lambda attend_to: model_lib.apply_block_rows(cfg, params, block, steps, h, positions,
+                                                   mask, attend_to),
       lambda: model_lib.apply_block_rows(cfg, params, block, steps, h, positions,
                                          kv_only=True),
       keep=write[:, None], read_steps=read_step, rows=slots)
