@@ -164,7 +164,10 @@ def _run_blocks(cfg, params, state: DecodeState) -> tuple[jax.Array, kv_cache.Ca
   [step_i + b, i, position_i])."""
   cache_len = state.cache.length
   positions = state.position[:, None]
-  mask = (jnp.arange(cache_len)[None, :] <= state.position[:, None])[:, None, :]  # [S, 1, C]
+  # A free slot sees no key: its output is dropped (tick keeps its state), and the cache
+  # read of a tick then reaches only as far as the live slots' positions.
+  mask = ((jnp.arange(cache_len)[None, :] <= state.position[:, None])
+          & state.live[:, None])[:, None, :]  # [S, 1, C]
   h, cache = state.h[:, None], state.cache
   for block in range(cfg.num_blocks):
     steps = state.step + block
