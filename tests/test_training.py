@@ -50,17 +50,9 @@ LONG_STEPS = 1000
 # ----------------------------------------------------------------------------- helpers
 
 
-@pytest.fixture(scope='module')
-def jax_cache(shared_compilation_cache) -> pathlib.Path:
-  """The session's cache (conftest.py), which the runs in this process also use."""
-  return pathlib.Path(shared_compilation_cache)
-
-
-def _env(jax_cache, *, devices: int = 1) -> dict:
-  env = subprocess_env.subprocess_env(devices)
-  env['JAX_COMPILATION_CACHE_DIR'] = str(jax_cache)
-  env['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
-  return env
+def _reference_config():
+  """The reference run's config, as this process trains it."""
+  return ad.load_config(str(REPO / TINY), {**REF_CONFIG, 'train.progress_bar': False})
 
 
 def _train_cmd(workdir, *overrides) -> list[str]:
@@ -171,20 +163,17 @@ def reference_run(tmp_path_factory) -> pathlib.Path:
   """Workdir of an uninterrupted tiny run of REF_STEPS steps, in this process (what
   launch/train.py runs; the killed run below goes through the script itself)."""
   workdir = tmp_path_factory.mktemp('reference') / 'A'
-  ad.train_and_evaluate(ad.load_config(str(REPO / TINY), {**REF_CONFIG,
-                                                           'train.progress_bar': False}),
-                        str(workdir))
+  ad.train_and_evaluate(_reference_config(), str(workdir))
   return workdir
 
 
 # ----------------------------------------------------------------------------- tests
 
 
-def test_resume_after_sigkill_matches_uninterrupted_run(reference_run, tmp_path, jax_cache,
-                                                        capsys):
+def test_resume_after_sigkill_matches_uninterrupted_run(reference_run, tmp_path, capsys):
   workdir = tmp_path / 'B'
   cmd = _train_cmd(workdir, *REF_OVERRIDES)
-  env = _env(jax_cache)
+  env = subprocess_env.subprocess_env()
 
   run = _Run(cmd, env, tmp_path / 'B-killed.log')
   run.poll_until(lambda: any(s >= 10 for s in _checkpoint_steps(workdir)),
@@ -201,8 +190,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(reference_run, tmp_path,
 
   # The resumed run in this process (launch/train.py runs this function; a process of its
   # own only costs start-up here): what it reads is what the killed process left on disk.
-  config = ad.load_config(str(REPO / TINY), {**REF_CONFIG, 'train.progress_bar': False})
-  ad.train_and_evaluate(config, str(workdir))
+  ad.train_and_evaluate(_reference_config(), str(workdir))
   output = capsys.readouterr().out
   resumed = re.findall(r'Resuming from step (\d+)', output)
   assert resumed == [str(steps_at_kill[-1])], output[-2000:]
@@ -335,7 +323,7 @@ def _restore_params_on_local_devices(workdir: pathlib.Path) -> dict[str, np.ndar
 
 
 @pytest.fixture(scope='module')
-def mesh_runs(tmp_path_factory, jax_cache) -> dict:
+def mesh_runs(tmp_path_factory) -> dict:
   """The same short run on 1 device and on a (data 2, fsdp 2, tensor 2) mesh of 8 devices,
   plus a probe of the shardings the library computes for that mesh; all three concurrent."""
   tmp = tmp_path_factory.mktemp('mesh_runs')
@@ -343,11 +331,10 @@ def mesh_runs(tmp_path_factory, jax_cache) -> dict:
             '--config.train.log_every=1')
   single, sharded = tmp / 'single', tmp / 'sharded'
   mesh_flags = ('--config.mesh.data=2', '--config.mesh.fsdp=2', '--config.mesh.tensor=2')
-  probe = _Run([sys.executable, '-c', _SHARDING_PROBE], _env(jax_cache, devices=8),
-               tmp / 'probe.log')
-  runs = [_Run(_train_cmd(single, *common), _env(jax_cache), tmp / 'single.log'),
-          _Run(_train_cmd(sharded, *common, *mesh_flags), _env(jax_cache, devices=8),
-               tmp / 'sharded.log')]
+  one, eight = subprocess_env.subprocess_env(), subprocess_env.subprocess_env(devices=8)
+  probe = _Run([sys.executable, '-c', _SHARDING_PROBE], eight, tmp / 'probe.log')
+  runs = [_Run(_train_cmd(single, *common), one, tmp / 'single.log'),
+          _Run(_train_cmd(sharded, *common, *mesh_flags), eight, tmp / 'sharded.log')]
   out_single, out_sharded = [r.wait_ok() for r in runs]
   return {'single': single, 'sharded': sharded, 'out_single': out_single,
           'out_sharded': out_sharded, 'probe': probe.wait_ok()}
