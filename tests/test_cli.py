@@ -15,68 +15,13 @@ import numpy as np
 import pytest
 
 import adaptive_depth as ad
+from tests import launch_harness
 from tests import subprocess_env
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = 'configs/quickstart.py:tiny'
 MAX_LINES = 3
 _PARITY = 'pip install -e ".[parity]"'
-
-# Runs each launch script's main through cli.run once per case, all in one interpreter
-# (imports take seconds, a case milliseconds): a script's flags are removed before the next
-# script defines its own. Each case's stderr is captured at the file descriptor. The crash
-# case runs last and uncaught, so the interpreter itself prints the traceback.
-_HARNESS = r'''
-import importlib.util, json, os, sys, tempfile, traceback
-from absl import flags
-import adaptive_depth as ad
-from adaptive_depth import cli
-scripts, crash = json.loads(sys.argv[1]), json.loads(sys.argv[2])
-sys.path.insert(0, 'launch')  # as when a script runs: its directory comes first
-
-def load(script):
-  for name in set(flags.FLAGS) - builtin_flags:  # the previous script's, overrides too
-    delattr(flags.FLAGS, name)
-  spec = importlib.util.spec_from_file_location(f'launch_{script}', f'launch/{script}.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-def run(module, argv):
-  sys.argv = list(argv)  # config_flags reads its overrides from sys.argv
-  flags.FLAGS.unparse_flags()
-  cli.run(module.main, argv=argv)
-
-builtin_flags = set(flags.FLAGS)
-results = {}
-for script, cases in scripts.items():
-  module = load(script)
-  for name, argv in cases.items():
-    with tempfile.TemporaryFile('w+') as err:
-      sys.stderr.flush()
-      saved = os.dup(2)
-      os.dup2(err.fileno(), 2)
-      try:
-        run(module, argv)
-        status = 0
-      except SystemExit as e:
-        status = e.code
-      except BaseException:
-        traceback.print_exc()
-        status = 'crash'
-      finally:
-        sys.stderr.flush()
-        os.dup2(saved, 2)
-        os.close(saved)
-      err.seek(0)
-      results[f'{script}-{name}'] = {'status': status, 'stderr': err.read()}
-print(json.dumps(results), flush=True)
-
-def broken(*args, **kwargs):
-  raise RuntimeError('a bug, not a user error')
-setattr(ad, crash['patch'], broken)
-run(load(crash['script']), crash['argv'])
-'''
 
 
 def _workdirs(root: pathlib.Path) -> dict:
@@ -216,13 +161,9 @@ def launched(tmp_path_factory):
              for script, cases in _cases(paths).items()}
   crash = {**_CRASH, 'argv': [f'launch/{_CRASH["script"]}.py', *_CRASH['argv'],
                               f'--workdir={paths["missing"]}']}
-  result = subprocess.run(
-      [sys.executable, '-c', _HARNESS, json.dumps(scripts), json.dumps(crash)], cwd=REPO,
-      env=subprocess_env.subprocess_env(), capture_output=True, text=True, timeout=300)
-  lines = result.stdout.strip().splitlines()
-  assert lines, f'no results; stderr:\n{result.stderr[-3000:]}'
-  return {'paths': paths, 'cases': json.loads(lines[-1]), 'returncode': result.returncode,
-          'stderr': result.stderr}
+  # Every case in one interpreter (tests/launch_harness.py): imports take seconds, a case
+  # milliseconds.
+  return {'paths': paths, **launch_harness.run_in_one_interpreter(scripts, crash, timeout=300)}
 
 
 def _case_params():

@@ -1,14 +1,13 @@
 """The second stage (exit classifier) and the evaluation entry point, end to end on a tiny run."""
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 import adaptive_depth as ad
 from adaptive_depth.train import classifier as classifier_lib
+from tests import launch_harness
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -57,43 +56,56 @@ def test_classifier_stage_then_evaluate(trained, classifier_summary):
   assert result['oracle']['mean_depth'] < 6
 
 
-def test_evaluate_launch_script(trained):
-  out = subprocess.run(
-      [sys.executable, 'launch/evaluate.py', '--config=configs/recursive.py:tiny',
-       f'--workdir={trained}', '--measures=softmax_diff', '--config.eval.num_batches=1'],
-      cwd=REPO, capture_output=True, text=True, timeout=600)
-  assert out.returncode == 0, out.stderr[-3000:]
-  result = json.load(open(os.path.join(trained, 'eval.json')))
-  assert list(result['sweeps']) == ['softmax_diff']
+@pytest.fixture(scope='module')
+def launched(trained, tmp_path_factory):
+  """launch/evaluate.py, generate.py and benchmark.py on the trained run, in one interpreter
+  (tests/launch_harness.py): {'script': its run's {status, stdout, stderr}}, the paths they
+  wrote, and eval.json as evaluate.py left it (generate.py and benchmark.py do not write
+  it; the other tests rewrite it)."""
+  tmp = tmp_path_factory.mktemp('launched')
+  paths = {'html': tmp / 'out.html', 'bench': tmp / 'bench.json'}
+  tiny, workdir = '--config=configs/recursive.py:tiny', f'--workdir={trained}'
+  scripts = {
+      'evaluate': {'run': ['launch/evaluate.py', tiny, workdir, '--measures=softmax_diff',
+                           '--config.eval.num_batches=1']},
+      'generate': {'run': ['launch/generate.py', tiny, workdir, '--prompt=To be',
+                           '--prompt=KING:\n', '--config.generate.measure=max_prob',
+                           '--config.generate.threshold=0.0',
+                           '--config.generate.max_new_tokens=12', f'--html={paths["html"]}']},
+      'benchmark': {'run': ['launch/benchmark.py', tiny, workdir, f'--out={paths["bench"]}',
+                            '--config.benchmark.batches=2',
+                            '--config.benchmark.max_new_tokens=16',
+                            '--config.benchmark.repeats=1', '--config.benchmark.prompt_len=8',
+                            '--config.benchmark.thresholds=0.0,1.01',
+                            '--config.benchmark.speculative=2x3']}}
+  result = launch_harness.run_in_one_interpreter(scripts, timeout=900)
+  runs = {script: result['cases'][f'{script}-run'] for script in scripts}
+  return {**runs, **paths, 'eval': json.load(open(os.path.join(trained, 'eval.json')))}
 
 
-def test_generate_launch_script(trained, tmp_path):
-  html_path = tmp_path / 'out.html'
-  out = subprocess.run(
-      [sys.executable, 'launch/generate.py', '--config=configs/recursive.py:tiny',
-       f'--workdir={trained}', '--prompt=To be', '--prompt=KING:\n',
-       '--config.generate.measure=max_prob', '--config.generate.threshold=0.0',
-       '--config.generate.max_new_tokens=12', f'--html={html_path}'],
-      cwd=REPO, capture_output=True, text=True, timeout=600)
-  assert out.returncode == 0, out.stderr[-3000:]
-  assert 'To be' in out.stdout and 'exit depth:' in out.stdout
+def _ok(run) -> str:
+  assert run['status'] == 0, run['stderr'][-3000:]
+  return run['stdout']
+
+
+def test_evaluate_launch_script(launched):
+  _ok(launched['evaluate'])
+  assert list(launched['eval']['sweeps']) == ['softmax_diff']
+
+
+def test_generate_launch_script(launched):
+  stdout = _ok(launched['generate'])
+  assert 'To be' in stdout and 'exit depth:' in stdout
   # Threshold 0 with max_prob: every decoded token leaves at the first exit (depth 1); the
   # first token comes from the full-depth prefill (depth 6, shown, not in the statistics).
-  assert 'mean_depth: 1, ' in out.stdout, out.stdout[-500:]
-  page = html_path.read_text()
+  assert 'mean_depth: 1, ' in stdout, stdout[-500:]
+  page = launched['html'].read_text()
   assert page.count('exit depth 1"') == 22 and page.count('exit depth 6"') == 2
 
 
-def test_benchmark_launch_script(trained, tmp_path):
-  out_path = tmp_path / 'bench.json'
-  out = subprocess.run(
-      [sys.executable, 'launch/benchmark.py', '--config=configs/recursive.py:tiny',
-       f'--workdir={trained}', f'--out={out_path}', '--config.benchmark.batches=2',
-       '--config.benchmark.max_new_tokens=16', '--config.benchmark.repeats=1',
-       '--config.benchmark.prompt_len=8', '--config.benchmark.thresholds=0.0,1.01',
-       '--config.benchmark.speculative=2x3'],
-      cwd=REPO, capture_output=True, text=True, timeout=900)
-  assert out.returncode == 0, out.stderr[-3000:]
+def test_benchmark_launch_script(launched):
+  _ok(launched['benchmark'])
+  out_path = launched['bench']
   rows = json.load(open(out_path))
   assert os.path.getsize(str(out_path).replace('.json', '.png')) > 10_000
   keys = {'mode', 'policy', 'batch', 'threshold', 'tokens_per_second', 'mean_depth',

@@ -1,0 +1,98 @@
+"""Launch scripts run through their own `main` and `cli.run`, many runs in one fresh
+interpreter: importing the library takes seconds, and a run on a tiny model not much more.
+
+Each run gets the argv it would have on the command line; a script's flags are removed
+before the next script defines its own, and every flag is unparsed between runs. Each run's
+stdout and stderr are captured at the file descriptor, so what the process itself prints (a
+progress bar, absl's logging) is caught too. An optional crash run goes last and uncaught,
+so the interpreter itself prints its traceback.
+"""
+from __future__ import annotations
+
+import json
+import pathlib
+import subprocess
+import sys
+
+from tests import subprocess_env
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+_HARNESS = r'''
+import importlib.util, json, os, sys, tempfile, traceback
+from absl import flags
+import adaptive_depth as ad
+from adaptive_depth import cli
+scripts, crash = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+sys.path.insert(0, 'launch')  # as when a script runs: its directory comes first
+
+def load(script):
+  for name in set(flags.FLAGS) - builtin_flags:  # the previous script's, overrides too
+    delattr(flags.FLAGS, name)
+  spec = importlib.util.spec_from_file_location(f'launch_{script}', f'launch/{script}.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+def run(module, argv):
+  sys.argv = list(argv)  # config_flags reads its overrides from sys.argv
+  flags.FLAGS.unparse_flags()
+  cli.run(module.main, argv=argv)
+
+class Captured:
+  """fd 1 and 2 into temporary files for the with-block; .stdout, .stderr after it."""
+  def __enter__(self):
+    self.files = [tempfile.TemporaryFile('w+') for _ in (1, 2)]
+    sys.stdout.flush(); sys.stderr.flush()
+    self.saved = [os.dup(fd) for fd in (1, 2)]
+    for fd, f in zip((1, 2), self.files):
+      os.dup2(f.fileno(), fd)
+    return self
+  def __exit__(self, *exc):
+    sys.stdout.flush(); sys.stderr.flush()
+    for fd, saved in zip((1, 2), self.saved):
+      os.dup2(saved, fd)
+      os.close(saved)
+    self.stdout, self.stderr = [(f.seek(0), f.read(), f.close())[1] for f in self.files]
+
+builtin_flags = set(flags.FLAGS)
+results = {}
+for script, cases in scripts.items():
+  module = load(script)
+  for name, argv in cases.items():
+    with Captured() as out:
+      try:
+        run(module, argv)
+        status = 0
+      except SystemExit as e:  # cli.run ends as absl's app.run does: SystemExit(None) = 0
+        status = 0 if e.code is None else e.code
+      except BaseException:
+        traceback.print_exc()
+        status = 'crash'
+    results[f'{script}-{name}'] = {'status': status, 'stdout': out.stdout,
+                                   'stderr': out.stderr}
+print(json.dumps(results), flush=True)
+
+if crash:
+  def broken(*args, **kwargs):
+    raise RuntimeError('a bug, not a user error')
+  setattr(ad, crash['patch'], broken)
+  run(load(crash['script']), crash['argv'])
+'''
+
+
+def run_in_one_interpreter(scripts: dict, crash: dict | None = None, timeout: float = 600
+                           ) -> dict:
+  """scripts: {script name under launch/: {case name: argv, argv[0] the script's path}};
+  crash: optional {'script', 'patch': an adaptive_depth attribute replaced by a function
+  that raises RuntimeError, 'argv'}, run last. Returns {'cases': {'script-case': {'status':
+  exit status (0, SystemExit's code, or 'crash'), 'stdout', 'stderr'}}, 'returncode',
+  'stderr'} (the last two: the interpreter's own)."""
+  result = subprocess.run(
+      [sys.executable, '-c', _HARNESS, json.dumps(scripts), json.dumps(crash or {})],
+      cwd=REPO, env=subprocess_env.subprocess_env(), capture_output=True, text=True,
+      timeout=timeout)
+  lines = result.stdout.strip().splitlines()
+  assert lines, f'no results; stderr:\n{result.stderr[-3000:]}'
+  return {'cases': json.loads(lines[-1]), 'returncode': result.returncode,
+          'stderr': result.stderr}
