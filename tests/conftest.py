@@ -132,11 +132,12 @@ def pytest_runtest_makereport(item, call):
 # which puts modules with many tests first whatever they cost): starting the long ones
 # first keeps one worker from finishing a long module alone at the end.
 _LONGEST_MODULES = (
-    'test_mor_decode', 'test_evaluate', 'test_training', 'test_pretrained', 'test_exit_heads',
-    'test_engine', 'test_mor', 'test_train_reference', 'test_model', 'test_decode',
-    'test_param_layout', 'test_calibrate', 'test_cli', 'test_batch_splits', 'test_notebook',
-    'test_config', 'test_depth', 'test_host_memory', 'test_generate_api', 'test_chunked_loss',
-    'test_adaptive_threshold')
+    'test_mor_decode', 'test_evaluate', 'test_training', 'test_pretrained',
+    'test_hf_import',  # not long, but .ci/run's second stage then starts it beside the above
+    'test_exit_heads', 'test_engine', 'test_mor', 'test_train_reference', 'test_model',
+    'test_decode', 'test_param_layout', 'test_calibrate', 'test_cli', 'test_batch_splits',
+    'test_notebook', 'test_config', 'test_depth', 'test_host_memory', 'test_generate_api',
+    'test_chunked_loss', 'test_adaptive_threshold')
 
 
 def pytest_collection_modifyitems(items):

@@ -10,9 +10,11 @@ so the interpreter itself prints its traceback.
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import subprocess
 import sys
+import tempfile
 
 from tests import subprocess_env
 
@@ -23,7 +25,7 @@ import importlib.util, json, os, sys, tempfile, traceback
 from absl import flags
 import adaptive_depth as ad
 from adaptive_depth import cli
-scripts, crash = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+scripts, crash, results_path = json.loads(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3]
 sys.path.insert(0, 'launch')  # as when a script runs: its directory comes first
 
 def load(script):
@@ -71,7 +73,8 @@ for script, cases in scripts.items():
         status = 'crash'
     results[f'{script}-{name}'] = {'status': status, 'stdout': out.stdout,
                                    'stderr': out.stderr}
-print(json.dumps(results), flush=True)
+with open(results_path, 'w') as f:  # a file: whatever else reaches stdout cannot garble it
+  json.dump(results, f)
 
 if crash:
   def broken(*args, **kwargs):
@@ -81,18 +84,21 @@ if crash:
 '''
 
 
-def run_in_one_interpreter(scripts: dict, crash: dict | None = None, timeout: float = 600
-                           ) -> dict:
+def run_in_one_interpreter(scripts: dict, crash: dict | None = None,
+                           timeout: float = 600) -> dict:
   """scripts: {script name under launch/: {case name: argv, argv[0] the script's path}};
   crash: optional {'script', 'patch': an adaptive_depth attribute replaced by a function
   that raises RuntimeError, 'argv'}, run last. Returns {'cases': {'script-case': {'status':
   exit status (0, SystemExit's code, or 'crash'), 'stdout', 'stderr'}}, 'returncode',
   'stderr'} (the last two: the interpreter's own)."""
-  result = subprocess.run(
-      [sys.executable, '-c', _HARNESS, json.dumps(scripts), json.dumps(crash or {})],
-      cwd=REPO, env=subprocess_env.subprocess_env(), capture_output=True, text=True,
-      timeout=timeout)
-  lines = result.stdout.strip().splitlines()
-  assert lines, f'no results; stderr:\n{result.stderr[-3000:]}'
-  return {'cases': json.loads(lines[-1]), 'returncode': result.returncode,
-          'stderr': result.stderr}
+  with tempfile.TemporaryDirectory() as folder:
+    results_path = os.path.join(folder, 'results.json')
+    result = subprocess.run(
+        [sys.executable, '-c', _HARNESS, json.dumps(scripts), json.dumps(crash or {}),
+         results_path],
+        cwd=REPO, env=subprocess_env.subprocess_env(), capture_output=True, text=True,
+        timeout=timeout)
+    assert os.path.exists(results_path), f'no results; stderr:\n{result.stderr[-3000:]}'
+    with open(results_path) as f:
+      cases = json.load(f)
+  return {'cases': cases, 'returncode': result.returncode, 'stderr': result.stderr}

@@ -154,7 +154,7 @@ _CRASH = {'script': 'evaluate', 'patch': 'evaluate_run', 'argv': [f'--config={TI
 
 @pytest.fixture(scope='module')
 def launched(tmp_path_factory):
-  """{'paths': the paths the cases name, 'cases': {'script-case': {status, stderr}},
+  """{'paths': the paths the cases name, 'cases': {'script-case': {status, stdout, stderr}},
   'returncode', 'stderr'}: every case of every launch script, in one interpreter."""
   paths = _workdirs(tmp_path_factory.mktemp('cli'))
   scripts = {script: {name: [f'launch/{script}.py', *case.argv] for name, case in cases.items()}
