@@ -14,7 +14,7 @@ from adaptive_depth import config_decoding
 # Re-exported: the rest of the library reads them as config_lib.*.
 from adaptive_depth.config_decoding import (  # pylint: disable=unused-import
     BENCHMARK_MODES, ConfigError, parse_list, parse_range, parse_speculative)
-from adaptive_depth import model as model_lib
+from adaptive_depth import model_config
 from adaptive_depth import mor_config
 from adaptive_depth.data import tokenizers
 
@@ -266,10 +266,10 @@ def _value_problems(c) -> list[str]:
 
   if c.stage not in STAGES:
     p.append(f'config.stage={c.stage!r}; allowed: {", ".join(STAGES)}')
-  if m.schedule not in model_lib.SCHEDULES:
-    p.append(f'config.model.schedule={m.schedule!r}; allowed: {", ".join(model_lib.SCHEDULES)}')
-  if m.dtype not in model_lib.DTYPES:
-    p.append(f'config.model.dtype={m.dtype!r}; allowed: {", ".join(model_lib.DTYPES)}')
+  if m.schedule not in model_config.SCHEDULES:
+    p.append(f'config.model.schedule={m.schedule!r}; allowed: {", ".join(model_config.SCHEDULES)}')
+  if m.dtype not in model_config.DTYPES:
+    p.append(f'config.model.dtype={m.dtype!r}; allowed: {", ".join(model_config.DTYPES)}')
   if m.attention not in attention_lib.IMPLEMENTATIONS:
     p.append(f'config.model.attention={m.attention!r}; allowed: '
              f'{", ".join(attention_lib.IMPLEMENTATIONS)}')
@@ -291,7 +291,7 @@ def _value_problems(c) -> list[str]:
              '(config.model.num_layers)')
   else:
     try:
-      model_lib.parse_exit_layers(m.exit_layers, m.num_layers, m.min_exit_layer)
+      model_config.parse_exit_layers(m.exit_layers, m.num_layers, m.min_exit_layer)
     except ValueError as e:
       p.append(str(e))
   p.extend(_schedule_problems(m))
@@ -349,7 +349,7 @@ def _exit_head_problems(c) -> list[str]:
              '(0 = no adapters)')
   has_heads = m.exit_norms or m.exit_adapter_rank > 0
   try:
-    depths = model_lib.parse_exit_layers(m.exit_layers, m.num_layers, m.min_exit_layer)
+    depths = model_config.parse_exit_layers(m.exit_layers, m.num_layers, m.min_exit_layer)
   except ValueError:
     depths = None  # reported with config.model.exit_layers
   if has_heads and depths is not None:
