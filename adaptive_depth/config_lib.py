@@ -35,7 +35,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.width = 256
   c.model.num_layers = 4          # depth-loop steps
   c.model.num_blocks = 0          # distinct stacked blocks; 0 = num_layers (no sharing)
-  c.model.schedule = 'unshared'   # one of model.SCHEDULES
+  c.model.schedule = 'unshared'   # one of model_config.SCHEDULES
   c.model.num_heads = 4
   c.model.num_kv_heads = 0        # 0 = num_heads
   c.model.head_dim = 0            # 0 = width // num_heads

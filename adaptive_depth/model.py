@@ -22,9 +22,10 @@ shared output projection; the last exit always reads through final_norm alone.
 Relaxed recursion adds, per loop step s, a low-rank delta A_s B_s to each projection of the
 block that step runs (B_s starts at zero, so a relaxed model starts as its shared one).
 
-A depth schedule maps loop step s (0 <= s < num_layers) to the block it runs, so a plain
-L-layer model (num_blocks = L, schedule 'unshared') and a recursive one (fewer blocks than
-steps) are the same code. Sharing is by construction: a step reads its block by index.
+A depth schedule (model_config.block_index / block_table, re-exported here) maps loop step
+s (0 <= s < num_layers) to the block it runs, so a plain L-layer model (num_blocks = L,
+schedule 'unshared') and a recursive one (fewer blocks than steps) are the same code.
+Sharing is by construction: a step reads its block by index.
 
 "Depth" d in 1..num_layers counts loop steps done; an exit at depth d reads the hidden
 state after step d - 1.
@@ -38,10 +39,11 @@ import numpy as np
 
 from adaptive_depth import exit_heads
 from adaptive_depth import layers
-from adaptive_depth import routers
-# The static description lives in model_config.py; callers read it through this module.
+# The static description lives in model_config.py; the rest of the library reads it through
+# this module (config_lib imports model_config directly).
 from adaptive_depth.model_config import (  # pylint: disable=unused-import
     DTYPES, SCHEDULES, ModelConfig, block_index, block_table, parse_exit_layers)
+from adaptive_depth import routers
 
 # Projections that relaxed recursion adapts, with how many leading axes are their input.
 LORA_TARGETS = {('attn', 'q'): 1, ('attn', 'k'): 1, ('attn', 'v'): 1, ('attn', 'o'): 2,
