@@ -21,7 +21,7 @@ from tests import subprocess_env
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 _HARNESS = r'''
-import importlib.util, json, os, sys, tempfile, traceback
+import contextlib, importlib.util, json, os, sys, tempfile, traceback
 from absl import flags
 import adaptive_depth as ad
 from adaptive_depth import cli
@@ -41,38 +41,42 @@ def run(module, argv):
   flags.FLAGS.unparse_flags()
   cli.run(module.main, argv=argv)
 
-class Captured:
-  """fd 1 and 2 into temporary files for the with-block; .stdout, .stderr after it."""
-  def __enter__(self):
-    self.files = [tempfile.TemporaryFile('w+') for _ in (1, 2)]
+@contextlib.contextmanager
+def captured(out):
+  """fd 1 and 2 go to temporary files for the with-block; out['stdout'], out['stderr'] then
+  hold what was written."""
+  files = {name: (fd, tempfile.TemporaryFile('w+')) for name, fd in (('stdout', 1), ('stderr', 2))}
+  sys.stdout.flush(); sys.stderr.flush()
+  saved = {fd: os.dup(fd) for fd, _ in files.values()}
+  for fd, f in files.values():
+    os.dup2(f.fileno(), fd)
+  try:
+    yield
+  finally:
     sys.stdout.flush(); sys.stderr.flush()
-    self.saved = [os.dup(fd) for fd in (1, 2)]
-    for fd, f in zip((1, 2), self.files):
-      os.dup2(f.fileno(), fd)
-    return self
-  def __exit__(self, *exc):
-    sys.stdout.flush(); sys.stderr.flush()
-    for fd, saved in zip((1, 2), self.saved):
-      os.dup2(saved, fd)
-      os.close(saved)
-    self.stdout, self.stderr = [(f.seek(0), f.read(), f.close())[1] for f in self.files]
+    for name, (fd, f) in files.items():
+      os.dup2(saved[fd], fd)
+      os.close(saved[fd])
+      f.seek(0)
+      out[name] = f.read()
+      f.close()
 
 builtin_flags = set(flags.FLAGS)
 results = {}
 for script, cases in scripts.items():
   module = load(script)
   for name, argv in cases.items():
-    with Captured() as out:
+    result = {}
+    with captured(result):
       try:
         run(module, argv)
-        status = 0
+        result['status'] = 0
       except SystemExit as e:  # cli.run ends as absl's app.run does: SystemExit(None) = 0
-        status = 0 if e.code is None else e.code
+        result['status'] = 0 if e.code is None else e.code
       except BaseException:
         traceback.print_exc()
-        status = 'crash'
-    results[f'{script}-{name}'] = {'status': status, 'stdout': out.stdout,
-                                   'stderr': out.stderr}
+        result['status'] = 'crash'
+    results[f'{script}-{name}'] = result
 with open(results_path, 'w') as f:  # a file: whatever else reaches stdout cannot garble it
   json.dump(results, f)
 
