@@ -23,11 +23,17 @@ KINDS = [('expert_choice', 'recursion_wise'), ('expert_choice', 'shared'),
          ('token_choice', 'recursion_wise'), ('token_choice', 'shared')]
 IDS = [f'{r}-{k}' for r, k in KINDS]
 
-# Jitted here (op by op, a tiny MoR forward compiled a hundred or more one-op programs,
-# which took longer than compiling it whole), but op by op in the decode test, whose four
-# model kinds share the one-op programs where a jitted forward compiles for each.
+# Jitted: op by op, a tiny MoR forward compiled a hundred or more one-op programs, which
+# took longer than compiling it whole. The decode test runs the masked forward on rows of
+# the causality test's shape, [1, SEQUENCE_LEN], so it reuses that test's program per kind
+# and compiles none of its own.
 forward_masked = jax.jit(mor.forward_masked, static_argnums=0)
 forward_states = jax.jit(mor.forward_states, static_argnums=0)
+SEQUENCE_LEN = 16
+# New tokens per request in the decode test and at most in the engine test: both decode
+# requests alone with ad.generate at this budget (and prompts padded to 16), so the engine
+# test's references reuse the decode test's compiled batch-1 programs.
+NEW_TOKENS = 10
 
 
 def run_config(routing, kv):
@@ -60,7 +66,7 @@ def test_masked_forward_with_the_training_selection_equals_the_gathered_one(kv):
 @pytest.mark.parametrize('routing,kv', KINDS, ids=IDS)
 def test_changing_a_token_never_changes_earlier_outputs_or_routing(routing, kv):
   _, cfg, params = model_and_params(routing, kv)
-  x = np.asarray(test_mor.tokens(batch=1, length=16, seed=3))
+  x = np.asarray(test_mor.tokens(batch=1, length=SEQUENCE_LEN, seed=3))
   changed = x.copy()
   changed[0, 9] = (changed[0, 9] + 7) % 258
   h_a, ran_a = forward_masked(cfg, params, jnp.asarray(x))
@@ -76,26 +82,25 @@ def test_changing_a_token_never_changes_earlier_outputs_or_routing(routing, kv):
 def test_decode_equals_the_masked_forward_and_batch_one(routing, kv):
   config, cfg, params = model_and_params(routing, kv)
   prompts = [[5, 17, 99, 3, 250, 41, 8], [77, 2, 64], [12, 12, 200, 7, 9]]
-  new = 10
+  new = NEW_TOKENS
   out = ad.generate(params, config, prompts, max_new_tokens=new)
   per = cfg.num_blocks - 2
-  # Teacher-forced: the masked forward over each prompt + its generated text, routing
-  # itself; one call for all rows, padded at the end (causal: padding changes no earlier
-  # position's state or routing), which spares compiling every op for each row's length.
-  sequences = [prompt + tokens[:-1] for prompt, tokens in zip(prompts, out.tokens)]
-  padded = np.zeros((len(sequences), max(map(len, sequences))), np.int32)
-  for row, sequence in enumerate(sequences):
-    padded[row, :len(sequence)] = sequence
-  h, ran = mor.forward_masked(cfg, params, jnp.asarray(padded))
-  all_logits = model_lib.head_logits(cfg, params, h)
   for row, prompt in enumerate(prompts):
     tokens, depths = out.tokens[row], out.exit_depths[row]
     assert len(tokens) == new
-    start, end = len(prompt) - 1, len(sequences[row])
-    np.testing.assert_array_equal(np.argmax(all_logits[row, start:end], -1), tokens)
+    # Teacher-forced: the masked forward over the prompt + its generated text, routing
+    # itself, padded at the end to SEQUENCE_LEN (causal: padding changes no earlier
+    # position's state or routing).
+    sequence = prompt + tokens[:-1]
+    padded = np.zeros((1, SEQUENCE_LEN), np.int32)
+    padded[0, :len(sequence)] = sequence
+    h, ran = forward_masked(cfg, params, jnp.asarray(padded))
+    logits = model_lib.head_logits(cfg, params, h[0])
+    start, end = len(prompt) - 1, len(sequence)
+    np.testing.assert_array_equal(np.argmax(logits[start:end], -1), tokens)
     # Decode steps (every token but the prefill's first) ran the recursions the masked
     # forward's routing gives those positions.
-    np.testing.assert_array_equal(2 + per * np.asarray(ran[row, start + 1:end]), depths[1:])
+    np.testing.assert_array_equal(2 + per * np.asarray(ran[0, start + 1:end]), depths[1:])
     # Batched decoding equals decoding this row alone.
     alone = ad.generate(params, config, [prompt], max_new_tokens=new)
     assert alone.tokens[0] == tokens and alone.exit_depths[0] == depths
@@ -130,11 +135,11 @@ def test_engine_stream_equals_each_request_decoded_alone(routing, kv):
   max_new = [6, 9, 4, 8, 10, 5, 7]
   engine = ad.Engine(model, slots=4, cache_len=32, eos_id=-1, finish_slots=2)
   out = ad.serve(model, prompts, max_new_tokens=max_new, engine=engine, chunk_ticks=3)
-  # ad.generate decodes each row as it would alone (tested above): one batch serves all.
-  reference = ad.generate(model, prompts, max_new_tokens=max(max_new))
-  for row, (m, tokens, depths) in enumerate(zip(max_new, out.tokens, out.exit_depths)):
-    assert tokens == reference.tokens[row][:m]
-    assert depths[1:] == reference.exit_depths[row][1:m]
+  for prompt, m, tokens, depths in zip(prompts, max_new, out.tokens, out.exit_depths):
+    # Each request alone, at the decode test's budget (its compiled batch-1 program).
+    alone = ad.generate(model, [prompt], max_new_tokens=NEW_TOKENS)
+    assert tokens == alone.tokens[0][:m]
+    assert depths[1:] == alone.exit_depths[0][1:m]
   assert len({d for row in out.exit_depths for d in row[1:]}) > 1
   assert 0 < out.stats['relative_flops'] < 1
 
