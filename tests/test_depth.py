@@ -12,42 +12,53 @@ from adaptive_depth import model as model_lib
 from adaptive_depth.train import classifier as classifier_lib
 from tests import numpy_reference as ref
 from tests import tiny_models
+from tests.test_model import random_tokens
 from tests.test_model import small_config
+
+
+# Library functions run jitted, one program per config (static) and shapes: called eagerly
+# they compile a program per operation.
+_forward = jax.jit(model_lib.forward_train, static_argnums=0)
+_forward_adaptive = jax.jit(depth.forward_adaptive, static_argnums=0)
+_scores = {'max_prob': jax.jit(exits.max_prob), 'softmax_diff': jax.jit(exits.softmax_diff)}
 
 
 @pytest.fixture(scope='module')
 def setup():
   cfg = small_config(num_layers=5)
   params = tiny_models.random_params(cfg, scale=0.2)
-  tokens = jax.random.randint(jax.random.key(1), (3, 12), 0, cfg.vocab_size)
+  tokens = random_tokens((3, 12), cfg.vocab_size, seed=1)
   adaptive = jax.jit(lambda p, t, pol: depth.forward_adaptive(cfg, p, t, pol))
   return cfg, params, tokens, adaptive
 
 
-def _quantile_threshold(setup, measure, q=0.7):
-  """A threshold that some tokens clear at the first exits and others do not."""
+@pytest.fixture(scope='module')
+def full(setup):
+  """The setup model's train-mode logits at every exit, [E, B, T, V], computed once."""
   cfg, params, tokens, _ = setup
-  logits = model_lib.forward_train(cfg, params, tokens)[:2]
-  score = exits.max_prob(logits) if measure == 'max_prob' else exits.softmax_diff(logits)
-  return float(np.quantile(np.asarray(score), q))
+  return _forward(cfg, params, tokens)
 
 
-def test_never_exit_equals_train_mode(setup):
+def _quantile_threshold(full, measure, q=0.7):
+  """A threshold that some tokens clear at the first exits and others do not."""
+  return float(np.quantile(np.asarray(_scores[measure](full[:2])), q))
+
+
+def test_never_exit_equals_train_mode(setup, full):
   cfg, params, tokens, adaptive = setup
   out = adaptive(params, tokens, exits.ExitPolicy(measure='never'))
-  full = model_lib.forward_train(cfg, params, tokens)
   np.testing.assert_allclose(out.logits, full[-1], atol=1e-5, rtol=1e-5)
   assert (np.asarray(out.exit_depth) == cfg.num_layers).all()
   assert int(out.steps_run) == cfg.num_layers
 
 
 @pytest.mark.parametrize('k', [1, 2, 4])
-def test_exit_at_depth_k_equals_truncated_model(setup, k):
+def test_exit_at_depth_k_equals_truncated_model(setup, full, k):
   cfg, params, tokens, adaptive = setup
   out = adaptive(params, tokens, exits.ExitPolicy(exit_at=k))
   assert (np.asarray(out.exit_depth) == k).all()
   assert int(out.steps_run) == k  # the loop stops once nothing is active
-  truncated = model_lib.forward_train(cfg, params, tokens)[k - 1]
+  truncated = full[k - 1]
   np.testing.assert_allclose(out.logits, truncated, atol=1e-5, rtol=1e-5)
   # And against the independent numpy model cut at depth k.
   want = ref.model_exit_logits(params, np.asarray(tokens[0]), model_lib.block_table(cfg)[:k],
@@ -55,16 +66,15 @@ def test_exit_at_depth_k_equals_truncated_model(setup, k):
   np.testing.assert_allclose(np.asarray(out.logits[0]), want, atol=1e-4, rtol=1e-4)
 
 
-def test_exited_tokens_are_frozen_and_attended(setup):
+def test_exited_tokens_are_frozen_and_attended(setup, full):
   """A token exiting at depth e outputs the logits of its depth-e state. That state equals the
   full run's when no earlier token of its row left before depth e - 1 (deeper layers read
   K/V from exited tokens' frozen states, which is what state propagation means)."""
   cfg, params, tokens, adaptive = setup
-  policy = exits.ExitPolicy(measure='max_prob', threshold=_quantile_threshold(setup, 'max_prob'))
+  policy = exits.ExitPolicy(measure='max_prob', threshold=_quantile_threshold(full, 'max_prob'))
   out = adaptive(params, tokens, policy)
   d = np.asarray(out.exit_depth)
   assert 1 < d.mean() < cfg.num_layers and len(np.unique(d)) > 1, d
-  full = model_lib.forward_train(cfg, params, tokens)
   prefix_min = np.minimum.accumulate(d, axis=1)
   checked = 0
   for b, t in zip(*np.nonzero(d < cfg.num_layers)):
@@ -80,10 +90,10 @@ def test_exited_tokens_are_frozen_and_attended(setup):
                        for b, t in later)
 
 
-def test_rows_are_independent(setup):
+def test_rows_are_independent(setup, full):
   cfg, params, tokens, adaptive = setup
   policy = exits.ExitPolicy(measure='softmax_diff',
-                            threshold=_quantile_threshold(setup, 'softmax_diff'))
+                            threshold=_quantile_threshold(full, 'softmax_diff'))
   out = adaptive(params, tokens, policy)
   changed = tokens.at[1].set((tokens[1] * 7 + 3) % cfg.vocab_size)
   out2 = adaptive(params, changed, policy)
@@ -104,11 +114,11 @@ def test_rows_are_independent(setup):
   np.testing.assert_allclose(first.logits[0], batch.logits[0], atol=1e-6)
 
 
-def test_threshold_sweep_compiles_once(setup):
+def test_threshold_sweep_compiles_once(setup, full):
   cfg, params, tokens, _ = setup
   fn = evaluation.make_adaptive_fn(cfg)  # what launch/evaluate.py sweeps with
   mean_depths = []
-  top = _quantile_threshold(setup, 'softmax_diff', 0.95)
+  top = _quantile_threshold(full, 'softmax_diff', 0.95)
   for threshold in np.linspace(0.0, top, 10):
     out = fn(params, tokens, exits.ExitPolicy(measure='softmax_diff', threshold=threshold),
              None, None)
@@ -127,15 +137,14 @@ def test_threshold_sweep_compiles_once(setup):
   assert fn._cache_size() == 2
 
 
-def test_decaying_threshold_uses_each_rows_own_position(setup):
+def test_decaying_threshold_uses_each_rows_own_position(setup, full):
   cfg, params, tokens, adaptive = setup
-  logits = model_lib.forward_train(cfg, params, tokens)
-  score = np.asarray(exits.softmax_diff(logits[0]))  # first exit
+  score = np.asarray(_scores['softmax_diff'](full[0]))  # first exit
   policy = exits.ExitPolicy(measure='softmax_diff', schedule='decaying', threshold=0.0,
                             tau=1.0, max_len=12)
   # Rows at different offsets in their own sequences get different thresholds.
   row_positions = jnp.asarray(np.arange(12)[None] + np.array([[0], [20], [40]]))
-  out = depth.forward_adaptive(cfg, params, tokens, policy, row_positions=row_positions)
+  out = _forward_adaptive(cfg, params, tokens, policy, row_positions=row_positions)
   thresholds = np.clip(0.1 * np.exp(-1.0 * np.asarray(row_positions) / 12), 0, 1)
   np.testing.assert_array_equal(np.asarray(out.exit_depth) == 1, score >= thresholds)
   assert (score >= thresholds).any() and not (score >= thresholds).all()
@@ -152,35 +161,38 @@ def test_decaying_threshold_formula():
   policy = exits.ExitPolicy(schedule='decaying', threshold=0.8, tau=4.0, max_len=16)
   t = np.arange(16)[None]
   want = np.clip(0.9 * 0.8 + 0.1 * np.exp(-4.0 * t / 16), 0, 1)
-  np.testing.assert_allclose(exits.threshold_at(policy, t), want, rtol=1e-6)
-  constant = exits.threshold_at(exits.ExitPolicy(threshold=0.3), t)
+  threshold_at = jax.jit(exits.threshold_at)  # one program, not one per operation
+  np.testing.assert_allclose(threshold_at(policy, t), want, rtol=1e-6)
+  constant = threshold_at(exits.ExitPolicy(threshold=0.3), t)
   np.testing.assert_allclose(constant, np.full((1, 16), 0.3), rtol=1e-6)
 
 
 def test_confidence_measures_against_numpy():
   logits = np.random.default_rng(0).normal(size=(3, 50)) * 3
+  # Each measure jitted: one program, not one per operation.
+  softmax_diff = jax.jit(exits.softmax_diff, static_argnames='approx')
   p = np.exp(logits - logits.max(-1, keepdims=True))
   p /= p.sum(-1, keepdims=True)
   top = np.sort(p, -1)[:, ::-1]
-  np.testing.assert_allclose(exits.softmax_diff(logits), top[:, 0] - top[:, 1], atol=1e-6)
-  np.testing.assert_allclose(exits.softmax_diff(logits, approx=True), top[:, 0] - top[:, 1],
+  np.testing.assert_allclose(softmax_diff(logits), top[:, 0] - top[:, 1], atol=1e-6)
+  np.testing.assert_allclose(softmax_diff(logits, approx=True), top[:, 0] - top[:, 1],
                              atol=1e-6)
-  np.testing.assert_allclose(exits.max_prob(logits), top[:, 0], atol=1e-6)
-  np.testing.assert_allclose(exits.neg_entropy(logits), (p * np.log(p)).sum(-1), atol=1e-5)
+  np.testing.assert_allclose(_scores['max_prob'](logits), top[:, 0], atol=1e-6)
+  np.testing.assert_allclose(jax.jit(exits.neg_entropy)(logits), (p * np.log(p)).sum(-1),
+                             atol=1e-5)
   a, b = np.random.default_rng(1).normal(size=(2, 4, 8))
   cos = (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
-  np.testing.assert_allclose(exits.saturation(a, b), cos, atol=1e-6)
+  np.testing.assert_allclose(jax.jit(exits.saturation)(a, b), cos, atol=1e-6)
 
 
-def test_oracle_exits_where_the_exit_agrees(setup):
+def test_oracle_exits_where_the_exit_agrees(setup, full):
   cfg, params, tokens, _ = setup
-  full = model_lib.forward_train(cfg, params, tokens)
-  argmax = np.asarray(jnp.argmax(full, -1))  # [E, B, T]
-  out = depth.forward_adaptive(cfg, params, tokens, exits.ExitPolicy(measure='oracle'),
-                               oracle_tokens=jnp.asarray(argmax[-1]))
+  argmax = np.argmax(np.asarray(full), -1)  # [E, B, T]
+  out = _forward_adaptive(cfg, params, tokens, exits.ExitPolicy(measure='oracle'),
+                          oracle_tokens=jnp.asarray(argmax[-1]))
   d = np.asarray(out.exit_depth)
   assert d.mean() < cfg.num_layers
-  np.testing.assert_array_equal(np.asarray(jnp.argmax(out.logits, -1))[d < cfg.num_layers],
+  np.testing.assert_array_equal(np.argmax(np.asarray(out.logits), -1)[d < cfg.num_layers],
                                 argmax[-1][d < cfg.num_layers])
   # Position 0 attends only to itself, so its first agreeing depth is the full run's.
   first_agree = (argmax == argmax[-1][None]).argmax(0) + 1
@@ -190,9 +202,8 @@ def test_oracle_exits_where_the_exit_agrees(setup):
 def test_relaxed_recursion_matches_numpy_with_merged_lora():
   cfg = small_config(schedule='cycle', num_blocks=2, num_layers=4, lora_rank=3)
   params = tiny_models.random_params(cfg, scale=0.2)
-  tokens = jax.random.randint(jax.random.key(1), (1, 7), 0, cfg.vocab_size)
-  forward = jax.jit(model_lib.forward_train, static_argnums=0)  # one program, not per op
-  logits = forward(cfg, params, tokens)
+  tokens = random_tokens((1, 7), cfg.vocab_size, seed=1)
+  logits = _forward(cfg, params, tokens)
   # Numpy: per step, the shared block plus that step's A @ B, then a plain unshared model.
   merged = {k: v for k, v in params.items() if k not in ('blocks', 'lora')}
   table = model_lib.block_table(cfg)
@@ -209,10 +220,10 @@ def test_relaxed_recursion_matches_numpy_with_merged_lora():
   # Zero-initialised B: a fresh relaxed model equals its shared model.
   fresh = jax.jit(model_lib.init_params, static_argnums=0)(cfg, jax.random.key(0))
   shared = {k: v for k, v in fresh.items() if k != 'lora'}
-  np.testing.assert_allclose(forward(cfg, fresh, tokens), forward(cfg, shared, tokens),
+  np.testing.assert_allclose(_forward(cfg, fresh, tokens), _forward(cfg, shared, tokens),
                              atol=1e-6)
   # The adaptive loop selects the same per-step LoRA.
-  out = depth.forward_adaptive(cfg, params, tokens, exits.ExitPolicy(measure='never'))
+  out = _forward_adaptive(cfg, params, tokens, exits.ExitPolicy(measure='never'))
   np.testing.assert_allclose(out.logits, logits[-1], atol=1e-5)
 
 
@@ -245,4 +256,5 @@ def test_balanced_bce_weighs_classes_equally():
   label = jnp.array([1, 1, 1, 0])
   bce = lambda x, y: np.log1p(np.exp(-x)) if y else np.log1p(np.exp(x))
   want = 0.5 * bce(2.0, 1) + 0.5 * bce(-1.0, 0)
-  assert float(classifier_lib.balanced_bce(logit, label)) == pytest.approx(want, rel=1e-5)
+  assert float(jax.jit(classifier_lib.balanced_bce)(logit, label)) == pytest.approx(want,
+                                                                                   rel=1e-5)

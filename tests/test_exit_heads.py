@@ -1,5 +1,6 @@
 """Per-exit heads (exit norms, adapters), frozen-trunk training and init_from."""
 import dataclasses
+import functools
 import pathlib
 
 import jax
@@ -38,7 +39,32 @@ def _with_trunk(params, trunk):
 
 
 def _tokens(batch=2, length=7, seed=1):
-  return jnp.asarray(np.random.default_rng(seed).integers(0, 256, (batch, length)), jnp.int32)
+  ids = np.random.default_rng(seed).integers(0, 256, (batch, length))
+  return jax.device_put(ids.astype(np.int32))  # cast by numpy: no program to compile
+
+
+def _hidden(shape, seed=0):
+  """Random hidden states [..., D] float32, drawn and cast with numpy: jax.random, or a
+  cast by jnp, compiles a program per shape."""
+  return jax.device_put(np.random.default_rng(seed).standard_normal(shape).astype(np.float32))
+
+
+# Library functions run jitted, one program per config (static) and shapes: called eagerly
+# they compile a program per operation, which took most of this module's time.
+_forward = jax.jit(model_lib.forward_train, static_argnums=0)
+_reference_forward = jax.jit(model_lib.reference_forward, static_argnums=0)
+_init_params = jax.jit(model_lib.init_params, static_argnums=0)
+# exit_number static (None or an int) or traced (an int array, one exit per token).
+_head_logits = jax.jit(model_lib.head_logits, static_argnums=(0, 3))
+_head_logits_per_token = jax.jit(model_lib.head_logits, static_argnums=0)
+_init_exit_heads = jax.jit(exit_heads.init_exit_heads, static_argnums=0)
+_multi_exit_loss = jax.jit(losses.multi_exit_loss, static_argnums=3)
+_forward_adaptive = jax.jit(depth_lib.forward_adaptive, static_argnums=0)
+_prefill = jax.jit(adaptive_decode.prefill, static_argnums=(0, 4))
+_decode_step = jax.jit(adaptive_decode.decode_step, static_argnums=0)
+_generate_speculative = jax.jit(
+    speculative.generate_speculative, static_argnums=0,
+    static_argnames=('max_new_tokens', 'draft_depth', 'num_draft'))
 
 
 # ----------------------------------------------------------------------------- the model
@@ -49,16 +75,16 @@ def test_without_exit_heads_the_tree_and_logits_are_unchanged():
   assert set(params) == {'embed', 'blocks', 'final_norm'}
   assert set(model_lib.param_logical_axes(TRUNK)) == set(params)
   tokens = _tokens()
-  logits = np.asarray(model_lib.forward_train(TRUNK, params, tokens))
+  logits = np.asarray(_forward(TRUNK, params, tokens))
   for row in range(tokens.shape[0]):
     expected = numpy_reference.model_exit_logits(
         params, np.asarray(tokens[row]), range(NUM_LAYERS), TRUNK.exit_depths,
         TRUNK.norm_eps, TRUNK.rope_base)
     np.testing.assert_allclose(logits[:, row], np.stack(expected), atol=2e-4, rtol=2e-4)
   # Without heads, exit numbers change nothing: every exit reads through final_norm.
-  h = jax.random.normal(jax.random.key(0), (2, 3, TRUNK.width))
-  np.testing.assert_array_equal(model_lib.head_logits(TRUNK, params, h, 0),
-                                model_lib.head_logits(TRUNK, params, h))
+  h = _hidden((2, 3, TRUNK.width))
+  np.testing.assert_array_equal(_head_logits(TRUNK, params, h, 0),
+                                _head_logits(TRUNK, params, h, None))
 
 
 def test_exit_head_layout_and_logical_axes():
@@ -73,8 +99,8 @@ def test_exit_head_layout_and_logical_axes():
   for names in jax.tree.leaves(axes['exit_heads'], is_leaf=lambda x: isinstance(x, tuple)):
     assert all(rules[n] is None for n in names), names  # small: replicated
   # The trunk's leaves are exactly the trunk-only model's, initialised identically.
-  trunk = model_lib.init_params(TRUNK, jax.random.key(3))
-  with_heads = model_lib.init_params(HEADS, jax.random.key(3))
+  trunk = _init_params(TRUNK, jax.random.key(3))
+  with_heads = _init_params(HEADS, jax.random.key(3))
   assert jax.tree.structure(trunk) == jax.tree.structure(
       {k: v for k, v in with_heads.items() if k != 'exit_heads'})
   for a, b in zip(jax.tree.leaves(trunk), jax.tree.leaves(
@@ -86,19 +112,19 @@ def test_last_exit_is_the_trunks_and_early_exits_use_their_heads():
   trunk = _random(TRUNK)
   params = _with_trunk(_random(HEADS, seed=5), trunk)
   tokens = _tokens()
-  plain = np.asarray(model_lib.forward_train(TRUNK, trunk, tokens))
-  logits = np.asarray(model_lib.forward_train(HEADS, params, tokens))
+  plain = np.asarray(_forward(TRUNK, trunk, tokens))
+  logits = np.asarray(_forward(HEADS, params, tokens))
   np.testing.assert_array_equal(logits[-1], plain[-1])
   assert np.abs(logits[:-1] - plain[:-1]).max() > 1e-2
   # The Python loop, one exit at a time, agrees with the scan and ALL_EXITS.
-  for e, ref in enumerate(model_lib.reference_forward(HEADS, params, tokens)):
+  for e, ref in enumerate(_reference_forward(HEADS, params, tokens)):
     np.testing.assert_allclose(ref, logits[e], atol=1e-5, rtol=1e-5)
   # Per-token exit numbers pick each token's own exit.
-  h = jax.random.normal(jax.random.key(0), (2, 5, HEADS.width))
+  h = _hidden((2, 5, HEADS.width))
   number = jnp.asarray(np.random.default_rng(2).integers(0, 3, (2, 5)))
-  each = np.stack([model_lib.head_logits(HEADS, params, h, e) for e in range(3)])
+  each = np.stack([_head_logits(HEADS, params, h, e) for e in range(3)])
   picked = np.take_along_axis(each, np.asarray(number)[None, ..., None], 0)[0]
-  np.testing.assert_allclose(model_lib.head_logits(HEADS, params, h, number), picked,
+  np.testing.assert_allclose(_head_logits_per_token(HEADS, params, h, number), picked,
                              atol=1e-5, rtol=1e-5)
   traced = jax.jit(lambda e: model_lib.head_logits(HEADS, params, h, e))(jnp.int32(1))
   np.testing.assert_allclose(traced, each[1], atol=1e-5, rtol=1e-5)
@@ -106,20 +132,19 @@ def test_last_exit_is_the_trunks_and_early_exits_use_their_heads():
 
 def test_fresh_heads_copied_from_the_final_norm_read_as_before():
   trunk = _random(TRUNK)
-  heads = exit_heads.init_exit_heads(HEADS, jax.random.key(0), trunk['final_norm']['scale'])
+  heads = _init_exit_heads(HEADS, jax.random.key(0), trunk['final_norm']['scale'])
   tokens = _tokens()
-  np.testing.assert_allclose(
-      model_lib.forward_train(HEADS, {**trunk, 'exit_heads': heads}, tokens),
-      model_lib.forward_train(TRUNK, trunk, tokens), atol=1e-6, rtol=1e-6)
+  np.testing.assert_allclose(_forward(HEADS, {**trunk, 'exit_heads': heads}, tokens),
+                             _forward(TRUNK, trunk, tokens), atol=1e-6, rtol=1e-6)
 
 
 def test_adaptive_depth_and_decode_use_the_exit_heads():
   params = _with_trunk(_random(HEADS, seed=5), _random(TRUNK))
   tokens = _tokens()
-  full = model_lib.forward_train(HEADS, params, tokens)
-  for e, depth in enumerate(HEADS.exit_depths):
-    out = depth_lib.forward_adaptive(HEADS, params, tokens,
-                                     exits.ExitPolicy(measure='max_prob', exit_at=depth))
+  full = _forward(HEADS, params, tokens)
+  for e, depth in enumerate(HEADS.exit_depths):  # exit_at is traced: one program for all
+    out = _forward_adaptive(HEADS, params, tokens,
+                            exits.ExitPolicy(measure='max_prob', exit_at=depth))
     np.testing.assert_array_equal(out.exit_depth, depth)
     np.testing.assert_allclose(out.logits, full[e], atol=1e-5, rtol=1e-5)
 
@@ -127,8 +152,8 @@ def test_adaptive_depth_and_decode_use_the_exit_heads():
   # the token forced out at depth 2 gets exit 0's head on the state forward_train has.
   prompt, next_token = tokens[:, :-1], tokens[:, -1]
   lengths = jnp.full((2,), prompt.shape[1], jnp.int32)
-  cache, _ = adaptive_decode.prefill(HEADS, params, prompt, lengths, prompt.shape[1] + 2)
-  _, logits, exit_depth, _ = adaptive_decode.decode_step(
+  cache, _ = _prefill(HEADS, params, prompt, lengths, prompt.shape[1] + 2)
+  _, logits, exit_depth, _ = _decode_step(
       HEADS, params, cache, next_token, lengths, exits.ExitPolicy(measure='max_prob',
                                                                   exit_at=2), lengths)
   np.testing.assert_array_equal(exit_depth, 2)
@@ -142,8 +167,8 @@ def test_speculative_drafts_read_an_exit_head():
   params = _with_trunk(_random(HEADS, seed=5), _random(TRUNK))
   prompt = _tokens(length=5)
   lengths = jnp.asarray([5, 3], jnp.int32)
-  out = speculative.generate_speculative(HEADS, params, prompt, lengths, max_new_tokens=6,
-                                         draft_depth=2, num_draft=2, eos_id=-1, pad_id=0)
+  out = _generate_speculative(HEADS, params, prompt, lengths, max_new_tokens=6,
+                              draft_depth=2, num_draft=2, eos_id=-1, pad_id=0)
   # Exact whatever the draft head: the verifier's greedy tokens are full depth's.
   want = tiny_models.greedy_reference(HEADS, params, [prompt[0].tolist(),
                                                       prompt[1, :3].tolist()], 6)
@@ -171,15 +196,17 @@ def _eval_batches(config, count=2):
 
 def _exit_losses(cfg, params, batches, kind):
   """Per-exit mean token CE ('lm') or KL from the last exit ('distill'), over batches."""
-  values = []
-  for batch in batches:
-    logits = model_lib.forward_train(cfg, params, batch[:, :-1])
-    if kind == 'lm':
-      values.append(losses.multi_exit_loss(logits, batch[:, 1:], np.ones(len(logits)))[1])
-    else:
-      log_p = jax.nn.log_softmax(logits, -1)
-      values.append(jnp.sum(jnp.exp(log_p[-1]) * (log_p[-1] - log_p), -1).mean((1, 2)))
-  return np.mean(values, axis=0)
+  return np.mean([_batch_exit_losses(cfg, kind, params, batch) for batch in batches], axis=0)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _batch_exit_losses(cfg, kind, params, batch):
+  """One batch [B, T + 1] of _exit_losses -> [E] (jitted: one program, not one per op)."""
+  logits = model_lib.forward_train(cfg, params, batch[:, :-1])
+  if kind == 'lm':
+    return losses.multi_exit_loss(logits, batch[:, 1:], np.ones(len(logits)))[1]
+  log_p = jax.nn.log_softmax(logits, -1)
+  return jnp.sum(jnp.exp(log_p[-1]) * (log_p[-1] - log_p), -1).mean((1, 2))
 
 
 @pytest.mark.parametrize('kind', ['lm', 'distill', 'lm_distill'])
@@ -197,14 +224,14 @@ def test_multi_exit_loss_against_numpy(kind):
   kl = (np.exp(log_p[-1]) * (log_p[-1] - log_p)).sum(-1).mean((1, 2))
   early = {'lm': ce, 'distill': kl, 'lm_distill': ce + kl}[kind]
   want = weights[:2] @ early[:2] + weights[2] * ce[2]
-  loss, per_exit, _ = losses.multi_exit_loss(jnp.asarray(logits), jnp.asarray(targets),
-                                             weights, kind)
+  loss, per_exit, _ = _multi_exit_loss(jnp.asarray(logits), jnp.asarray(targets), weights,
+                                       kind)
   np.testing.assert_allclose(loss, want, rtol=1e-5)
   np.testing.assert_allclose(per_exit, ce, rtol=1e-5)
   if kind != 'lm':  # the teacher is held fixed: its KL term moves only the early exits
     early_only = lambda x: losses.multi_exit_loss(x, jnp.asarray(targets),
                                                   np.asarray([1.0, 1.0, 0.0]), kind)[0]
-    grad = np.asarray(jax.grad(early_only)(jnp.asarray(logits)))
+    grad = np.asarray(jax.jit(jax.grad(early_only))(jnp.asarray(logits)))
     assert np.abs(grad[-1]).max() == 0 and np.abs(grad[:2]).max() > 1e-3
 
 
@@ -224,8 +251,8 @@ def test_frozen_trunk_fine_tune(source_run, tmp_path, exit_loss):
     for a, b in zip(jax.tree.leaves(source.params[key]), jax.tree.leaves(tuned.params[key])):
       np.testing.assert_array_equal(a, b)
   cfg = tuned.model_config
-  fresh = exit_heads.init_exit_heads(cfg, jax.random.key(config.seed),
-                                     source.params['final_norm']['scale'])
+  fresh = _init_exit_heads(cfg, jax.random.key(config.seed),
+                           source.params['final_norm']['scale'])
   for a, b in zip(jax.tree.leaves(fresh), jax.tree.leaves(tuned.params['exit_heads'])):
     assert np.abs(np.asarray(a) - np.asarray(b)).max() > 1e-4  # every head leaf trained
 
@@ -241,8 +268,9 @@ def test_frozen_trunk_fine_tune(source_run, tmp_path, exit_loss):
 def test_frozen_trunk_has_no_optimizer_state():
   config = ad.load_config(EXITS_TINY)
   cfg = model_lib.ModelConfig.from_config(config.model)
-  params = model_lib.init_params(cfg, jax.random.key(0))
-  state = state_lib.make_optimizer(config.train).init(params)
+  # Shapes only (what count_params reads): nothing to compile.
+  params = jax.eval_shape(lambda: model_lib.init_params(cfg, jax.random.key(0)))
+  state = jax.eval_shape(state_lib.make_optimizer(config.train).init, params)
   heads = model_lib.count_params(params['exit_heads'])
   assert model_lib.count_params(state) <= 2 * heads + 8  # Adam moments + counters
 

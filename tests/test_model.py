@@ -15,6 +15,24 @@ from tests import numpy_reference as ref
 from tests import tiny_models
 
 
+# Library functions run jitted, one program per config (static) and shapes: called eagerly
+# they compile a program per operation, which took most of this module's time.
+_forward = jax.jit(model_lib.forward_train, static_argnums=0)
+_init_params = jax.jit(model_lib.init_params, static_argnums=0)
+
+
+def random_tokens(shape, vocab_size, seed=3):
+  """Token ids [*shape] int32, drawn with numpy and cast there: jax.random, or a cast by
+  jnp, compiles a program per shape."""
+  ids = np.random.default_rng(seed).integers(0, vocab_size, shape)
+  return jax.device_put(ids.astype(np.int32))
+
+
+def _random_normal(shape, seed):
+  """N(0, 1) values [*shape] float32, drawn as random_tokens draws ids."""
+  return jax.device_put(np.random.default_rng(seed).standard_normal(shape).astype(np.float32))
+
+
 def small_config(**overrides):
   c = config_lib.base_config()
   c.model.width = 32
@@ -33,12 +51,17 @@ def test_attention_matches_numpy(num_heads, num_kv_heads):
   head_dim, width, length = 8, 24, 7
   c = layers.BlockConfig(width=width, num_heads=num_heads, num_kv_heads=num_kv_heads,
                          head_dim=head_dim, mlp_dim=16, rope_base=500.0)
-  x = jax.random.normal(jax.random.key(1), (2, length, width))
-  positions = jnp.stack([jnp.arange(length), jnp.arange(length) + 5])  # row 1 offset: RoPE
-  mask = layers.causal_mask(positions, positions)
-  params = nn.unbox(layers.Attention(c).init(jax.random.key(2), x, positions, mask)['params'])
-  params = jax.tree.map(lambda p: p * 4.0, params)  # sharper softmax
-  out, _ = layers.Attention(c).apply({'params': params}, x, positions, mask)
+  x = _random_normal((2, length, width), seed=1)
+  positions = np.stack([np.arange(length), np.arange(length) + 5])  # row 1 offset: RoPE
+
+  @jax.jit  # one program, not one per operation
+  def init_and_apply(x, positions):
+    mask = layers.causal_mask(positions, positions)
+    params = nn.unbox(layers.Attention(c).init(jax.random.key(2), x, positions, mask)['params'])
+    params = jax.tree.map(lambda p: p * 4.0, params)  # sharper softmax
+    return params, layers.Attention(c).apply({'params': params}, x, positions, mask)[0]
+
+  params, out = init_and_apply(x, positions)
   p = jax.tree.map(np.asarray, params)
   for row in range(2):
     want = ref.attention(np.asarray(x[row], np.float64), np.asarray(positions[row]),
@@ -48,11 +71,12 @@ def test_attention_matches_numpy(num_heads, num_kv_heads):
 
 def test_rope_is_relative():
   """Scores depend only on position differences: shifting every position changes nothing."""
-  q = jax.random.normal(jax.random.key(0), (1, 5, 2, 16))
-  k = jax.random.normal(jax.random.key(1), (1, 5, 2, 16))
+  q = _random_normal((1, 5, 2, 16), seed=0)
+  k = _random_normal((1, 5, 2, 16), seed=1)
   pos = jnp.arange(5)[None]
-  score = lambda shift: jnp.einsum('btnh,bsnh->bnts', layers.apply_rope(q, pos + shift, 1e4),
-                                   layers.apply_rope(k, pos + shift, 1e4))
+  score = jax.jit(lambda shift: jnp.einsum(  # shift traced: one program for both
+      'btnh,bsnh->bnts', layers.apply_rope(q, pos + shift, 1e4),
+      layers.apply_rope(k, pos + shift, 1e4)))
   np.testing.assert_allclose(score(0), score(37), atol=1e-4)
   assert not np.allclose(score(0)[..., 0, 1], score(0)[..., 0, 2])
 
@@ -77,8 +101,8 @@ def test_gated_silu_value_and_gradient_match_the_plain_product():
   plain = lambda g, u: jnp.sum(jax.nn.silu(g) * u * grad)
   fused = lambda g, u: jnp.sum(layers.gated_silu(g, u) * grad)
   np.testing.assert_allclose(layers.gated_silu(gate, up), jax.nn.silu(gate) * up, rtol=1e-6)
-  want = jax.grad(plain, argnums=(0, 1))(gate, up)
-  got = jax.grad(fused, argnums=(0, 1))(gate, up)
+  want = jax.jit(jax.grad(plain, argnums=(0, 1)))(gate, up)
+  got = jax.jit(jax.grad(fused, argnums=(0, 1)))(gate, up)
   for w, g in zip(want, got):
     np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
   f64 = lambda g, u: np.sum(g / (1 + np.exp(-g)) * u * grad.astype(np.float64))
@@ -97,8 +121,8 @@ def test_gated_silu_value_and_gradient_match_the_plain_product():
 def test_scanned_model_matches_numpy_loop(schedule, num_blocks, num_layers):
   cfg = small_config(schedule=schedule, num_blocks=num_blocks, num_layers=num_layers)
   params = tiny_models.random_params(cfg)
-  tokens = jax.random.randint(jax.random.key(3), (2, 9), 0, cfg.vocab_size)
-  logits = model_lib.forward_train(cfg, params, tokens)
+  tokens = random_tokens((2, 9), cfg.vocab_size)
+  logits = _forward(cfg, params, tokens)
   assert logits.shape == (num_layers, 2, 9, cfg.vocab_size)
   table = model_lib.block_table(cfg)
   for row in range(2):
@@ -109,12 +133,13 @@ def test_scanned_model_matches_numpy_loop(schedule, num_blocks, num_layers):
   # And against the library's own per-step Python loop (no scan, no gather), op by op: the
   # same function compiled differently, so rounding alone separates them (a few 1e-6 per
   # step at these magnitudes; 'heads_major' attention, the CPU default, reached 1.1e-5).
+  # (Eagerly: its one-operation programs serve every case here, where a jitted loop would
+  # compile once per schedule; both cost about the same.)
   loop = model_lib.reference_forward(cfg, params, tokens)
   for e, w in enumerate(loop):
     np.testing.assert_allclose(logits[e], w, atol=3e-5, rtol=1e-5)
   # Unrolling the scan (config.model.scan_unroll) changes how it compiles, not what it does.
-  unrolled = model_lib.forward_train(dataclasses.replace(cfg, scan_unroll=num_layers), params,
-                                     tokens)
+  unrolled = _forward(dataclasses.replace(cfg, scan_unroll=num_layers), params, tokens)
   np.testing.assert_allclose(unrolled, logits, atol=3e-5, rtol=1e-5)
 
 
@@ -123,7 +148,7 @@ def test_unrolled_scan_gradient_equals_the_rolled_one():
   the same gradient as the rolled scan."""
   cfg = small_config(remat=True)
   params = tiny_models.random_params(cfg)
-  tokens = jax.random.randint(jax.random.key(3), (2, 9), 0, cfg.vocab_size)
+  tokens = random_tokens((2, 9), cfg.vocab_size)
   grad = lambda c: jax.jit(jax.grad(
       lambda p: model_lib.forward_train(c, p, tokens).sum() * 1e-3))(params)
   rolled, unrolled = grad(cfg), grad(dataclasses.replace(cfg, scan_unroll=3))
@@ -136,8 +161,8 @@ def test_untied_head_and_exit_subset():
   assert cfg.exit_depths == (2, 3, 4)
   params = tiny_models.random_params(cfg)
   assert params['lm_head']['kernel'].shape == (32, 40)
-  tokens = jax.random.randint(jax.random.key(3), (1, 6), 0, cfg.vocab_size)
-  logits = model_lib.forward_train(cfg, params, tokens)
+  tokens = random_tokens((1, 6), cfg.vocab_size)
+  logits = _forward(cfg, params, tokens)
   want = ref.model_exit_logits(params, np.asarray(tokens[0]), model_lib.block_table(cfg),
                                cfg.exit_depths, cfg.norm_eps, cfg.rope_base, tied=False)
   assert logits.shape[0] == 3
@@ -150,27 +175,30 @@ def test_block_sharing_shares_gradients():
   cfg = small_config(schedule='cycle', num_blocks=2, num_layers=4)
   params = tiny_models.random_params(cfg)
   assert jax.tree.leaves(params['blocks'])[0].shape[0] == 2
-  tokens = jax.random.randint(jax.random.key(3), (1, 6), 0, cfg.vocab_size)
+  tokens = random_tokens((1, 6), cfg.vocab_size)
   # Jitted: one program per gradient instead of one per eager operation.
   grads = jax.jit(jax.grad(lambda p: model_lib.forward_train(cfg, p, tokens)[-1].sum()))(params)
-  # Recompute the same gradient with the steps unrolled over 4 independent copies, then sum.
+  # Recompute the same gradient with the steps unrolled over 4 independent copies, then sum
+  # (copies and sums in numpy: no programs to compile).
   unshared = dict(params)
-  unshared['blocks'] = jax.tree.map(lambda p: p[model_lib.block_table(cfg)], params['blocks'])
+  unshared['blocks'] = jax.tree.map(lambda p: np.asarray(p)[model_lib.block_table(cfg)],
+                                    params['blocks'])
   cfg4 = small_config(num_layers=4)
   g4 = jax.jit(jax.grad(lambda p: model_lib.forward_train(cfg4, p, tokens)[-1].sum()))(
       unshared)
-  folded = jax.tree.map(lambda g: g[0:2] + g[2:4], g4['blocks'])  # steps [0,1,0,1]
+  folded = jax.tree.map(lambda g: np.asarray(g)[0:2] + np.asarray(g)[2:4],
+                        g4['blocks'])  # steps [0,1,0,1]
   for a, b in zip(jax.tree.leaves(grads['blocks']), jax.tree.leaves(folded)):
     np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
 
 
 def test_bfloat16_compute_keeps_float32_params():
   cfg = small_config(dtype='bfloat16')
-  params = model_lib.init_params(cfg, jax.random.key(0))
+  params = _init_params(cfg, jax.random.key(0))
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
-  tokens = jax.random.randint(jax.random.key(3), (1, 6), 0, cfg.vocab_size)
-  low = model_lib.forward_train(cfg, params, tokens)
-  high = model_lib.forward_train(small_config(), params, tokens)
+  tokens = random_tokens((1, 6), cfg.vocab_size)
+  low = _forward(cfg, params, tokens)
+  high = _forward(small_config(), params, tokens)
   assert low.dtype == jnp.float32
   np.testing.assert_allclose(low, high, atol=0.05)
 
