@@ -1,6 +1,8 @@
 """FREE's adaptive threshold in decoding: the labelled observations that kv='parallel' yields
 as queued tokens catch up, against a teacher-forced full-depth reference; the refit cadence;
 and the arguments it refuses."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,7 +22,22 @@ from tests.test_model import small_config
 MAX_NEW, CAPACITY = 24, 3
 
 
-def _reference_stats(cfg, params, prompt, out, per_row: bool):
+@pytest.fixture(scope='module')
+def tiny_model():
+  """(cfg, random params, prompt [4, 6], full-depth forward: (params, tokens [B, T]) ->
+  logits [E, B, T, V], start: the median max-prob of the first two exits over the prompt),
+  shared by both parametrizations. The forward is compiled, one program per sequence length
+  (the prompt, then prompt + generated tokens); op by op it compiled a program per
+  operation and shape."""
+  cfg = small_config(num_layers=4, vocab_size=40)
+  params = tiny_models.random_params(cfg, scale=0.4)
+  prompt = jnp.asarray(np.random.default_rng(0).integers(1, 40, (4, 6)).astype(np.int32))
+  forward = jax.jit(functools.partial(model_lib.forward_train, cfg))
+  scores = jax.jit(lambda p, t: exits.max_prob(forward(p, t)[:2]))(params, prompt)
+  return cfg, params, prompt, forward, float(np.quantile(np.asarray(scores), 0.5))
+
+
+def _reference_stats(cfg, forward, params, prompt, out, per_row: bool):
   """Sufficient statistics of every exit check whose full-depth label is known at the end,
   from a teacher-forced full-depth pass over prompt + generated tokens (kv='parallel' keeps
   the cache exact, so every check a token made saw the full-depth state of its exit).
@@ -30,8 +47,8 @@ def _reference_stats(cfg, params, prompt, out, per_row: bool):
   token of its row did (that deep pass took the queued token along)."""
   tokens, depth = np.asarray(out.tokens), np.asarray(out.exit_depth)
   batch, prompt_len = prompt.shape
-  sequence = jnp.concatenate([prompt, jnp.asarray(tokens[:, :-1])], axis=1)
-  logits = np.asarray(model_lib.forward_train(cfg, params, sequence))  # [E, B, T, V]
+  sequence = np.concatenate([np.asarray(prompt), tokens[:, :-1]], axis=1)
+  logits = np.asarray(forward(params, sequence))  # [E, B, T, V]
   shifted = logits - logits.max(-1, keepdims=True)
   confidence = np.exp(shifted).max(-1) / np.exp(shifted).sum(-1)
   argmax = logits.argmax(-1)
@@ -53,12 +70,8 @@ def _reference_stats(cfg, params, prompt, out, per_row: bool):
 
 
 @pytest.mark.parametrize('per_row', [False, True], ids=['shared', 'per_row'])
-def test_observations_equal_a_teacher_forced_reference(per_row):
-  cfg = small_config(num_layers=4, vocab_size=40)
-  params = tiny_models.random_params(cfg, scale=0.4)
-  prompt = jnp.asarray(np.random.default_rng(0).integers(1, 40, (4, 6)), jnp.int32)
-  scores = exits.max_prob(model_lib.forward_train(cfg, params, prompt)[:2])
-  start = float(np.quantile(np.asarray(scores), 0.5))
+def test_observations_equal_a_teacher_forced_reference(tiny_model, per_row):
+  cfg, params, prompt, forward, start = tiny_model
   policy = exits.ExitPolicy(measure='max_prob', threshold=start, schedule='adaptive',
                             zeta=0.6, refit_every=4, per_row_statistics=per_row)
   result = jax.jit(lambda p: generation.generate_tokens(
@@ -68,7 +81,7 @@ def test_observations_equal_a_teacher_forced_reference(per_row):
   out, state = result.output, result.adaptive
   depth = np.asarray(out.exit_depth)[:, 1:]
   assert (depth < cfg.num_layers).any() and (depth == cfg.num_layers).any(), depth
-  expected = _reference_stats(cfg, params, prompt, out, per_row)
+  expected = _reference_stats(cfg, forward, params, prompt, out, per_row)
   got = np.stack([np.asarray(state.stats.count), np.asarray(state.stats.total),
                   np.asarray(state.stats.total_sq)], -1)
   assert expected[..., 0].sum() > 20  # enough checks were labelled for the comparison
@@ -84,17 +97,21 @@ def test_refit_cadence_and_threshold():
   last refit, and then to the fit of everything observed so far."""
   policy = exits.ExitPolicy(measure='max_prob', threshold=0.9, schedule='adaptive',
                             zeta=0.8, refit_every=5)
-  state = adaptive_threshold.AdaptiveThreshold.start(policy, batch=2)
+  # Each compiled once (as the decode loop traces them), not op by op.
+  state = jax.jit(lambda: adaptive_threshold.AdaptiveThreshold.start(policy, batch=2))()
+  observe = jax.jit(lambda state, seen: state.observe(policy, seen))
+  fitted_threshold = jax.jit(lambda stats: beta_mixture.adaptive_threshold(
+      beta_mixture.fit(stats), adaptive_threshold.GRID, 0.8))
   rng = np.random.default_rng(1)
   thresholds, fits = [], []
   for _ in range(4):
-    conf = jnp.asarray(rng.uniform(size=(2, 2)), jnp.float32)
-    seen = adaptive_threshold.Observations(confidence=conf, agreed=conf > 0.4,
-                                           observed=jnp.ones((2, 2), bool))
-    state = state.observe(policy, seen)
-    thresholds.append(float(state.threshold[0]))
-    fits.append(float(beta_mixture.adaptive_threshold(beta_mixture.fit(state.stats),
-                                                      adaptive_threshold.GRID, 0.8)))
+    conf = rng.uniform(size=(2, 2)).astype(np.float32)
+    seen = adaptive_threshold.Observations(confidence=jnp.asarray(conf),
+                                           agreed=jnp.asarray(conf > 0.4),
+                                           observed=np.ones((2, 2), bool))
+    state = observe(state, seen)
+    thresholds.append(float(np.asarray(state.threshold)[0]))
+    fits.append(float(fitted_threshold(state.stats)))
   # 4, then 8 (refit), then 4, then 8 (refit) observations since the last refit.
   assert thresholds[0] == pytest.approx(0.9)
   assert thresholds[1] == pytest.approx(fits[1]) and thresholds[2] == thresholds[1]
@@ -103,13 +120,13 @@ def test_refit_cadence_and_threshold():
   # threshold lies well below the start 0.9 (and is finite: some grid value qualifies).
   assert all(0.0 < f < 0.9 for f in (fits[1], fits[3])), fits
   assert float(state.since_refit) == 0.0
-  assert float(state.stats.count.sum()) == 16
+  assert float(np.asarray(state.stats.count).sum()) == 16
 
 
 def test_bad_adaptive_settings_are_refused():
   cfg = small_config(num_layers=4, vocab_size=40)
   params = tiny_models.random_params(cfg)
-  prompt, lengths = jnp.ones((1, 4), jnp.int32), jnp.full((1,), 4)
+  prompt, lengths = np.ones((1, 4), np.int32), np.full((1,), 4, np.int32)
   run = lambda policy, kv: generation.generate_tokens(
       cfg, params, prompt, lengths, max_new_tokens=4, policy=policy,
       sampling=sampling_lib.Greedy(), rng=jax.random.key(0), eos_id=-1, pad_id=0, kv=kv)

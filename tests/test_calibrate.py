@@ -4,7 +4,7 @@ import json
 import math
 import os
 
-import jax.numpy as jnp
+import jax
 import numpy as np
 import pytest
 from scipy import stats
@@ -135,11 +135,13 @@ def test_beta_mixture_recovers_known_parameters():
   n, weight = 20_000, 0.7
   agreed = rng.uniform(size=n) < weight
   confidence = np.where(agreed, rng.beta(6, 1.5, n), rng.beta(2, 3, n))
-  pooled = beta_mixture.fit(beta_mixture.MixtureStats.empty().add(
-      jnp.asarray(confidence), jnp.asarray(agreed), jnp.ones(n, bool)))
-  per_row = beta_mixture.fit(beta_mixture.MixtureStats.empty((2,)).add(
-      jnp.asarray(confidence.reshape(2, -1)), jnp.asarray(agreed.reshape(2, -1)),
-      jnp.ones((2, n // 2), bool)))
+  # Each compiled (one program per shape, as a decode loop traces them), not op by op.
+  add = jax.jit(lambda stats, *observations: stats.add(*observations))
+  fit = jax.jit(beta_mixture.fit)
+  threshold_of = jax.jit(beta_mixture.adaptive_threshold)
+  pooled = fit(add(beta_mixture.MixtureStats.empty(), confidence, agreed, np.ones(n, bool)))
+  per_row = fit(add(beta_mixture.MixtureStats.empty((2,)), confidence.reshape(2, -1),
+                    agreed.reshape(2, -1), np.ones((2, n // 2), bool)))
   for fitted in (pooled, per_row):
     np.testing.assert_allclose(fitted.alpha, np.broadcast_to([2, 6], fitted.alpha.shape),
                                rtol=0.05)
@@ -150,12 +152,11 @@ def test_beta_mixture_recovers_known_parameters():
   posterior = (weight * stats.beta.pdf(grid, 6, 1.5) /
                (weight * stats.beta.pdf(grid, 6, 1.5) + 0.3 * stats.beta.pdf(grid, 2, 3)))
   true_threshold = grid[np.argmax(posterior >= 0.9)]  # the posterior rises monotonically
-  assert abs(float(beta_mixture.adaptive_threshold(pooled, grid, 0.9)) - true_threshold) <= 0.03
+  assert abs(float(threshold_of(pooled, grid, 0.9)) - true_threshold) <= 0.03
   # Unobserved slots change nothing; a zeta nothing reaches means never exit.
-  masked = beta_mixture.MixtureStats.empty().add(
-      jnp.asarray(confidence), jnp.asarray(agreed), jnp.asarray(np.arange(n) < 100))
-  assert float(masked.count.sum()) == 100
-  assert float(beta_mixture.adaptive_threshold(pooled, grid, 1.0)) == np.inf
+  masked = add(beta_mixture.MixtureStats.empty(), confidence, agreed, np.arange(n) < 100)
+  assert float(np.asarray(masked.count).sum()) == 100
+  assert float(threshold_of(pooled, grid, 1.0)) == np.inf
 
 
 @pytest.fixture(scope='module')

@@ -10,6 +10,13 @@ from adaptive_depth.train import classifier as classifier_lib
 from tests import launch_harness
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Settings launch/generate.py and launch/benchmark.py (the `launched` fixture) share with
+# the in-process tests below: a decode program the launch scripts compiled is then read
+# back from the session's compilation cache instead of compiled again (same program, same
+# shapes: only the traced threshold, or the measure of the early-exit rows, differs).
+GENERATE_NEW_TOKENS = 20
+BENCHMARK_SHAPES = {'benchmark.batches': '2', 'benchmark.max_new_tokens': 16,
+                    'benchmark.prompt_len': 8, 'benchmark.repeats': 1}
 
 
 @pytest.fixture(scope='module')
@@ -71,11 +78,11 @@ def launched(trained, tmp_path_factory):
       'generate': {'run': ['launch/generate.py', tiny, workdir, '--prompt=To be',
                            '--prompt=KING:\n', '--config.generate.measure=max_prob',
                            '--config.generate.threshold=0.0',
-                           '--config.generate.max_new_tokens=12', f'--html={paths["html"]}']},
+                           f'--config.generate.max_new_tokens={GENERATE_NEW_TOKENS}',
+                           f'--html={paths["html"]}']},
       'benchmark': {'run': ['launch/benchmark.py', tiny, workdir, f'--out={paths["bench"]}',
-                            '--config.benchmark.batches=2',
-                            '--config.benchmark.max_new_tokens=16',
-                            '--config.benchmark.repeats=1', '--config.benchmark.prompt_len=8',
+                            *(f'--config.{name}={value}'
+                              for name, value in BENCHMARK_SHAPES.items()),
                             '--config.benchmark.thresholds=0.0,1.01',
                             '--config.benchmark.speculative=2x3']}}
   result = launch_harness.run_in_one_interpreter(scripts, timeout=2100)  # theirs: 600+600+900
@@ -102,7 +109,9 @@ def test_generate_launch_script(launched):
   # first token comes from the full-depth prefill (depth 6, shown, not in the statistics).
   assert 'mean_depth: 1, ' in stdout, stdout[-500:]
   page = launched['html'].read_text()
-  assert page.count('exit depth 1"') == 22 and page.count('exit depth 6"') == 2
+  decoded_per_prompt = GENERATE_NEW_TOKENS - 1  # the first comes from the prefill
+  assert page.count('exit depth 1"') == 2 * decoded_per_prompt, page.count('exit depth 1"')
+  assert page.count('exit depth 6"') == 2
 
 
 def test_benchmark_launch_script(launched):
@@ -136,9 +145,8 @@ def test_benchmark_exits_on_the_saved_classifier(trained, classifier_summary, tm
   decode step leaves at the first exit, at a threshold above 1 none leaves."""
   from adaptive_depth import benchmark
   config = ad.load_config(os.path.join(REPO, 'configs/recursive.py:tiny'), {
-      'benchmark.measure': 'classifier', 'benchmark.batches': '1', 'benchmark.kv': 'propagate',
-      'benchmark.thresholds': '0.0,1.01', 'benchmark.max_new_tokens': 8,
-      'benchmark.prompt_len': 8, 'benchmark.repeats': 1, 'benchmark.speculative': ''})
+      'benchmark.measure': 'classifier', 'benchmark.kv': 'propagate',
+      'benchmark.thresholds': '0.0,1.01', 'benchmark.speculative': '', **BENCHMARK_SHAPES})
   rows = benchmark.run_benchmark(config, trained, str(tmp_path / 'bench.json'),
                                  progress=lambda _: None)
   early = {r['threshold']: r for r in rows if r['mode'] == 'early_exit'}
@@ -158,14 +166,14 @@ def test_generate_api_forms_and_speculative(trained):
   reproduces full-depth greedy text exactly."""
   model = ad.load(trained)
   prompts = ['To be', 'KING:\n']
-  full = ad.generate(model, prompts, max_new_tokens=20)
-  again = ad.generate(model.params, model.config, prompts, max_new_tokens=20)
-  spec = ad.generate(model, prompts, max_new_tokens=20, speculative=(2, 3))
+  full = ad.generate(model, prompts, max_new_tokens=GENERATE_NEW_TOKENS)
+  again = ad.generate(model.params, model.config, prompts, max_new_tokens=GENERATE_NEW_TOKENS)
+  spec = ad.generate(model, prompts, max_new_tokens=GENERATE_NEW_TOKENS, speculative=(2, 3))
   assert again.tokens == full.tokens and spec.tokens == full.tokens
   # One compiled program per (settings, shapes): a new threshold or seed reuses it.
-  first = ad.generate(model, prompts, max_new_tokens=20, exit=ad.ExitPolicy(
+  first = ad.generate(model, prompts, max_new_tokens=GENERATE_NEW_TOKENS, exit=ad.ExitPolicy(
       measure='max_prob', threshold=0.3))
-  second = ad.generate(model, prompts, max_new_tokens=20, exit=ad.ExitPolicy(
+  second = ad.generate(model, prompts, max_new_tokens=GENERATE_NEW_TOKENS, exit=ad.ExitPolicy(
       measure='max_prob', threshold=0.6), sampling=ad.Greedy())
   assert first.stats['compile_seconds'] > 0 and second.stats['compile_seconds'] == 0.0
   assert 0 < spec.stats['relative_flops'] and spec.stats['tokens_per_second'] > 0

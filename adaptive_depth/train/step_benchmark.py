@@ -33,9 +33,11 @@ from adaptive_depth.train import state as state_lib
 def compiled_step(config, rng_batch):
   """(compiled step, its arguments, XLA's FLOP count) for config.model as it stands."""
   cfg = model_lib.ModelConfig.from_config(config.model)
-  params = model_lib.init_params(cfg, jax.random.key(config.seed))
+  # Initialised in one program each: op by op, every leaf shape compiles its own programs.
+  params = jax.jit(model_lib.init_params, static_argnums=0)(cfg, jax.random.key(config.seed))
   tx = state_lib.make_optimizer(config.train)
-  state = state_lib.TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params))
+  state = state_lib.TrainState(step=jnp.int32(0), params=params,
+                               opt_state=jax.jit(tx.init)(params))
   weights = losses.exit_loss_weights(config.train.exit_loss_weights, cfg.exit_depths)
   step = loop.make_train_step(cfg, tx, weights, lambda x: x, exit_loss=config.train.exit_loss,
                               trainable=config.train.trainable,
