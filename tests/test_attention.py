@@ -11,30 +11,38 @@ from adaptive_depth import attention
 from adaptive_depth import config_lib
 from adaptive_depth import layers
 from adaptive_depth import model as model_lib
+from tests import tiny_models
 
 HEADS, KV_HEADS, HEAD_DIM = 4, 2, 8
 
 
 def _inputs(batch, q_len, kv_len, seed=0):
+  """q [B, T, HEADS, HEAD_DIM], k and v [B, S, KV_HEADS, HEAD_DIM]: float32 draws (made in
+  numpy: eager jax ops would each compile a program)."""
   rng = np.random.default_rng(seed)
-  q = jnp.asarray(rng.standard_normal((batch, q_len, HEADS, HEAD_DIM)), jnp.float32)
-  k, v = (jnp.asarray(rng.standard_normal((batch, kv_len, KV_HEADS, HEAD_DIM)), jnp.float32)
+  q = jnp.asarray(rng.standard_normal((batch, q_len, HEADS, HEAD_DIM), np.float32))
+  k, v = (jnp.asarray(rng.standard_normal((batch, kv_len, KV_HEADS, HEAD_DIM), np.float32))
           for _ in range(2))
   return q, k, v
 
 
+def _causal_mask(batch, length):
+  """layers.causal_mask of positions 0..length-1 in every row, [B, T, T] (numpy)."""
+  positions = np.broadcast_to(np.arange(length), (batch, length))
+  return layers.causal_mask(positions, positions)
+
+
 def _ragged_causal_mask(lengths, q_len):
   """Causal, and no key beyond each row's length (right-padded rows of ragged prompts);
-  every query keeps at least its first key."""
-  positions = jnp.broadcast_to(jnp.arange(q_len), (len(lengths), q_len))
-  valid = positions < jnp.asarray(lengths)[:, None]
-  return layers.causal_mask(positions, positions) & valid[:, None, :]
+  every query keeps at least its first key. [B, T, T] (numpy)."""
+  valid = np.arange(q_len)[None, :] < np.asarray(lengths)[:, None]
+  return _causal_mask(len(lengths), q_len) & valid[:, None, :]
 
 
 def _check_against_xla(run, q, k, v, mask):
   """run(q, k, v, mask) against layers.attend's einsum: outputs, and the gradients of a
   fixed random projection of the output with respect to q, k and v."""
-  weights = jnp.asarray(np.random.default_rng(9).standard_normal(q.shape), jnp.float32)
+  weights = jnp.asarray(np.random.default_rng(9).standard_normal(q.shape, np.float32))
   reference = lambda q, k, v, mask: layers.attend(q, k, v, mask)
 
   @jax.jit  # one program each (eager ops would compile one by one)
@@ -59,7 +67,7 @@ def test_implementation_equals_xla(implementation, shape):
     mask = _ragged_causal_mask([12, 7, 3], 12)
   else:  # one new token per row against a cache with its own filled length per row
     q, k, v = _inputs(3, 1, 20)
-    mask = (jnp.arange(20)[None, :] < jnp.asarray([20, 9, 1])[:, None])[:, None, :]
+    mask = (np.arange(20)[None, :] < np.asarray([20, 9, 1])[:, None])[:, None, :]
   _check_against_xla(lambda q, k, v, mask: layers.attend(
       q, k, v, mask, implementation=implementation), q, k, v, mask)
 
@@ -71,9 +79,8 @@ def test_splash_equals_xla_in_the_interpreter(length):
   pytest.importorskip('jax.experimental.pallas.ops.tpu.splash_attention',
                       reason='this jax has no Pallas splash attention')
   q, k, v = _inputs(1, length, length, seed=1)
-  positions = jnp.broadcast_to(jnp.arange(length), (1, length))
   _check_against_xla(lambda q, k, v, mask: layers.attend(q, k, v, mask, implementation='splash'),
-                     q, k, v, layers.causal_mask(positions, positions))
+                     q, k, v, _causal_mask(1, length))
 
 
 def test_splash_falls_back_where_it_cannot_run(monkeypatch):
@@ -81,8 +88,9 @@ def test_splash_falls_back_where_it_cannot_run(monkeypatch):
   monkeypatch.setattr(attention, 'splash', lambda *a, **k: pytest.fail('splash ran'))
   q, k, v = _inputs(2, 16, 16)
   mask = _ragged_causal_mask([16, 9], 16)
-  np.testing.assert_allclose(layers.attend(q, k, v, mask, implementation='splash'),
-                             layers.attend(q, k, v, mask), atol=1e-5, rtol=1e-5)
+  both = jax.jit(lambda q, k, v: (layers.attend(q, k, v, mask, implementation='splash'),
+                                  layers.attend(q, k, v, mask)))  # one program, not op by op
+  np.testing.assert_allclose(*both(q, k, v), atol=1e-5, rtol=1e-5)
 
 
 def test_the_config_key_reaches_the_blocks(monkeypatch):
@@ -139,7 +147,6 @@ def test_a_workdir_trained_with_splash_loads_off_tpu(tmp_path):
   as 'auto' (on TPU it stays 'splash')."""
   import json  # pylint: disable=g-import-not-at-top
   from adaptive_depth import saved_model  # pylint: disable=g-import-not-at-top
-  from tests import tiny_models  # pylint: disable=g-import-not-at-top
   workdir = tiny_models.save_workdir(str(tmp_path / 'run'), 'configs/shared_exit.py:tiny')
   path = tmp_path / 'run' / 'config.json'
   saved = json.loads(path.read_text())

@@ -44,32 +44,57 @@ def setup():
 
 def _run_with_cache(cfg, params, prompt, lengths, policy, kv, capacity=8, max_new=MAX_NEW,
                     eos_id=-1, pad_id=0):
-  return _program(cfg, kv, capacity, max_new)(params, prompt, lengths, policy,
-                                              jnp.int32(eos_id), jnp.int32(pad_id))
+  """The result on the host (numpy): reading rows of device arrays would compile a slicing
+  program per shape."""
+  return jax.device_get(_program(cfg, kv, capacity, max_new)(
+      params, prompt, lengths, policy, jnp.int32(eos_id), jnp.int32(pad_id)))
+
+
+@functools.lru_cache(maxsize=None)
+def _scores_program(cfg, measure):
+  """The prompt's scores under `measure` at the first exits, [1 or 2, B, P]: one program
+  (eagerly, each op would compile on its own)."""
+  def scores(params, prompt):
+    if measure == 'saturation':  # cosine of the states after consecutive layers
+      h = model_lib.run_all_steps(cfg, params, model_lib.embed(cfg, params, prompt),
+                                  model_lib.default_positions(prompt))
+      return exits.saturation(h[1:2], h[:1])
+    return exits.max_prob(model_lib.forward_train(cfg, params, prompt)[:2])
+  return jax.jit(scores)
 
 
 def _exiting_policy(cfg, params, prompt, measure='max_prob'):
   """`measure` at a threshold that lets roughly half the tokens leave early."""
-  if measure == 'saturation':  # cosine of the states after consecutive layers
-    h = model_lib.run_all_steps(cfg, params, model_lib.embed(cfg, params, jnp.asarray(prompt)),
-                                model_lib.default_positions(jnp.asarray(prompt)))
-    scores = exits.saturation(h[1:2], h[:1])
-  else:
-    scores = exits.max_prob(model_lib.forward_train(cfg, params, jnp.asarray(prompt))[:2])
+  scores = _scores_program(cfg, measure)(params, jnp.asarray(prompt))
   threshold = float(np.quantile(np.asarray(scores), 0.6))
   return exits.ExitPolicy(measure=measure, threshold=threshold)
 
 
+@pytest.fixture(scope='module')
+def full_depth_greedy(setup):
+  """tiny_models.greedy_reference of PROMPTS, [B, MAX_NEW], shared by both KV policies."""
+  cfg, params, *_ = setup
+  return tiny_models.greedy_reference(cfg, params, PROMPTS, MAX_NEW)
+
+
+@pytest.fixture(scope='module')
+def per_block_params(setup):
+  """setup's parameters in the per-block layout, sliced in one program (eagerly every
+  leaf's slice compiles on its own; the values are the same slices)."""
+  return jax.jit(model_lib.per_block_layout)(setup[1])
+
+
 @pytest.mark.parametrize('kv', generation.KV_POLICIES)
-def test_never_exit_generation_equals_full_depth_greedy(setup, kv):
+def test_never_exit_generation_equals_full_depth_greedy(setup, full_depth_greedy,
+                                                       per_block_params, kv):
   """On the per-block layout `generate` decodes with (the stacked layout's decoding is
   checked against the same kind of reference in the tests below and in
   tests/test_param_layout.py)."""
-  cfg, params, prompt, lengths, _ = setup
-  out = _run_with_cache(cfg, model_lib.per_block_layout(params), prompt, lengths,
+  cfg, _, prompt, lengths, _ = setup
+  out = _run_with_cache(cfg, per_block_params, prompt, lengths,
                         exits.ExitPolicy(measure='never'), kv).output
   assert (np.asarray(out.exit_depth) == cfg.num_layers).all()
-  want = tiny_models.greedy_reference(cfg, params, PROMPTS, MAX_NEW)
+  want = full_depth_greedy
   for row in range(len(PROMPTS)):
     assert len(set(want[row])) > 3, 'the reference is degenerate; the test would prove little'
     assert np.asarray(out.tokens[row]).tolist() == want[row].tolist(), row
@@ -94,13 +119,33 @@ def test_early_exit_decoding_matches_masked_full_sequence_loop(setup, measure):
     # The first generated token came from the prompt's last position at full depth; token i
     # (i >= 1) was produced while feeding token i - 1, which exited at depths[row, i].
     forced[row, len(ids):len(ids) + MAX_NEW - 1] = depths[row, 1:]
-  ref = depth.forward_adaptive(cfg, params, jnp.asarray(fed),
-                               exits.ExitPolicy(measure='never', exit_at=jnp.asarray(forced)))
-  predicted = np.asarray(jnp.argmax(ref.logits, -1))
+  predicted = np.asarray(_forced_argmax_program(cfg)(params, jnp.asarray(fed),
+                                                     jnp.asarray(forced)))
   for row, ids in enumerate(PROMPTS):
     n = len(ids)
     np.testing.assert_array_equal(predicted[row, n - 1:n - 1 + MAX_NEW],
                                   np.asarray(out.tokens[row]), err_msg=str(row))
+
+
+@functools.lru_cache(maxsize=None)
+def _forced_argmax_program(cfg):
+  """tokens [B, T], exit_at [B, T] -> [B, T]: the argmax of the adaptive forward with every
+  token forced out at its exit_at, in one program."""
+  return jax.jit(lambda params, tokens, exit_at: jnp.argmax(depth.forward_adaptive(
+      cfg, params, tokens, exits.ExitPolicy(measure='never', exit_at=exit_at)).logits, -1))
+
+
+@functools.lru_cache(maxsize=None)
+def _full_depth_program(cfg):
+  """fed [B, T] (ragged rows, lengths [B]) -> (the full-depth prefill's cache by position,
+  [L, B, T, KV, Dh] each; every exit's train-mode argmax [exits, B, T]), in one program."""
+  def run(params, fed, fed_lengths):
+    cache, _ = generate_lib.prefill(cfg, params, fed, fed_lengths, fed.shape[1])
+    return cache.by_position(), jnp.argmax(model_lib.forward_train(cfg, params, fed), -1)
+  return jax.jit(run)
+
+
+_by_position = jax.jit(lambda cache: cache.by_position())
 
 
 def _sequences(prompts, out):
@@ -122,28 +167,26 @@ def test_parallel_cache_equals_full_recompute_and_exits_read_exact_states(setup)
 
   def full_depth_cache(output):
     """Prefill (full depth) over each row's prompt + generated tokens but the last, which
-    is never fed back; all rows in one padded batch."""
+    is never fed back; all rows in one padded batch. Also each exit's argmax there."""
     sequences = _sequences(PROMPTS, output)
     fed, fed_lengths = tiny_models.padded_prompts([s[:-1] for s in sequences])
-    cache, _ = generate_lib.prefill(cfg, params, jnp.asarray(fed), jnp.asarray(fed_lengths),
-                                    fed.shape[1])
-    return sequences, fed, cache
+    cache, exit_argmax = jax.device_get(_full_depth_program(cfg)(
+        params, jnp.asarray(fed), jnp.asarray(fed_lengths)))  # on the host, to slice rows
+    return sequences, cache, exit_argmax
 
-  sequences, fed, want = full_depth_cache(out)
-  _, _, want_propagated = full_depth_cache(propagated.output)
-  exit_argmax = np.asarray(jnp.argmax(model_lib.forward_train(cfg, params, jnp.asarray(fed)),
-                                      -1))  # [exits, B, T]
+  sequences, want, exit_argmax = full_depth_cache(out)  # exit_argmax: [exits, B, T]
+  _, want_propagated, _ = full_depth_cache(propagated.output)
+  got, got_propagated = jax.device_get((_by_position(result.cache),
+                                        _by_position(propagated.cache)))
   for row, sequence in enumerate(sequences):
     length = len(sequence) - 1
-    np.testing.assert_allclose(result.cache.by_position().k[:, row, :length],
-                               want.by_position().k[:, row, :length],
+    np.testing.assert_allclose(got.k[:, row, :length], want.k[:, row, :length],
                                rtol=1e-4, atol=1e-4, err_msg=f'row {row}')
-    np.testing.assert_allclose(result.cache.by_position().v[:, row, :length],
-                               want.by_position().v[:, row, :length],
+    np.testing.assert_allclose(got.v[:, row, :length], want.v[:, row, :length],
                                rtol=1e-4, atol=1e-4, err_msg=f'row {row}')
     # The check has teeth: propagated K/V (from frozen states) is far from exact.
-    assert np.abs(propagated.cache.by_position().k[:, row, :length]
-                  - want_propagated.by_position().k[:, row, :length]).max() > 0.1
+    assert np.abs(got_propagated.k[:, row, :length]
+                  - want_propagated.k[:, row, :length]).max() > 0.1
     n = len(PROMPTS[row])
     for i in range(1, MAX_NEW):
       assert exit_argmax[exit_index[int(depths[row, i])], row, n + i - 1] == sequence[n + i], (
@@ -153,11 +196,13 @@ def test_parallel_cache_equals_full_recompute_and_exits_read_exact_states(setup)
 def test_parallel_full_queue_forces_a_deep_pass(setup):
   cfg, params, prompt, lengths, _ = setup
   policy = exits.ExitPolicy(measure='max_prob', threshold=0.0)  # every token would leave at 1
-  for capacity in (1, 3):
+  # Capacity 8 at MAX_NEW is the program the tests above compiled (capacity is static: each
+  # other one compiles its own); 1 is the smallest queue.
+  for capacity, max_new in ((1, 24), (8, MAX_NEW)):
     depths = np.asarray(_run_with_cache(cfg, params, prompt, lengths, policy, 'parallel',
-                                        capacity, max_new=24).output.exit_depth)[:, 1:]
+                                        capacity, max_new=max_new).output.exit_depth)[:, 1:]
     # Exits at depth 1 in runs of `capacity`, then one token at full depth empties the queue.
-    pattern = np.tile([1] * capacity + [cfg.num_layers], 24)[:depths.shape[1]]
+    pattern = np.tile([1] * capacity + [cfg.num_layers], max_new)[:depths.shape[1]]
     np.testing.assert_array_equal(depths, np.broadcast_to(pattern, depths.shape))
 
 
@@ -166,22 +211,28 @@ def test_rows_exit_independently(setup):
   policy = exits.ExitPolicy(measure='softmax_diff', threshold=0.2)
   full = run(params, prompt, lengths, policy)
   for row in range(len(PROMPTS)):
-    p, l = generate_lib.pad_prompts([PROMPTS[row]], pad_id=0)
+    # The row alone: a batch of copies of it, which all decide as it does (whatever one row
+    # could do to another, each copy would do to its twin), in the batch shape `full` was
+    # compiled for (a batch of 1 would compile a program of its own).
+    p, l = generate_lib.pad_prompts([PROMPTS[row]] * len(PROMPTS), pad_id=0)
     alone = run(params, np.pad(p, [(0, 0), (0, prompt.shape[1] - p.shape[1])]), l, policy)
-    np.testing.assert_array_equal(alone.tokens[0], full.tokens[row])
-    np.testing.assert_array_equal(alone.exit_depth[0], full.exit_depth[row])
+    for copy in range(len(PROMPTS)):
+      np.testing.assert_array_equal(alone.tokens[copy], full.tokens[row])
+      np.testing.assert_array_equal(alone.exit_depth[copy], full.exit_depth[row])
 
 
 def test_sampling_respects_top_k_and_top_p():
-  logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]] * 2000))
+  logits = jnp.asarray(np.log(np.array([[0.5, 0.3, 0.15, 0.05]] * 2000, np.float32)))
   keys = jax.random.split(jax.random.key(0), 1)[0]
-  draw = lambda s: np.asarray(sampling_lib.next_token(logits, s, keys))
+  # One program per sampling kind (the knobs are traced); eagerly each op compiles alone.
+  next_token = jax.jit(sampling_lib.next_token)
+  draw = lambda s: np.asarray(next_token(logits, s, keys))
   assert set(draw(sampling_lib.Sampling(top_k=2))) == {0, 1}
   assert set(draw(sampling_lib.Sampling(top_p=0.7))) == {0, 1}
   counts = np.bincount(draw(sampling_lib.Sampling()), minlength=4) / 2000
   np.testing.assert_allclose(counts, [0.5, 0.3, 0.15, 0.05], atol=0.04)
   assert (draw(sampling_lib.Sampling(temperature=1e-4)) == 0).all()
-  assert (np.asarray(sampling_lib.next_token(logits, sampling_lib.Greedy(), keys)) == 0).all()
+  assert (np.asarray(next_token(logits, sampling_lib.Greedy(), keys)) == 0).all()
 
 
 @pytest.mark.parametrize('kv', generation.KV_POLICIES)

@@ -43,12 +43,34 @@ MODELS = {
 }
 
 
+@pytest.fixture(scope='module')
+def classifier():
+  """Exit classifier parameters for the one-block model (one program: eagerly each op of
+  the initialisation compiles on its own)."""
+  cfg = _model(**MODELS['one_block'][0]).model_config
+  return jax.jit(exits.init_classifier, static_argnums=1)(
+      jax.random.key(3), cfg.width + 3 + len(cfg.exit_depths))
+
+
+def _shared_case(name, classifier):
+  """(model, exit policy, an Engine of 4 slots the tests share: its programs compile once,
+  and other exit policies add only their `generate`). The classifier goes only to the
+  programs of measure 'classifier'."""
+  overrides, policy = MODELS[name]
+  model = _model(**overrides)
+  return model, policy, Engine(model, slots=4, cache_len=32, exit=policy, classifier=classifier)
+
+
+@pytest.fixture(scope='module')
+def one_block(classifier):
+  return _shared_case('one_block', classifier)
+
+
 @pytest.fixture(scope='module', params=sorted(MODELS))
 def case(request):
-  """(model, exit policy, an Engine of 4 slots the tests share: its programs compile once)."""
-  overrides, policy = MODELS[request.param]
-  model = _model(**overrides)
-  return model, policy, Engine(model, slots=4, cache_len=32, exit=policy)
+  if request.param == 'one_block':
+    return request.getfixturevalue('one_block')
+  return _shared_case(request.param, classifier=None)
 
 
 def _requests(seed=0, count=NUM_REQUESTS):
@@ -85,7 +107,7 @@ def test_block_rows_apply_each_rows_own_lora_step():
   model.apply_step at that row's step (LoRA merged into the kernel)."""
   cfg = tiny_models.config(num_blocks=2, schedule='cycle', lora_rank=2, exit_depths=(2, 4))
   params = tiny_models.random_params(cfg, scale=0.4)
-  h = jnp.asarray(np.random.default_rng(0).standard_normal((3, 1, cfg.width)), jnp.float32)
+  h = jnp.asarray(np.random.default_rng(0).standard_normal((3, 1, cfg.width), np.float32))
   positions = jnp.asarray([[0], [5], [2]], jnp.int32)
   steps = (1, 3, 1)  # all run block 1, with different LoRA factors
 
@@ -175,7 +197,7 @@ def test_requests_are_isolated(case):
   for slot, request in enumerate(admitted):
     state = engine.insert(engine.prefill(prompts[request]), state, slot, request=request,
                           max_new_tokens=REFERENCE_MAX_NEW)
-  state = engine.generate(state, 10 * REFERENCE_MAX_NEW)
+  state = jax.device_get(engine.generate(state, 10 * REFERENCE_MAX_NEW))  # on the host
   assert np.asarray(state.done).all()
   for slot, request in enumerate(admitted):
     tokens, depths = _alone(model, prompts[request], REFERENCE_MAX_NEW, policy)
@@ -243,18 +265,17 @@ def test_models_the_engine_cannot_run_are_refused(overrides, message):
   assert compiles == []
 
 
-def test_engine_insert_refuses_requests_that_do_not_fit():
+def test_engine_insert_refuses_requests_that_do_not_fit(one_block):
   """The engine API checks what `serve` checks: past cache_len writes would be dropped."""
-  model = _model(num_blocks=1, schedule='cycle')
-  engine = Engine(model, slots=2, cache_len=16)
+  _, _, engine = one_block  # 4 slots of 32 positions
   prefix = engine.prefill([1, 2, 3, 4, 5])
   state = engine.init_decode_state()
-  with pytest.raises(ValueError, match='5 tokens .*max_new_tokens=12.*cache_len=16'):
-    engine.insert(prefix, state, 0, request=0, max_new_tokens=12)
+  with pytest.raises(ValueError, match='5 tokens .*max_new_tokens=28.*cache_len=32'):
+    engine.insert(prefix, state, 0, request=0, max_new_tokens=28)
   with pytest.raises(ValueError, match='max_new_tokens=0'):
     engine.insert(prefix, state, 0, request=0, max_new_tokens=0)
-  with pytest.raises(ValueError, match='slot=2; allowed: 0..1'):
-    engine.insert(prefix, state, 2, request=0, max_new_tokens=3)
+  with pytest.raises(ValueError, match='slot=4; allowed: 0..3'):
+    engine.insert(prefix, state, 4, request=0, max_new_tokens=3)
 
 
 @pytest.mark.parametrize('policy', [
@@ -262,14 +283,14 @@ def test_engine_insert_refuses_requests_that_do_not_fit():
     exits.ExitPolicy(measure='softmax_diff', schedule='decaying', threshold=0.3, tau=2.0),
     exits.ExitPolicy(measure='never', exit_at=2),
 ], ids=['saturation', 'decaying', 'exit_at'])
-def test_other_exit_policies_equal_each_request_decoded_alone(policy):
+def test_other_exit_policies_equal_each_request_decoded_alone(one_block, policy):
   """The engine decides with the library's exit rules: a hidden-state measure with a minimum
   depth, CALM's decaying threshold (its N is each request's max_new_tokens, equal here to
   the reference's), and a forced exit."""
-  model = _model(num_blocks=1, schedule='cycle')
+  model, _, engine = one_block  # 8 requests through its 4 slots
   prompts, _ = _requests(seed=1, count=8)
   max_new = [REFERENCE_MAX_NEW] * len(prompts)
-  out = serve(model, prompts, max_new_tokens=max_new, exit=policy, slots=3, cache_len=32)
+  out = serve(model, prompts, max_new_tokens=max_new, exit=policy, engine=engine)
   for i, prompt in enumerate(prompts):
     tokens, depths = _alone(model, prompt, REFERENCE_MAX_NEW, policy)
     assert out.tokens[i] == tokens and out.exit_depths[i] == depths, i
@@ -278,17 +299,14 @@ def test_other_exit_policies_equal_each_request_decoded_alone(policy):
     assert set(decoded) == {2}
 
 
-def test_classifier_exits_equal_each_request_decoded_alone():
+def test_classifier_exits_equal_each_request_decoded_alone(one_block, classifier):
   """Measure 'classifier' (CALM's learned exit) with one exit per slot: the classifier sees
   each slot's own exit one-hot, so slots at different depths in one tick decide as batch-1
   decoding does. Without its parameters the engine refuses the measure."""
-  model = _model(num_blocks=1, schedule='cycle')
-  cfg = model.model_config
-  classifier = exits.init_classifier(jax.random.key(3), cfg.width + 3 + len(cfg.exit_depths))
+  model, _, engine = one_block  # made with the classifier; 8 requests through its 4 slots
   policy = exits.ExitPolicy(measure='classifier', threshold=0.5)
   prompts, _ = _requests(seed=2, count=8)
-  out = serve(model, prompts, max_new_tokens=REFERENCE_MAX_NEW, exit=policy, slots=3,
-              cache_len=32, classifier=classifier)
+  out = serve(model, prompts, max_new_tokens=REFERENCE_MAX_NEW, exit=policy, engine=engine)
   for i, prompt in enumerate(prompts):
     alone = ad.generate(model, [prompt], max_new_tokens=REFERENCE_MAX_NEW, exit=policy,
                         kv='propagate', classifier=classifier)

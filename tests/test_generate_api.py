@@ -111,8 +111,8 @@ def test_exit_at_overrides_min_depth(model, exit_2_reference):
 
 def test_generate_from_config_loads_the_saved_exit_classifier(model, tmp_path):
   cfg = model.model_config
-  classifier = exits.init_classifier(jax.random.key(3), cfg.width + 3 + len(cfg.exit_depths),
-                                     hidden=8)
+  classifier = jax.jit(exits.init_classifier, static_argnums=(1, 2))(  # one program
+      jax.random.key(3), cfg.width + 3 + len(cfg.exit_depths), 8)  # hidden=8
   config = _config(measure='classifier', threshold=0.5)
   missing = re.escape(f'{tmp_path}/exit_classifier/params') + '.*configs/exit_classifier.py'
   with pytest.raises(FileNotFoundError, match=missing):

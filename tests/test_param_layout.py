@@ -30,13 +30,18 @@ MODELS = {
 
 @pytest.fixture(scope='module', params=sorted(MODELS))
 def model(request):
+  """(cfg, params in the stacked layout, prompt, lengths, exit policy, the same params in
+  the per-block layout)."""
   cfg = MODELS[request.param]
   params = tiny_models.random_params(cfg, scale=0.4)
   prompt, lengths = adaptive_decode.pad_prompts(PROMPTS, pad_id=0)
-  logits = model_lib.forward_train(cfg, params, jnp.asarray(prompt))
+  # One program (eagerly each op would compile on its own).
+  scores = jax.jit(lambda p, tokens: exits.max_prob(model_lib.forward_train(cfg, p, tokens)[:-1]))
   # max_prob at a threshold that lets roughly half of the tokens leave early.
-  threshold = float(np.quantile(np.asarray(exits.max_prob(logits[:-1])), 0.5))
-  return cfg, params, prompt, lengths, exits.ExitPolicy(measure='max_prob', threshold=threshold)
+  threshold = float(np.quantile(np.asarray(scores(params, jnp.asarray(prompt))), 0.5))
+  return (cfg, params, prompt, lengths,
+          exits.ExitPolicy(measure='max_prob', threshold=threshold),
+          model_lib.per_block_layout(params))  # as decoding makes it: eagerly, once
 
 
 def test_per_block_layout_holds_each_block():
@@ -50,18 +55,19 @@ def test_per_block_layout_holds_each_block():
   assert model_lib.per_block_layout(per_block) is per_block
   assert per_block['lora'] is params['lora'] and params['blocks'] is not per_block['blocks']
   tokens = jnp.asarray([[3, 1, 4, 1, 5, 9]])
-  np.testing.assert_array_equal(model_lib.forward_train(cfg, per_block, tokens),
-                                model_lib.forward_train(cfg, params, tokens))
+  # Both through one jitted forward (a program per layout; eagerly each op compiles alone).
+  forward = jax.jit(lambda p: model_lib.forward_train(cfg, p, tokens))
+  np.testing.assert_array_equal(forward(per_block), forward(params))
 
 
 @pytest.mark.parametrize('kv', generation.KV_POLICIES)
 def test_generation_is_the_same_on_both_layouts(model, kv):
-  cfg, params, prompt, lengths, policy = model
+  cfg, params, prompt, lengths, policy, per_block_params = model
   run = jax.jit(lambda p: generation.generate_tokens(
       cfg, p, prompt, lengths, max_new_tokens=MAX_NEW, policy=policy,
       sampling=sampling_lib.Greedy(), rng=jax.random.key(0), eos_id=-1, pad_id=0, kv=kv,
       return_cache=True))
-  stacked, per_block = run(params), run(model_lib.per_block_layout(params))
+  stacked, per_block = run(params), run(per_block_params)
   depths = np.asarray(stacked.output.exit_depth)[:, 1:]
   assert depths.min() < cfg.num_layers and depths.max() == cfg.num_layers, 'exits untested'
   np.testing.assert_array_equal(per_block.output.tokens, stacked.output.tokens)
@@ -71,19 +77,19 @@ def test_generation_is_the_same_on_both_layouts(model, kv):
 
 
 def test_speculative_is_the_same_on_both_layouts(model):
-  cfg, params, prompt, lengths, _ = model
+  cfg, params, prompt, lengths, _, per_block_params = model
   run = jax.jit(lambda p: speculative.generate_speculative(
       cfg, p, prompt, lengths, max_new_tokens=MAX_NEW, draft_depth=2, num_draft=3, eos_id=-1,
       pad_id=0))
-  stacked, per_block = run(params), run(model_lib.per_block_layout(params))
+  stacked, per_block = run(params), run(per_block_params)
   np.testing.assert_array_equal(per_block.tokens, stacked.tokens)
   np.testing.assert_array_equal(per_block.rounds, stacked.rounds)
 
 
 def test_adaptive_forward_is_the_same_on_both_layouts(model):
-  cfg, params, prompt, _, policy = model
+  cfg, params, prompt, _, policy, per_block_params = model
   run = jax.jit(lambda p: depth.forward_adaptive(cfg, p, jnp.asarray(prompt), policy))
-  stacked, per_block = run(params), run(model_lib.per_block_layout(params))
+  stacked, per_block = run(params), run(per_block_params)
   assert 0 < np.asarray(stacked.exit_depth).min() < cfg.num_layers
   np.testing.assert_array_equal(per_block.exit_depth, stacked.exit_depth)
   np.testing.assert_allclose(per_block.logits, stacked.logits, rtol=1e-5, atol=1e-5)

@@ -96,8 +96,8 @@ def test_measure_classifier_reads_the_workdirs_classifier(tmp_path):
     requests_file.serve_file(_config(measure='classifier'), workdir, str(tmp_path / 'in.txt'),
                              str(tmp_path / 'out.jsonl'))
   cfg = ad.load(workdir).model_config
-  classifier_lib.save_classifier(workdir, exits.init_classifier(
-      jax.random.key(0), cfg.width + 3 + len(cfg.exit_depths)))
+  classifier_lib.save_classifier(workdir, jax.jit(exits.init_classifier, static_argnums=1)(
+      jax.random.key(0), cfg.width + 3 + len(cfg.exit_depths)))  # one program, not op by op
   # Threshold 0: every decoded token leaves at the first exit, by the classifier's say.
   out = requests_file.serve_file(_config(measure='classifier', threshold=0.0, max_new_tokens=4),
                                  workdir, str(tmp_path / 'in.txt'), str(tmp_path / 'out.jsonl'),

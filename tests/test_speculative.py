@@ -39,11 +39,17 @@ def _damped_params(from_depth=2, factor=0.2):
   are accepted in long runs and still rejected now and then (a stand-in for a trained
   model, without the cost of training one in a test)."""
   params = _random_params()
-  scale = jnp.where(jnp.arange(NUM_LAYERS) >= from_depth, factor, 1.0)
+  scale = np.where(np.arange(NUM_LAYERS) >= from_depth, factor, 1.0).astype(np.float32)
   blocks = params['blocks']
-  blocks['attn']['o'] = blocks['attn']['o'] * scale[:, None, None, None]
-  blocks['mlp']['down'] = blocks['mlp']['down'] * scale[:, None, None]
+  blocks['attn']['o'], blocks['mlp']['down'] = _scaled_residual_outputs(
+      blocks['attn']['o'], blocks['mlp']['down'], scale)
   return params
+
+
+@jax.jit  # one program (eagerly each op would compile on its own)
+def _scaled_residual_outputs(o, down, scale):
+  """Each layer's attention output and MLP down projection times scale [NUM_LAYERS]."""
+  return o * scale[:, None, None, None], down * scale[:, None, None]
 
 
 @functools.lru_cache(maxsize=None)
@@ -67,7 +73,9 @@ def models():
 
 def _run(cfg, params, draft_depth, num_draft, eos_id=-1):
   prompt, lengths = adaptive_decode.pad_prompts(_prompts(), pad_id=PAD)
-  return _runner(cfg, draft_depth, num_draft)(params, prompt, lengths, jnp.int32(eos_id))
+  # On the host: reading rows of device arrays would compile a slicing program per shape.
+  return jax.device_get(_runner(cfg, draft_depth, num_draft)(params, prompt, lengths,
+                                                             jnp.int32(eos_id)))
 
 
 @pytest.mark.parametrize('name,draft_depth,num_draft', [
