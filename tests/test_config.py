@@ -16,6 +16,7 @@ import adaptive_depth as ad
 from adaptive_depth import sharding
 from adaptive_depth.data import pipeline
 from adaptive_depth.train import state as state_lib
+from tests import launch_harness
 from tests import subprocess_env
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -201,18 +202,32 @@ def test_train_and_evaluate_validates_before_any_work(tmp_path, monkeypatch):
   assert not workdir.exists()
 
 
-@pytest.mark.parametrize('override,expected', [
+# (override given to launch/train.py, what its error must name)
+BAD_OVERRIDES = [
     ('--config.model.widht=3', 'widht'),
     ('--config.model.num_heads=6', 'config.model.num_heads'),
-])
-def test_launch_rejects_bad_override(tmp_path, override, expected):
-  workdir = tmp_path / 'workdir'
-  result = subprocess.run(
-      [sys.executable, str(REPO / 'launch' / 'train.py'), '--config=configs/quickstart.py:tiny',
-       f'--workdir={workdir}', override],
-      cwd=REPO, env=subprocess_env.subprocess_env(), capture_output=True, text=True, timeout=300)
-  assert result.returncode != 0
-  assert expected in result.stderr, result.stderr[-2000:]
+]
+
+
+@pytest.fixture(scope='module')
+def bad_override_runs(tmp_path_factory) -> dict:
+  """{override: (its workdir, {'status', 'stdout', 'stderr'})}: launch/train.py run with each
+  of BAD_OVERRIDES, all in one fresh interpreter (tests/launch_harness.py: imports take
+  seconds, a run that fails early milliseconds)."""
+  root = tmp_path_factory.mktemp('bad_overrides')
+  workdirs = {override: root / f'workdir{i}' for i, (override, _) in enumerate(BAD_OVERRIDES)}
+  cases = {override: ['launch/train.py', '--config=configs/quickstart.py:tiny',
+                      f'--workdir={workdir}', override]
+           for override, workdir in workdirs.items()}
+  results = launch_harness.run_in_one_interpreter({'train': cases}, timeout=300)['cases']
+  return {override: (workdirs[override], results[f'train-{override}']) for override in cases}
+
+
+@pytest.mark.parametrize('override,expected', BAD_OVERRIDES)
+def test_launch_rejects_bad_override(bad_override_runs, override, expected):
+  workdir, result = bad_override_runs[override]
+  assert result['status'] != 0, result
+  assert expected in result['stderr'], result['stderr'][-2000:]
   assert not (workdir / 'checkpoints').exists()
 
 

@@ -19,14 +19,17 @@ COLABS_DIR = os.path.join(REPO_ROOT, 'colabs')
 NOTEBOOK = os.path.join(COLABS_DIR, 'quickstart.ipynb')
 REPO_URL = 'https://github.com/adaptive-depth/adaptive_depth'
 NUM_DEVICES = 3
+# Evaluations during the run and at its end: what the notebook's plot shows. Every step
+# costs (three devices on the shared cores), so few of them.
+NUM_STEPS, EVAL_EVERY = 6, 3
 
 
 def tiny_parameters(workdir: str) -> str:
   return '\n'.join([
       "CONFIG = 'quickstart'",
       "CONFIG_VARIANT = 'tiny'",
-      'NUM_STEPS = 12',
-      'EVAL_EVERY = 6',
+      f'NUM_STEPS = {NUM_STEPS}',
+      f'EVAL_EVERY = {EVAL_EVERY}',
       f'WORKDIR = {workdir!r}',
       f'REPO_URL = {REPO_URL!r}',
   ])
@@ -79,13 +82,14 @@ def test_quickstart_notebook_runs(tmp_path, kernel_env):
   assert f'{NUM_DEVICES} CPU device(s)' in stdout_of(cell(nb, 'devices'))
   with open(os.path.join(workdir, 'config.json')) as f:
     trained = json.load(f)  # the config the run used, after the notebook's batch rounding
-  assert trained['train']['num_steps'] == 12 and trained['eval']['every_steps'] == 6
+  assert trained['train']['num_steps'] == NUM_STEPS
+  assert trained['eval']['every_steps'] == EVAL_EVERY
   assert trained['train']['batch_size'] % NUM_DEVICES == 0
   assert trained['eval']['batch_size'] % NUM_DEVICES == 0
 
   with open(os.path.join(workdir, 'summary.json')) as f:
     summary = json.load(f)
-  assert summary['step'] == 12
+  assert summary['step'] == NUM_STEPS
   depths = [record['depth'] for record in summary['eval']]
   assert depths == [1, 2, 3, 4]  # the quickstart exits after every layer
   assert all(math.isfinite(record['loss']) for record in summary['eval'])

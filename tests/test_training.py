@@ -55,9 +55,13 @@ def _reference_config():
   return ad.load_config(str(REPO / TINY), {**REF_CONFIG, 'train.progress_bar': False})
 
 
+def _train_flags(workdir, *overrides) -> list[str]:
+  return [f'--config={TINY}', f'--workdir={workdir}', '--config.train.progress_bar=False',
+          *overrides]
+
+
 def _train_cmd(workdir, *overrides) -> list[str]:
-  return [sys.executable, str(LAUNCH), f'--config={TINY}', f'--workdir={workdir}',
-          '--config.train.progress_bar=False', *overrides]
+  return [sys.executable, str(LAUNCH), *_train_flags(workdir, *overrides)]
 
 
 class _Run:
@@ -290,7 +294,17 @@ entry = lambda a: a if a is None or isinstance(a, str) else list(a)
 specs = {jax.tree_util.keystr(p): [entry(a) for a in s.spec]
          for p, s in jax.tree_util.tree_leaves_with_path(shardings.params)}
 print('PROBE ' + json.dumps({'device_count': jax.device_count(), 'mesh': dict(mesh.shape),
-                             'specs': specs}))
+                             'specs': specs}), flush=True)
+"""
+
+# The sharded run's process: the probe above, then launch/train.py run as Python runs a
+# script (as __main__, its folder first on sys.path), with the arguments after `-c CODE`:
+# one 8-device interpreter's start-up for both.
+_PROBE_THEN_TRAIN = _SHARDING_PROBE + r"""
+import runpy, sys
+sys.argv = ['launch/train.py', *sys.argv[1:]]
+sys.path.insert(0, 'launch')
+runpy.run_path('launch/train.py', run_name='__main__')
 """
 
 
@@ -325,19 +339,21 @@ def _restore_params_on_local_devices(workdir: pathlib.Path) -> dict[str, np.ndar
 @pytest.fixture(scope='module')
 def mesh_runs(tmp_path_factory) -> dict:
   """The same short run on 1 device and on a (data 2, fsdp 2, tensor 2) mesh of 8 devices,
-  plus a probe of the shardings the library computes for that mesh; all three concurrent."""
+  concurrent; the sharded run's process first probes the shardings the library computes
+  for that mesh."""
   tmp = tmp_path_factory.mktemp('mesh_runs')
   common = ('--config.train.num_steps=8', '--config.eval.num_batches=2',
             '--config.train.log_every=1')
   single, sharded = tmp / 'single', tmp / 'sharded'
   mesh_flags = ('--config.mesh.data=2', '--config.mesh.fsdp=2', '--config.mesh.tensor=2')
   one, eight = subprocess_env.subprocess_env(), subprocess_env.subprocess_env(devices=8)
-  probe = _Run([sys.executable, '-c', _SHARDING_PROBE], eight, tmp / 'probe.log')
+  probe_then_train = [sys.executable, '-c', _PROBE_THEN_TRAIN,
+                      *_train_flags(sharded, *common, *mesh_flags)]
   runs = [_Run(_train_cmd(single, *common), one, tmp / 'single.log'),
-          _Run(_train_cmd(sharded, *common, *mesh_flags), eight, tmp / 'sharded.log')]
+          _Run(probe_then_train, eight, tmp / 'sharded.log')]
   out_single, out_sharded = [r.wait_ok() for r in runs]
   return {'single': single, 'sharded': sharded, 'out_single': out_single,
-          'out_sharded': out_sharded, 'probe': probe.wait_ok()}
+          'out_sharded': out_sharded, 'probe': out_sharded}
 
 
 def test_sharded_training_matches_single_device(mesh_runs):
@@ -433,9 +449,9 @@ def test_run_outputs(reference_run):
         record['loss'], rel=1e-6)
 
 
-def _numpy_eval(cfg, params, batches) -> tuple[np.ndarray, np.ndarray]:
-  """Per-exit mean token cross entropy and argmax accuracy, computed in float64 numpy."""
-  forward = jax.jit(lambda p, x: ad.forward_train(cfg, p, x))
+def _numpy_eval(forward, params, batches) -> tuple[np.ndarray, np.ndarray]:
+  """Per-exit mean token cross entropy and argmax accuracy, computed in float64 numpy from
+  the logits of forward(params, inputs)."""
   nll_sum, correct_sum, count = 0.0, 0.0, 0
   for batch in batches:
     inputs, targets = batch[:, :-1], batch[:, 1:]
@@ -465,7 +481,10 @@ def test_training_learns(reference_run):
       lambda path, x: (np.ones(x.shape, np.float32) if jax.tree_util.keystr(path).endswith(
           "['scale']") else rng.normal(0, cfg.init_std, x.shape).astype(np.float32)),
       loaded.params)
-  initial_loss, _ = _numpy_eval(cfg, fresh, batches)
+  # One program for both evaluations: parameters given as numpy arrays either way (the loaded
+  # ones as device arrays of another sharding would compile a second program).
+  forward = jax.jit(lambda p, x: ad.forward_train(cfg, p, x))
+  initial_loss, _ = _numpy_eval(forward, fresh, batches)
   # A freshly initialised model is close to uniform over the 258 byte-level tokens.
   assert np.all(np.abs(initial_loss - math.log(258)) < 0.1), initial_loss
 
@@ -475,7 +494,7 @@ def test_training_learns(reference_run):
   assert np.all(final_loss < initial_loss - 1.0), (final_loss, initial_loss)
 
   # The reported eval matches an independent evaluation of the saved parameters.
-  trained_loss, trained_acc = _numpy_eval(cfg, loaded.params, batches)
+  trained_loss, trained_acc = _numpy_eval(forward, jax.device_get(loaded.params), batches)
   np.testing.assert_allclose(final_loss, trained_loss, rtol=0, atol=1e-4)
   np.testing.assert_allclose([r['accuracy'] for r in summary_eval], trained_acc, rtol=0,
                              atol=2 / (len(batches) * batches[0][:, 1:].size))
