@@ -68,6 +68,32 @@ def make_adaptive_fn(cfg):
   return jax.jit(run)
 
 
+# The per-batch arithmetic around the forward passes, each in one program (op by op every
+# operation would compile a program of its own for each batch shape).
+@jax.jit
+def _token_figures(logits, targets, oracle):
+  """logits [B, T, V], targets and oracle [B, T] -> (cross entropy [B, T], whether the
+  argmax is the oracle's token [B, T])."""
+  token_nll, _ = losses.per_exit_token_losses(logits[None], targets)
+  return token_nll[0], jnp.argmax(logits, -1) == oracle
+
+
+@jax.jit
+def _exit_figures(logits, targets):
+  """logits [E, B, T, V], targets [B, T] -> (mean cross entropy [E], mean accuracy [E],
+  the last exit's argmax [B, T])."""
+  nll, correct = losses.per_exit_token_losses(logits, targets)
+  return nll.mean(axis=(1, 2)), correct.mean(axis=(1, 2)), jnp.argmax(logits[-1], -1)
+
+
+@jax.jit
+def _agreement_features(logits):
+  """logits [E, B, T, V] -> (whether each exit but the last agrees with the last [E-1, B, T],
+  each one's max-prob [E-1, B, T])."""
+  last = jnp.argmax(logits[-1], -1)
+  return jnp.argmax(logits[:-1], -1) == last[None], exits.max_prob(logits[:-1])
+
+
 def sweep(cfg, params, batches, full_argmax, measure, thresholds, *, classifier=None,
           adaptive_fn=None, min_depth=1):
   """Rows {measure, threshold, mean_depth, relative_flops, agreement, loss} for one measure.
@@ -82,11 +108,11 @@ def sweep(cfg, params, batches, full_argmax, measure, thresholds, *, classifier=
     depths, agree, nll, steps = [], [], [], []
     for batch, oracle in zip(batches, full_argmax):
       out = adaptive_fn(params, jnp.asarray(batch[:, :-1]), policy, classifier, oracle)
-      token_nll, _ = losses.per_exit_token_losses(out.logits[None], jnp.asarray(batch[:, 1:]))
+      token_nll, agrees = _token_figures(out.logits, jnp.asarray(batch[:, 1:]), oracle)
       depths.append(np.asarray(out.exit_depth))
       steps.append(int(out.steps_run))
-      agree.append(np.asarray(jnp.argmax(out.logits, -1) == oracle))
-      nll.append(np.asarray(token_nll[0]))
+      agree.append(np.asarray(agrees))
+      nll.append(np.asarray(token_nll))
     depths = np.concatenate([d.ravel() for d in depths])
     rows.append({
         'measure': measure, 'threshold': float(threshold),
@@ -151,10 +177,10 @@ def evaluate_run(config, workdir: str, *, measures=None, num_batches: int = 0) -
   exit_nll, exit_correct, full_argmax, exit_logits = [], [], [], []
   for batch in batches:
     logits = train_fn(params, jnp.asarray(batch[:, :-1]))
-    nll, correct = losses.per_exit_token_losses(logits, jnp.asarray(batch[:, 1:]))
-    exit_nll.append(np.asarray(nll.mean(axis=(1, 2))))
-    exit_correct.append(np.asarray(correct.mean(axis=(1, 2))))
-    full_argmax.append(jnp.argmax(logits[-1], -1))
+    nll, correct, last_argmax = _exit_figures(logits, jnp.asarray(batch[:, 1:]))
+    exit_nll.append(np.asarray(nll))
+    exit_correct.append(np.asarray(correct))
+    full_argmax.append(last_argmax)
     exit_logits.append(logits)
   per_exit = metrics_lib.per_exit_records(cfg.exit_depths, np.mean(exit_nll, 0),
                                           np.mean(exit_correct, 0))
@@ -211,9 +237,9 @@ def _agreement_auc(cfg, params, batches, exit_logits, classifier) -> dict:
   num_checked = len(cfg.exit_depths) - 1
   labels, max_probs, clf_scores = [], [], []  # each [num_checked, tokens] per batch
   for batch, logits in zip(batches, exit_logits):
-    last = jnp.argmax(logits[-1], -1)
-    labels.append(np.asarray(jnp.argmax(logits[:-1], -1) == last[None]).reshape(num_checked, -1))
-    max_probs.append(np.asarray(exits.max_prob(logits[:-1])).reshape(num_checked, -1))
+    agrees, max_prob = _agreement_features(logits)
+    labels.append(np.asarray(agrees).reshape(num_checked, -1))
+    max_probs.append(np.asarray(max_prob).reshape(num_checked, -1))
     if classifier is not None:
       clf_scores.append(np.asarray(classifier_lib.scores(
           cfg, params, classifier, jnp.asarray(batch[:, :-1]))).reshape(num_checked, -1))
