@@ -61,8 +61,8 @@ def test_split_step_equals_the_whole_batch_step(exit_loss, loss_chunk_tokens):
 
 def test_benchmark_times_each_split(tmp_path):
   # 'auto', the config's own attention: the benchmark's two steps are then the programs the
-  # test above compiled (test_split_step_equals_the_whole_batch_step[lm-0]), which the
-  # persistent compilation cache holds.
+  # test above compiled (test_split_step_equals_the_whole_batch_step[lm-0]): after it, the
+  # persistent compilation cache holds them.
   rows = step_benchmark.run_step_benchmark(
       _tiny(), str(tmp_path / 'b.json'), implementations=['auto'], rounds=1,
       batch_splits=[1, 2], progress=lambda _: None)

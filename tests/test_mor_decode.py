@@ -25,8 +25,8 @@ IDS = [f'{r}-{k}' for r, k in KINDS]
 
 # Jitted: op by op, a tiny MoR forward compiled a hundred or more one-op programs, which
 # took longer than compiling it whole. The decode test runs the masked forward on rows of
-# the causality test's shape, [1, SEQUENCE_LEN], so it reuses that test's program per kind
-# and compiles none of its own.
+# the causality test's shape, [1, SEQUENCE_LEN], so when it runs after that test it reuses
+# its program per kind and compiles none of its own.
 forward_masked = jax.jit(mor.forward_masked, static_argnums=0)
 forward_states = jax.jit(mor.forward_states, static_argnums=0)
 SEQUENCE_LEN = 16

@@ -34,6 +34,8 @@ def compiled_step(config, rng_batch):
   """(compiled step, its arguments, XLA's FLOP count) for config.model as it stands."""
   cfg = model_lib.ModelConfig.from_config(config.model)
   # Initialised in one program each: op by op, every leaf shape compiles its own programs.
+  # (Values may differ from launch/train.py's initialisation in the last bit; a timing
+  # benchmark does not depend on them.)
   params = jax.jit(model_lib.init_params, static_argnums=0)(cfg, jax.random.key(config.seed))
   tx = state_lib.make_optimizer(config.train)
   state = state_lib.TrainState(step=jnp.int32(0), params=params,
