@@ -1,7 +1,5 @@
 """Mixture-of-Recursions decoding: causal routing, the KV cache per recursion or shared,
 batched equal to batch 1, and equal to the masked full-sequence forward."""
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,7 +8,6 @@ import pytest
 import adaptive_depth as ad
 from adaptive_depth import config_lib
 from adaptive_depth import exits
-from adaptive_depth import forward as forward_lib
 from adaptive_depth import model as model_lib
 from adaptive_depth import mor
 from adaptive_depth import saved_model

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 from adaptive_depth import costs
-from adaptive_depth import model as model_lib
 from adaptive_depth.decode import adaptive_decode
 from adaptive_depth.decode import speculative
 from tests import tiny_models
