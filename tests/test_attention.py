@@ -106,7 +106,7 @@ def test_the_config_key_reaches_the_blocks(monkeypatch):
     config.model.attention = name
     cfgs.append(model_lib.ModelConfig.from_config(config.model))
     assert cfgs[-1].block_config.attention == name
-  params = jax.jit(lambda key: model_lib.init_params(cfgs[0], key))(jax.random.key(0))
+  params = tiny_models.init_params(cfgs[0], jax.random.key(0))
   calls = []
   real = attention.heads_major
   monkeypatch.setattr(attention, 'heads_major', lambda *a: calls.append(1) or real(*a))

@@ -12,6 +12,7 @@ from adaptive_depth.train import loop
 from adaptive_depth.train import losses
 from adaptive_depth.train import state as state_lib
 from adaptive_depth.train import step_benchmark
+from tests import tiny_models
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -29,7 +30,7 @@ def test_split_step_equals_the_whole_batch_step(exit_loss, loss_chunk_tokens):
   not: the mean of equal parts' mean losses is the batch's mean loss."""
   config = _tiny(loss_chunk_tokens=loss_chunk_tokens, exit_loss=exit_loss)
   cfg = model_lib.ModelConfig.from_config(config.model)
-  params = jax.jit(model_lib.init_params, static_argnums=0)(cfg, jax.random.key(0))
+  params = tiny_models.init_params(cfg, jax.random.key(0))
   tx = state_lib.make_optimizer(config.train)
   state = state_lib.TrainState(step=np.int32(0), params=params,
                                opt_state=jax.jit(tx.init)(params))  # one program each

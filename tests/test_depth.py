@@ -12,13 +12,12 @@ from adaptive_depth import model as model_lib
 from adaptive_depth.train import classifier as classifier_lib
 from tests import numpy_reference as ref
 from tests import tiny_models
-from tests.test_model import random_tokens
 from tests.test_model import small_config
 
 
 # Library functions run jitted, one program per config (static) and shapes: called eagerly
 # they compile a program per operation.
-_forward = jax.jit(model_lib.forward_train, static_argnums=0)
+_forward, random_tokens = tiny_models.forward_train, tiny_models.random_tokens
 _forward_adaptive = jax.jit(depth.forward_adaptive, static_argnums=0)
 _scores = {'max_prob': jax.jit(exits.max_prob), 'softmax_diff': jax.jit(exits.softmax_diff)}
 
@@ -218,7 +217,7 @@ def test_relaxed_recursion_matches_numpy_with_merged_lora():
   for e, w in enumerate(want):
     np.testing.assert_allclose(np.asarray(logits[e, 0]), w, atol=1e-4, rtol=1e-4)
   # Zero-initialised B: a fresh relaxed model equals its shared model.
-  fresh = jax.jit(model_lib.init_params, static_argnums=0)(cfg, jax.random.key(0))
+  fresh = tiny_models.init_params(cfg, jax.random.key(0))
   shared = {k: v for k, v in fresh.items() if k != 'lora'}
   np.testing.assert_allclose(_forward(cfg, fresh, tokens), _forward(cfg, shared, tokens),
                              atol=1e-6)

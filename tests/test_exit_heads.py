@@ -51,9 +51,9 @@ def _hidden(shape, seed=0):
 
 # Library functions run jitted, one program per config (static) and shapes: called eagerly
 # they compile a program per operation, which took most of this module's time.
-_forward = jax.jit(model_lib.forward_train, static_argnums=0)
+_forward = tiny_models.forward_train
 _reference_forward = jax.jit(model_lib.reference_forward, static_argnums=0)
-_init_params = jax.jit(model_lib.init_params, static_argnums=0)
+_init_params = tiny_models.init_params
 # exit_number static (None or an int) or traced (an int array, one exit per token).
 _head_logits = jax.jit(model_lib.head_logits, static_argnums=(0, 3))
 _head_logits_per_token = jax.jit(model_lib.head_logits, static_argnums=0)

@@ -15,17 +15,8 @@ from tests import numpy_reference as ref
 from tests import tiny_models
 
 
-# Library functions run jitted, one program per config (static) and shapes: called eagerly
-# they compile a program per operation, which took most of this module's time.
-_forward = jax.jit(model_lib.forward_train, static_argnums=0)
-_init_params = jax.jit(model_lib.init_params, static_argnums=0)
-
-
-def random_tokens(shape, vocab_size, seed=3):
-  """Token ids [*shape] int32, drawn with numpy and cast there: jax.random, or a cast by
-  jnp, compiles a program per shape."""
-  ids = np.random.default_rng(seed).integers(0, vocab_size, shape)
-  return jax.device_put(ids.astype(np.int32))
+_forward, _init_params = tiny_models.forward_train, tiny_models.init_params
+random_tokens = tiny_models.random_tokens
 
 
 def _random_normal(shape, seed):

@@ -12,6 +12,7 @@ import pytest
 import adaptive_depth as ad
 from adaptive_depth import model as model_lib
 from adaptive_depth.train import losses
+from tests import tiny_models
 
 pytestmark = pytest.mark.pretrained  # .ci/run's second stage runs these with the extras
 torch = pytest.importorskip('torch', reason='needs torch: pip install -e ".[parity]"')
@@ -25,8 +26,7 @@ def test_pytorch_step_is_the_same_model_loss_and_gradient():
   cfg = model_lib.ModelConfig.from_config(config.model)
   # Initialised in one program, then copied to the host: the perturbation, the copy into
   # PyTorch and the gradients' slices are numpy, no program per leaf shape.
-  params = jax.tree.map(np.asarray, jax.jit(model_lib.init_params, static_argnums=0)(
-      cfg, jax.random.key(1)))
+  params = jax.tree.map(np.asarray, tiny_models.init_params(cfg, jax.random.key(1)))
   # Non-trivial norm scales, so a misplaced norm shows.
   rng = np.random.default_rng(2)
   params = jax.tree_util.tree_map_with_path(

@@ -15,6 +15,18 @@ from adaptive_depth import model as model_lib
 
 NUM_LAYERS = 4
 
+# The model's entry points jitted, one program per config (static) and shapes, shared by the
+# test modules: called eagerly they compile a program per operation.
+forward_train = jax.jit(model_lib.forward_train, static_argnums=0)
+init_params = jax.jit(model_lib.init_params, static_argnums=0)
+
+
+def random_tokens(shape, vocab_size, seed=3):
+  """Token ids [*shape] int32, drawn with numpy and cast there: jax.random, or a cast by
+  jnp, compiles a program per shape."""
+  ids = np.random.default_rng(seed).integers(0, vocab_size, shape)
+  return jax.device_put(ids.astype(np.int32))
+
 
 def config(**overrides) -> model_lib.ModelConfig:
   """A 4-step byte-vocabulary model with an exit after every step (overrides: any field)."""
