@@ -33,7 +33,7 @@ def tiny_model():
   params = tiny_models.random_params(cfg, scale=0.4)
   prompt = jnp.asarray(np.random.default_rng(0).integers(1, 40, (4, 6)).astype(np.int32))
   forward = jax.jit(functools.partial(model_lib.forward_train, cfg))
-  scores = jax.jit(lambda p, t: exits.max_prob(forward(p, t)[:2]))(params, prompt)
+  scores = np.asarray(tiny_models.exit_max_probs(cfg, params, prompt))[:2]
   return cfg, params, prompt, forward, float(np.quantile(np.asarray(scores), 0.5))
 
 

@@ -51,21 +51,21 @@ def _run_with_cache(cfg, params, prompt, lengths, policy, kv, capacity=8, max_ne
 
 
 @functools.lru_cache(maxsize=None)
-def _scores_program(cfg, measure):
-  """The prompt's scores under `measure` at the first exits, [1 or 2, B, P]: one program
-  (eagerly, each op would compile on its own)."""
+def _saturation_program(cfg):
+  """prompt [B, P] -> the cosine of the states after the first two layers [1, B, P], in
+  one program (eagerly, each op would compile on its own)."""
   def scores(params, prompt):
-    if measure == 'saturation':  # cosine of the states after consecutive layers
-      h = model_lib.run_all_steps(cfg, params, model_lib.embed(cfg, params, prompt),
-                                  model_lib.default_positions(prompt))
-      return exits.saturation(h[1:2], h[:1])
-    return exits.max_prob(model_lib.forward_train(cfg, params, prompt)[:2])
+    h = model_lib.run_all_steps(cfg, params, model_lib.embed(cfg, params, prompt),
+                                model_lib.default_positions(prompt))
+    return exits.saturation(h[1:2], h[:1])
   return jax.jit(scores)
 
 
 def _exiting_policy(cfg, params, prompt, measure='max_prob'):
   """`measure` at a threshold that lets roughly half the tokens leave early."""
-  scores = _scores_program(cfg, measure)(params, jnp.asarray(prompt))
+  prompt = jnp.asarray(prompt)
+  scores = (_saturation_program(cfg)(params, prompt) if measure == 'saturation'
+            else np.asarray(tiny_models.exit_max_probs(cfg, params, prompt))[:2])
   threshold = float(np.quantile(np.asarray(scores), 0.6))
   return exits.ExitPolicy(measure=measure, threshold=threshold)
 

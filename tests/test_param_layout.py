@@ -35,10 +35,9 @@ def model(request):
   cfg = MODELS[request.param]
   params = tiny_models.random_params(cfg, scale=0.4)
   prompt, lengths = adaptive_decode.pad_prompts(PROMPTS, pad_id=0)
-  # One program (eagerly each op would compile on its own).
-  scores = jax.jit(lambda p, tokens: exits.max_prob(model_lib.forward_train(cfg, p, tokens)[:-1]))
   # max_prob at a threshold that lets roughly half of the tokens leave early.
-  threshold = float(np.quantile(np.asarray(scores(params, jnp.asarray(prompt))), 0.5))
+  scores = np.asarray(tiny_models.exit_max_probs(cfg, params, jnp.asarray(prompt)))[:-1]
+  threshold = float(np.quantile(np.asarray(scores), 0.5))
   return (cfg, params, prompt, lengths,
           exits.ExitPolicy(measure='max_prob', threshold=threshold),
           model_lib.per_block_layout(params))  # as decoding makes it: eagerly, once

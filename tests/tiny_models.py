@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from adaptive_depth import exits
 from adaptive_depth import model as model_lib
 
 NUM_LAYERS = 4
@@ -19,6 +20,13 @@ NUM_LAYERS = 4
 # test modules: called eagerly they compile a program per operation.
 forward_train = jax.jit(model_lib.forward_train, static_argnums=0)
 init_params = jax.jit(model_lib.init_params, static_argnums=0)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def exit_max_probs(cfg: model_lib.ModelConfig, params, tokens):
+  """Every exit's max-prob over tokens [B, T]: [E, B, T], in one program (tests pick a
+  threshold as a quantile of these)."""
+  return exits.max_prob(model_lib.forward_train(cfg, params, tokens))
 
 
 def random_tokens(shape, vocab_size, seed=3):
