@@ -19,7 +19,7 @@ from adaptive_depth import mor_config
 from adaptive_depth.data import tokenizers
 
 EXIT_LOSS_WEIGHTS = ('uniform', 'linear', 'last')
-EXIT_LOSSES = ('lm', 'distill', 'lm_distill')
+EXIT_LOSSES = ('lm', 'distill', 'lm_distill', 'lm_steady')
 TRAINABLE = ('all', 'exit_heads')
 STAGES = ('model', 'exit_classifier')
 
@@ -96,7 +96,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.exit_loss_weights = 'uniform'  # one of EXIT_LOSS_WEIGHTS
   c.train.exit_loss = 'lm'        # 'lm': cross entropy on the corpus at every exit;
                                   # 'distill': early exits match the last exit (KL);
-                                  # 'lm_distill': early exits get both
+                                  # 'lm_distill': early exits get both;
+                                  # 'lm_steady': each exit also matches the one before (KL)
   c.train.loss_chunk_tokens = 0   # > 0: the multi-exit loss in chunks of this many positions,
                                   # never holding exits x tokens x vocab logits (large vocabularies)
   c.train.trainable = 'all'       # 'all' | 'exit_heads' (trunk frozen: only exit heads train)

@@ -235,6 +235,29 @@ def test_multi_exit_loss_against_numpy(kind):
     assert np.abs(grad[-1]).max() == 0 and np.abs(grad[:2]).max() > 1e-3
 
 
+def test_steady_exit_loss_against_numpy():
+  """'lm_steady': each exit's cross entropy, plus for every exit after the first the KL from
+  the exit before it; the earlier exit is held fixed (its KL moves only the later one)."""
+  rng = np.random.default_rng(1)
+  logits = rng.standard_normal((3, 2, 5, 7)).astype(np.float32) * 2
+  targets = rng.integers(0, 7, (2, 5))
+  weights = np.asarray([0.2, 0.3, 0.5], np.float32)
+  log_p = logits - logits.max(-1, keepdims=True)
+  log_p = log_p - np.log(np.exp(log_p).sum(-1, keepdims=True))
+  ce = -np.take_along_axis(log_p, targets[None, ..., None], -1)[..., 0].mean((1, 2))
+  kl = (np.exp(log_p[:-1]) * (log_p[:-1] - log_p[1:])).sum(-1).mean((1, 2))  # [2]
+  want = weights[0] * ce[0] + weights[1:] @ (ce[1:] + kl)
+  loss, per_exit, _ = _multi_exit_loss(jnp.asarray(logits), jnp.asarray(targets), weights,
+                                       'lm_steady')
+  np.testing.assert_allclose(loss, want, rtol=1e-5)
+  np.testing.assert_allclose(per_exit, ce, rtol=1e-5)
+  middle_only = lambda x: losses.multi_exit_loss(x, jnp.asarray(targets),
+                                                 np.asarray([0.0, 1.0, 0.0]), 'lm_steady')[0]
+  grad = np.asarray(jax.jit(jax.grad(middle_only))(jnp.asarray(logits)))
+  assert np.abs(grad[0]).max() == 0 and np.abs(grad[2]).max() == 0
+  assert np.abs(grad[1]).max() > 1e-3
+
+
 @pytest.mark.parametrize('exit_loss', ['lm', 'distill'])
 def test_frozen_trunk_fine_tune(source_run, tmp_path, exit_loss):
   config = ad.load_config(EXITS_TINY)

@@ -65,7 +65,12 @@ def _token_terms(logits, targets, kind: str):
     if kind == 'lm_distill':
       kl = kl + nll[:-1]
     return jnp.concatenate([kl, nll[-1:]]), nll, correct
-  raise ValueError(f"config.train.exit_loss={kind!r}; allowed: lm, distill, lm_distill")
+  if kind == 'lm_steady':
+    previous = jax.lax.stop_gradient(log_probs[:-1])
+    kl = jnp.sum(jnp.exp(previous) * (previous - log_probs[1:]), axis=-1)
+    return jnp.concatenate([nll[:1], nll[1:] + kl]), nll, correct
+  raise ValueError(f"config.train.exit_loss={kind!r}; allowed: lm, distill, lm_distill, "
+                   "lm_steady")
 
 
 def multi_exit_loss(logits, targets, weights, kind: str = 'lm'):
@@ -76,7 +81,10 @@ def multi_exit_loss(logits, targets, weights, kind: str = 'lm'):
   (stop_gradient), which trains the early exits to agree with full depth rather than with
   the corpus; the last exit keeps its cross entropy. kind 'lm_distill': both for each early
   exit (its cross entropy plus that KL): the exits learn the corpus and also to agree with
-  full depth, which lets them leave earlier at the same agreement.
+  full depth, which lets them leave earlier at the same agreement. kind 'lm_steady': every
+  exit's cross entropy, plus for each exit after the first its KL(p_previous || p_exit) with
+  the previous exit's distribution held fixed: a step changes the prediction only where the
+  corpus asks it to, so a looped block settles instead of wandering through its deep steps.
   logits: [E, B, T, V]; targets: [B, T]; weights: [E].
   Returns (scalar loss, per-exit mean cross entropy [E] and accuracy [E]; both reported
   whatever the kind).
