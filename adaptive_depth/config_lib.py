@@ -17,9 +17,10 @@ from adaptive_depth.config_decoding import (  # pylint: disable=unused-import
 from adaptive_depth import model_config
 from adaptive_depth import mor_config
 from adaptive_depth.data import tokenizers
+from adaptive_depth.train import losses
 
 EXIT_LOSS_WEIGHTS = ('uniform', 'linear', 'last')
-EXIT_LOSSES = ('lm', 'distill', 'lm_distill', 'lm_steady')
+EXIT_LOSSES = losses.KINDS
 TRAINABLE = ('all', 'exit_heads')
 STAGES = ('model', 'exit_classifier')
 
@@ -97,7 +98,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.exit_loss = 'lm'        # 'lm': cross entropy on the corpus at every exit;
                                   # 'distill': early exits match the last exit (KL);
                                   # 'lm_distill': early exits get both;
-                                  # 'lm_steady': each exit also matches the one before (KL)
+                                  # 'lm_steady': each exit also matches the one before (KL;
+                                  # with exit_loss_weights='last' only the last exit's term)
   c.train.loss_chunk_tokens = 0   # > 0: the multi-exit loss in chunks of this many positions,
                                   # never holding exits x tokens x vocab logits (large vocabularies)
   c.train.trainable = 'all'       # 'all' | 'exit_heads' (trunk frozen: only exit heads train)

@@ -209,18 +209,25 @@ def _batch_exit_losses(cfg, kind, params, batch):
   return jnp.sum(jnp.exp(log_p[-1]) * (log_p[-1] - log_p), -1).mean((1, 2))
 
 
-@pytest.mark.parametrize('kind', ['lm', 'distill', 'lm_distill'])
-def test_multi_exit_loss_against_numpy(kind):
-  """Each exit's term from a numpy log-softmax: cross entropy on the targets ('lm'), the KL
-  from the last exit for early exits ('distill'), or both summed ('lm_distill'); the last
-  exit always keeps its cross entropy. Only the early exits get the KL's gradient."""
-  rng = np.random.default_rng(0)
+def _numpy_exit_terms(seed: int):
+  """Random logits [3 exits, 2, 5, 7], targets, exit weights, and numpy's log-softmax and
+  per-exit mean cross entropy of them (the references of the loss tests)."""
+  rng = np.random.default_rng(seed)
   logits = rng.standard_normal((3, 2, 5, 7)).astype(np.float32) * 2
   targets = rng.integers(0, 7, (2, 5))
   weights = np.asarray([0.2, 0.3, 0.5], np.float32)
   log_p = logits - logits.max(-1, keepdims=True)
   log_p = log_p - np.log(np.exp(log_p).sum(-1, keepdims=True))
   ce = -np.take_along_axis(log_p, targets[None, ..., None], -1)[..., 0].mean((1, 2))
+  return logits, targets, weights, log_p, ce
+
+
+@pytest.mark.parametrize('kind', ['lm', 'distill', 'lm_distill'])
+def test_multi_exit_loss_against_numpy(kind):
+  """Each exit's term from a numpy log-softmax: cross entropy on the targets ('lm'), the KL
+  from the last exit for early exits ('distill'), or both summed ('lm_distill'); the last
+  exit always keeps its cross entropy. Only the early exits get the KL's gradient."""
+  logits, targets, weights, log_p, ce = _numpy_exit_terms(seed=0)
   kl = (np.exp(log_p[-1]) * (log_p[-1] - log_p)).sum(-1).mean((1, 2))
   early = {'lm': ce, 'distill': kl, 'lm_distill': ce + kl}[kind]
   want = weights[:2] @ early[:2] + weights[2] * ce[2]
@@ -238,24 +245,21 @@ def test_multi_exit_loss_against_numpy(kind):
 def test_steady_exit_loss_against_numpy():
   """'lm_steady': each exit's cross entropy, plus for every exit after the first the KL from
   the exit before it; the earlier exit is held fixed (its KL moves only the later one)."""
-  rng = np.random.default_rng(1)
-  logits = rng.standard_normal((3, 2, 5, 7)).astype(np.float32) * 2
-  targets = rng.integers(0, 7, (2, 5))
-  weights = np.asarray([0.2, 0.3, 0.5], np.float32)
-  log_p = logits - logits.max(-1, keepdims=True)
-  log_p = log_p - np.log(np.exp(log_p).sum(-1, keepdims=True))
-  ce = -np.take_along_axis(log_p, targets[None, ..., None], -1)[..., 0].mean((1, 2))
+  logits, targets, weights, log_p, ce = _numpy_exit_terms(seed=1)
   kl = (np.exp(log_p[:-1]) * (log_p[:-1] - log_p[1:])).sum(-1).mean((1, 2))  # [2]
   want = weights[0] * ce[0] + weights[1:] @ (ce[1:] + kl)
   loss, per_exit, _ = _multi_exit_loss(jnp.asarray(logits), jnp.asarray(targets), weights,
                                        'lm_steady')
   np.testing.assert_allclose(loss, want, rtol=1e-5)
   np.testing.assert_allclose(per_exit, ce, rtol=1e-5)
-  middle_only = lambda x: losses.multi_exit_loss(x, jnp.asarray(targets),
-                                                 np.asarray([0.0, 1.0, 0.0]), 'lm_steady')[0]
-  grad = np.asarray(jax.jit(jax.grad(middle_only))(jnp.asarray(logits)))
-  assert np.abs(grad[0]).max() == 0 and np.abs(grad[2]).max() == 0
-  assert np.abs(grad[1]).max() > 1e-3
+  # Exit i's term moves exit i only: the exit before it is held fixed.
+  grad_of = jax.jit(jax.grad(lambda x, w: losses.multi_exit_loss(
+      x, jnp.asarray(targets), w, 'lm_steady')[0]))
+  for only in (1, 2):
+    grad = np.abs(np.asarray(grad_of(jnp.asarray(logits), jnp.asarray(np.eye(3)[only],
+                                                                       jnp.float32))))
+    assert grad[only].max() > 1e-3
+    assert all(grad[other].max() == 0 for other in range(3) if other != only)
 
 
 @pytest.mark.parametrize('exit_loss', ['lm', 'distill'])

@@ -7,6 +7,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+# The kinds of multi_exit_loss (config.train.exit_loss).
+KINDS = ('lm', 'distill', 'lm_distill', 'lm_steady')
+
 
 def exit_loss_weights(kind: str, exit_depths: Sequence[int]) -> np.ndarray:
   """Per-exit weights summing to 1.
@@ -69,8 +72,7 @@ def _token_terms(logits, targets, kind: str):
     previous = jax.lax.stop_gradient(log_probs[:-1])
     kl = jnp.sum(jnp.exp(previous) * (previous - log_probs[1:]), axis=-1)
     return jnp.concatenate([nll[:1], nll[1:] + kl]), nll, correct
-  raise ValueError(f"config.train.exit_loss={kind!r}; allowed: lm, distill, lm_distill, "
-                   "lm_steady")
+  raise ValueError(f'config.train.exit_loss={kind!r}; allowed: {", ".join(KINDS)}')
 
 
 def multi_exit_loss(logits, targets, weights, kind: str = 'lm'):
@@ -83,8 +85,9 @@ def multi_exit_loss(logits, targets, weights, kind: str = 'lm'):
   exit (its cross entropy plus that KL): the exits learn the corpus and also to agree with
   full depth, which lets them leave earlier at the same agreement. kind 'lm_steady': every
   exit's cross entropy, plus for each exit after the first its KL(p_previous || p_exit) with
-  the previous exit's distribution held fixed: a step changes the prediction only where the
-  corpus asks it to, so a looped block settles instead of wandering through its deep steps.
+  the previous exit's distribution held fixed: it penalises changes from the previous exit
+  that the corpus does not pay for (aimed at looped blocks, whose deep steps otherwise keep
+  moving the prediction; the README, Depth-wise batching, has what it did).
   logits: [E, B, T, V]; targets: [B, T]; weights: [E].
   Returns (scalar loss, per-exit mean cross entropy [E] and accuracy [E]; both reported
   whatever the kind).
