@@ -81,17 +81,12 @@ def _token_figures(logits, targets, oracle):
 @jax.jit
 def _exit_figures(logits, targets):
   """logits [E, B, T, V], targets [B, T] -> (mean cross entropy [E], mean accuracy [E],
-  the last exit's argmax [B, T])."""
+  the last exit's argmax [B, T], whether each exit but the last agrees with it [E-1, B, T],
+  each one's max-prob [E-1, B, T]). Reduced here, so no batch's logits outlive its step."""
   nll, correct = losses.per_exit_token_losses(logits, targets)
-  return nll.mean(axis=(1, 2)), correct.mean(axis=(1, 2)), jnp.argmax(logits[-1], -1)
-
-
-@jax.jit
-def _agreement_features(logits):
-  """logits [E, B, T, V] -> (whether each exit but the last agrees with the last [E-1, B, T],
-  each one's max-prob [E-1, B, T])."""
   last = jnp.argmax(logits[-1], -1)
-  return jnp.argmax(logits[:-1], -1) == last[None], exits.max_prob(logits[:-1])
+  return (nll.mean(axis=(1, 2)), correct.mean(axis=(1, 2)), last,
+          jnp.argmax(logits[:-1], -1) == last[None], exits.max_prob(logits[:-1]))
 
 
 def sweep(cfg, params, batches, full_argmax, measure, thresholds, *, classifier=None,
@@ -174,14 +169,16 @@ def evaluate_run(config, workdir: str, *, measures=None, num_batches: int = 0) -
   batches = [b for _, b in zip(range(num_batches), make_eval_data())]
 
   train_fn = jax.jit(lambda p, t: model_lib.forward_train(cfg, p, t))
-  exit_nll, exit_correct, full_argmax, exit_logits = [], [], [], []
+  exit_nll, exit_correct, full_argmax, agreement_labels, max_probs = [], [], [], [], []
   for batch in batches:
     logits = train_fn(params, jnp.asarray(batch[:, :-1]))
-    nll, correct, last_argmax = _exit_figures(logits, jnp.asarray(batch[:, 1:]))
+    nll, correct, last_argmax, agrees, max_prob = _exit_figures(logits,
+                                                                jnp.asarray(batch[:, 1:]))
     exit_nll.append(np.asarray(nll))
     exit_correct.append(np.asarray(correct))
     full_argmax.append(last_argmax)
-    exit_logits.append(logits)
+    agreement_labels.append(np.asarray(agrees))
+    max_probs.append(np.asarray(max_prob))
   per_exit = metrics_lib.per_exit_records(cfg.exit_depths, np.mean(exit_nll, 0),
                                           np.mean(exit_correct, 0))
 
@@ -196,7 +193,7 @@ def evaluate_run(config, workdir: str, *, measures=None, num_batches: int = 0) -
   oracle = sweep(cfg, params, batches, full_argmax, 'oracle', [0.5],
                  adaptive_fn=adaptive_fn)[0]
 
-  auc = _agreement_auc(cfg, params, batches, exit_logits, classifier)
+  auc = _agreement_auc(cfg, params, batches, agreement_labels, max_probs, classifier)
   extra = {}
   if config.generate.threshold == 'calibrated':
     measure = config.generate.measure
@@ -232,18 +229,16 @@ def best_operating_points(curves: dict, min_agreement: float) -> dict:
   return best
 
 
-def _agreement_auc(cfg, params, batches, exit_logits, classifier) -> dict:
-  """AUC of max-prob (and the classifier) at predicting 'this exit agrees with the last'."""
+def _agreement_auc(cfg, params, batches, labels, max_probs, classifier) -> dict:
+  """AUC of max-prob (and the classifier) at predicting 'this exit agrees with the last'.
+  labels, max_probs: per batch, [num_exits - 1, B, T] (_exit_figures)."""
   num_checked = len(cfg.exit_depths) - 1
-  labels, max_probs, clf_scores = [], [], []  # each [num_checked, tokens] per batch
-  for batch, logits in zip(batches, exit_logits):
-    agrees, max_prob = _agreement_features(logits)
-    labels.append(np.asarray(agrees).reshape(num_checked, -1))
-    max_probs.append(np.asarray(max_prob).reshape(num_checked, -1))
-    if classifier is not None:
+  clf_scores = []  # [num_checked, tokens] per batch
+  if classifier is not None:
+    for batch in batches:
       clf_scores.append(np.asarray(classifier_lib.scores(
           cfg, params, classifier, jnp.asarray(batch[:, :-1]))).reshape(num_checked, -1))
-  join = lambda parts: np.concatenate(parts, axis=1)
+  join = lambda parts: np.concatenate([p.reshape(num_checked, -1) for p in parts], axis=1)
   labels, max_probs = join(labels), join(max_probs)
   # Pooled over exits, and per exit: within one exit the classifier's exit one-hot is
   # constant, so the per-exit AUCs show what it gains from the hidden state itself.
