@@ -161,8 +161,9 @@ def test_never_exit_equals_full_depth_greedy(case):
   model, _, engine = case
   cfg = model.model_config
   prompts, max_new = _requests(seed=1, count=8)
+  # Prompts prefilled only when a slot is free (the other tests prefill two ahead).
   out = serve(model, prompts, max_new_tokens=max_new, exit=exits.ExitPolicy(measure='never'),
-              engine=engine)
+              engine=engine, prefill_ahead_count=0)
   want = tiny_models.greedy_reference(cfg, model.params, prompts, max(max_new))
   for i, m in enumerate(max_new):
     assert out.tokens[i] == want[i, :m].tolist(), i
@@ -240,6 +241,7 @@ BAD_INPUTS = [
      r'prompts\[0\] has 17 tokens \(prefilled padded to 32\).*cache_len=20'),
     (dict(exit=exits.ExitPolicy(measure='oracle')), "measure='oracle'.*allowed"),
     (dict(chunk_ticks=0), 'chunk_ticks=0'),
+    (dict(prefill_ahead_count=-1), 'prefill_ahead_count=-1'),
 ]
 
 

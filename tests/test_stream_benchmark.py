@@ -36,3 +36,11 @@ def test_engine_benchmark_rows(tmp_path):
   # (a) pays for every row of a batch until its longest request ends; the engine for tokens.
   assert by_mode['static']['slot_utilisation'] < 1.0
   assert by_mode['engine']['theoretical_speedup'] > 1.0
+  # The time split of each engine row: every kind of call ran and was timed, and the timed
+  # calls fit in the pass's wall time (compiles, which the wall time leaves out, are not
+  # counted in them).
+  for row in (by_mode['engine'], by_mode['engine_exit']):
+    split = row['time_split']
+    assert all(split[f'{kind}_seconds'] > 0 for kind in ('prefill', 'insert', 'generate'))
+    assert split['host_seconds'] >= 0, split
+    assert split['ms_per_tick'] > 0

@@ -26,7 +26,6 @@ import math
 import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from adaptive_depth import exits
 from adaptive_depth import model as model_lib
@@ -165,7 +164,7 @@ def tick(cfg: model_lib.ModelConfig, params, state: RoutedDecodeState, threshold
          sampling, rng, finish_slots: int, every_recursion: bool = False) -> RoutedDecodeState:
   """One pass of the shared blocks over the slots that run a recursion, the routers'
   decisions, and the finishing work of up to finish_slots stopped slots."""
-  routing, num_layers = cfg.routing, cfg.num_layers
+  routing = cfg.routing
   live = state.live
   runs = live & ~state.finishing
   # No lax.cond around this or _finish below, although a tick may have nothing for one of

@@ -16,7 +16,7 @@ from adaptive_depth import cli
 from adaptive_depth import config_lib
 from adaptive_depth import saved_model
 from adaptive_depth.decode import api as decode_api
-from adaptive_depth.serving import api as serving_api
+from adaptive_depth.serving import continuous_batching
 from adaptive_depth.serving import engine as engine_lib
 
 
@@ -66,7 +66,7 @@ def read_requests(path: str, default_max_new: int) -> tuple[list[str], list[int]
 
 
 def serve_file(config, workdir: str, prompts_path: str, out_path: str,
-               progress: Callable[[str], None] = print) -> serving_api.ServeOutput:
+               progress: Callable[[str], None] = print) -> continuous_batching.ServeOutput:
   """Serves every request of `prompts_path` with the model in `workdir` through the engine
   (config.serve: slots, chunk_ticks, cache_len; config.generate: exit policy, KV policy,
   sampling, seed) and writes one JSON object per request to `out_path`, in file order:
@@ -94,7 +94,7 @@ def serve_file(config, workdir: str, prompts_path: str, out_path: str,
     last[0] = count
 
   try:
-    out = serving_api.serve(model, prompts, slots=s.slots, max_new_tokens=max_new, exit=policy,
+    out = continuous_batching.serve(model, prompts, slots=s.slots, max_new_tokens=max_new, exit=policy,
                             kv=g.kv, cache_len=s.cache_len or None, chunk_ticks=s.chunk_ticks,
                             sampling=sampling, seed=g.seed, classifier=classifier,
                             on_finished=finished, finish_slots=s.finish_slots)

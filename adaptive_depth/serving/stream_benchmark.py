@@ -29,9 +29,12 @@ live token: for (a)/(b) row-positions before each row's own end, for the engine 
 theoretical_speedup = decode FLOPs (a) spends / decode FLOPs of the row (for the engine:
 its tokens' own FLOPs at their depths, what a perfectly packed table would spend; for (b):
 every row of a batch at the deepest row's depth); realized_speedup = tokens/s over (a)'s.
+Engine rows also carry time_split: one more pass of the stream with every engine call waited
+for and timed (prefill, insert, generate, the host's own work; ms per tick).
 """
 from __future__ import annotations
 
+import collections
 import json
 import time
 from typing import Callable
@@ -52,6 +55,7 @@ from adaptive_depth.decode import api as decode_api
 from adaptive_depth.decode import generation
 from adaptive_depth.decode import sampling as sampling_lib
 from adaptive_depth.serving import api as serving_api
+from adaptive_depth.serving import continuous_batching
 
 NO_EOS = -1
 
@@ -112,6 +116,25 @@ def static_batches(cfg, params, prompts, max_new, slots: int, policy, classifier
     steps = max(max_new[i:i + rows])
     deepest.append(d[:, 1:steps].max(0))  # the batch computes every row to this depth
   return compile_seconds, seconds, tokens, depths, deepest
+
+
+def _time_split(model, prompts, max_new, policy, engine, chunk_ticks) -> dict:
+  """Where the engine's time goes: one more pass of the stream in which every engine call is
+  waited for and timed, and each prompt is prefilled only when its slot is free (timed
+  calls cannot overlap). Seconds in prefill, insert, generate (the device loops) and the
+  host's own work, and ms per tick of the device loops."""
+  engine.call_seconds = collections.Counter()
+  try:
+    out = continuous_batching.serve(model, prompts, max_new_tokens=max_new, exit=policy,
+                            engine=engine, chunk_ticks=chunk_ticks, prefill_ahead_count=0)
+    split = {f'{kind}_seconds': engine.call_seconds[kind]
+             for kind in ('prefill', 'insert', 'generate')}
+  finally:
+    engine.call_seconds = None
+  split.update(seconds=out.stats['seconds'],
+               host_seconds=out.stats['seconds'] - sum(split.values()),
+               ms_per_tick=1e3 * split['generate_seconds'] / max(out.stats['ticks'], 1))
+  return split
 
 
 def teacher_forced_choices(cfg, params, prompts, tokens, rows_per_call: int = 16):
@@ -246,13 +269,13 @@ def run_engine_benchmark(config, workdir: str, out_path: str,
     engine = serving_api.Engine(model, slots=slots, cache_len=cache_len, eos_id=NO_EOS,
                                 finish_slots=min(config.serve.finish_slots, slots),
                                 classifier=classifier)
-    kv_cost = serving_api.kv_cost(cfg)
+    kv_cost = continuous_batching.kv_cost(cfg)
     for threshold, policy in policies:
       compile_before = engine.compile_seconds
       # Warm-up: every program (a prefill per padded prompt length, insert, generate).
-      serving_api.serve(model, prompts[:slots * 2], max_new_tokens=max_new[:slots * 2],
+      continuous_batching.serve(model, prompts[:slots * 2], max_new_tokens=max_new[:slots * 2],
                         exit=policy, engine=engine)
-      runs = [serving_api.serve(model, prompts, max_new_tokens=max_new, exit=policy,
+      runs = [continuous_batching.serve(model, prompts, max_new_tokens=max_new, exit=policy,
                                 engine=engine, chunk_ticks=config.serve.chunk_ticks)
               for _ in range(b.repeats)]
       out = runs[-1]
@@ -264,6 +287,12 @@ def run_engine_benchmark(config, workdir: str, out_path: str,
              engine.compile_seconds - compile_before,
              flops,
              out.stats['slot_utilisation'], static_tokens)
+      split = rows[-1]['time_split'] = _time_split(model, prompts, max_new, policy, engine,
+                                                   config.serve.chunk_ticks)
+      progress(f'      each call waited for: {split["seconds"]:.2f} s = prefill '
+               f'{split["prefill_seconds"]:.2f} + insert {split["insert_seconds"]:.2f} + '
+               f'generate {split["generate_seconds"]:.2f} ({split["ms_per_tick"]:.3f} ms a '
+               f'tick) + host {split["host_seconds"]:.2f}')
   with open(out_path, 'w') as f:
     json.dump(rows, f, indent=1)
   plot_path = out_path.rsplit('.', 1)[0] + '.png'
