@@ -242,6 +242,7 @@ BAD_INPUTS = [
     (dict(exit=exits.ExitPolicy(measure='oracle')), "measure='oracle'.*allowed"),
     (dict(chunk_ticks=0), 'chunk_ticks=0'),
     (dict(prefill_ahead_count=-1), 'prefill_ahead_count=-1'),
+    (dict(prefill_ahead_count=True), 'prefill_ahead_count=True'),
 ]
 
 

@@ -44,3 +44,4 @@ def test_engine_benchmark_rows(tmp_path):
     assert all(split[f'{kind}_seconds'] > 0 for kind in ('prefill', 'insert', 'generate'))
     assert split['host_seconds'] >= 0, split
     assert split['ms_per_tick'] > 0
+    assert row['seconds_without_prefill_ahead'] > 0

@@ -67,8 +67,8 @@ class Engine:
     self.compile_seconds = 0.0
     self.compiles = 0  # programs this engine compiled (tests count them)
     # A collections.Counter to wait for every call and add up its seconds by kind
-    # ('prefill', 'insert', 'generate'): the stream benchmark's time split. None: calls are
-    # dispatched and not waited for.
+    # ('prefill', 'insert', 'generate'): the stream benchmark's time split, whose pass makes
+    # no two calls at once. None: calls are dispatched and not waited for.
     self.call_seconds = None
     self._programs = {}
     self._compiling = threading.Lock()
@@ -102,7 +102,9 @@ class Engine:
     place instead of copying the cache at every call)."""
     spec = lambda x: (tuple(getattr(x, 'shape', ())), str(getattr(x, 'dtype', type(x))))
     key = (name, jax.tree.structure(args), tuple(spec(x) for x in jax.tree.leaves(args)))
-    with self._compiling:  # serve's prefill thread compiles too
+    # serve's prefill thread may ask for a program too; a call from the other thread waits
+    # here while one compiles.
+    with self._compiling:
       if key not in self._programs:
         start = time.perf_counter()
         self._programs[key] = jax.jit(run, donate_argnums=donate).lower(*args).compile()
@@ -140,6 +142,16 @@ class Engine:
     """One prompt (token ids) at full depth, padded to a multiple of PROMPT_MULTIPLE. A
     Mixture-of-Recursions model routes the prompt as `exit` (default: the engine's policy)
     routes decoding: pass the policy its generate calls use."""
+    program, args = self._prefill_program(prompt_ids, exit)
+    return program(*args)
+
+  def compile_prefill(self, prompt_ids: Sequence[int],
+                      exit: Optional[exits.ExitPolicy] = None):
+    """Compiles (runs nothing) the prefill program of this prompt's padded length, if it is
+    not compiled yet."""
+    self._prefill_program(prompt_ids, exit)
+
+  def _prefill_program(self, prompt_ids, exit):
     # Pad tokens sit where the mask hides them until real tokens overwrite them.
     prompt, lengths = decode_lib.pad_prompts([list(prompt_ids)], pad_id=0,
                                              multiple=PROMPT_MULTIPLE)
@@ -154,11 +166,11 @@ class Engine:
           cfg, params, prompt, length, cache_len, threshold, every)
       args = (self.params, jnp.asarray(prompt[0]), jnp.asarray(lengths[0]),
               policy.threshold)
-      return self._compiled(('prefill', every), run, args)(*args)
+      return self._compiled(('prefill', every), run, args), args
     run = lambda params, prompt, length: engine_lib.prefill(cfg, params, prompt, length,
                                                             cache_len)
     args = (self.params, jnp.asarray(prompt[0]), jnp.asarray(lengths[0]))
-    return self._compiled('prefill', run, args)(*args)
+    return self._compiled('prefill', run, args), args
 
   def check_request(self, num_tokens: int, max_new_tokens: int, name: str = 'prompt'):
     """Raises ValueError unless a prompt of num_tokens ids and max_new_tokens new tokens

@@ -29,8 +29,10 @@ live token: for (a)/(b) row-positions before each row's own end, for the engine 
 theoretical_speedup = decode FLOPs (a) spends / decode FLOPs of the row (for the engine:
 its tokens' own FLOPs at their depths, what a perfectly packed table would spend; for (b):
 every row of a batch at the deepest row's depth); realized_speedup = tokens/s over (a)'s.
-Engine rows also carry time_split: one more pass of the stream with every engine call waited
-for and timed (prefill, insert, generate, the host's own work; ms per tick).
+Engine rows also carry seconds_without_prefill_ahead (the median of timed passes with
+prompts prefilled only when a slot is free, interleaved with the timed passes) and
+time_split: one more pass of the stream with every engine call waited for and timed
+(prefill, insert, generate, the host's own work; ms per tick).
 """
 from __future__ import annotations
 
@@ -118,19 +120,22 @@ def static_batches(cfg, params, prompts, max_new, slots: int, policy, classifier
   return compile_seconds, seconds, tokens, depths, deepest
 
 
-def _time_split(model, prompts, max_new, policy, engine, chunk_ticks) -> dict:
+def _time_split(model, prompts, max_new, policy, engine, chunk_ticks, tokens) -> dict:
   """Where the engine's time goes: one more pass of the stream in which every engine call is
   waited for and timed, and each prompt is prefilled only when its slot is free (timed
   calls cannot overlap). Seconds in prefill, insert, generate (the device loops) and the
-  host's own work, and ms per tick of the device loops."""
+  host's own work, and ms per tick of the device loops. tokens: what the timed passes
+  decoded (this pass must decode the same)."""
   engine.call_seconds = collections.Counter()
   try:
     out = continuous_batching.serve(model, prompts, max_new_tokens=max_new, exit=policy,
-                            engine=engine, chunk_ticks=chunk_ticks, prefill_ahead_count=0)
+                                    engine=engine, chunk_ticks=chunk_ticks,
+                                    prefill_ahead_count=0)
     split = {f'{kind}_seconds': engine.call_seconds[kind]
              for kind in ('prefill', 'insert', 'generate')}
   finally:
     engine.call_seconds = None
+  assert out.tokens == tokens, 'the time-split pass decoded other tokens'
   split.update(seconds=out.stats['seconds'],
                host_seconds=out.stats['seconds'] - sum(split.values()),
                ms_per_tick=1e3 * split['generate_seconds'] / max(out.stats['ticks'], 1))
@@ -272,14 +277,23 @@ def run_engine_benchmark(config, workdir: str, out_path: str,
     kv_cost = continuous_batching.kv_cost(cfg)
     for threshold, policy in policies:
       compile_before = engine.compile_seconds
-      # Warm-up: every program (a prefill per padded prompt length, insert, generate).
+      # Warm-up: insert, generate and the prefills of the first prompts (serve compiles the
+      # other prefill lengths it needs before its clock starts).
       continuous_batching.serve(model, prompts[:slots * 2], max_new_tokens=max_new[:slots * 2],
-                        exit=policy, engine=engine)
-      runs = [continuous_batching.serve(model, prompts, max_new_tokens=max_new, exit=policy,
-                                engine=engine, chunk_ticks=config.serve.chunk_ticks)
-              for _ in range(b.repeats)]
+                                exit=policy, engine=engine)
+
+      def stream(**options):
+        return continuous_batching.serve(model, prompts, max_new_tokens=max_new, exit=policy,
+                                         engine=engine, chunk_ticks=config.serve.chunk_ticks,
+                                         **options)
+
+      # Interleaved: as serve runs by default (prompts prefilled ahead on their own thread)
+      # and with prefills only when a slot is free, for the ratio of the two.
+      pairs = [(stream(), stream(prefill_ahead_count=0)) for _ in range(b.repeats)]
+      runs = [default for default, _ in pairs]
       out = runs[-1]
-      assert all(r.tokens == out.tokens for r in runs), 'a repeat decoded other tokens'
+      assert all(r.tokens == out.tokens for pair in pairs for r in pair), (
+          'a repeat decoded other tokens')
       decoded = np.concatenate([np.asarray(d[1:], int) for d in out.exit_depths])
       flops = token_flops(decoded, policy, kv_cost).sum()
       record('engine' if threshold is None else 'engine_exit', slots, threshold, out.tokens,
@@ -287,9 +301,13 @@ def run_engine_benchmark(config, workdir: str, out_path: str,
              engine.compile_seconds - compile_before,
              flops,
              out.stats['slot_utilisation'], static_tokens)
+      rows[-1]['seconds_without_prefill_ahead'] = float(
+          np.median([without.stats['seconds'] for _, without in pairs]))
       split = rows[-1]['time_split'] = _time_split(model, prompts, max_new, policy, engine,
-                                                   config.serve.chunk_ticks)
-      progress(f'      each call waited for: {split["seconds"]:.2f} s = prefill '
+                                                   config.serve.chunk_ticks, out.tokens)
+      progress(f'      {rows[-1]["seconds"]:.2f} s, without prefills ahead '
+               f'{rows[-1]["seconds_without_prefill_ahead"]:.2f} s; each call waited for: '
+               f'{split["seconds"]:.2f} s = prefill '
                f'{split["prefill_seconds"]:.2f} + insert {split["insert_seconds"]:.2f} + '
                f'generate {split["generate_seconds"]:.2f} ({split["ms_per_tick"]:.3f} ms a '
                f'tick) + host {split["host_seconds"]:.2f}')
