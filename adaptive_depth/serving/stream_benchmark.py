@@ -124,7 +124,7 @@ def _time_split(model, prompts, max_new, policy, engine, chunk_ticks, tokens) ->
   """Where the engine's time goes: one more pass of the stream in which every engine call is
   waited for and timed, and each prompt is prefilled only when its slot is free (timed
   calls cannot overlap). Seconds in prefill, insert, generate (the device loops) and the
-  host's own work, and ms per tick of the device loops. tokens: what the timed passes
+  host's own work, ticks, and ms per tick of the device loops. tokens: what the timed passes
   decoded (this pass must decode the same)."""
   engine.call_seconds = collections.Counter()
   try:
@@ -138,6 +138,7 @@ def _time_split(model, prompts, max_new, policy, engine, chunk_ticks, tokens) ->
   assert out.tokens == tokens, 'the time-split pass decoded other tokens'
   split.update(seconds=out.stats['seconds'],
                host_seconds=out.stats['seconds'] - sum(split.values()),
+               ticks=out.stats['ticks'],
                ms_per_tick=1e3 * split['generate_seconds'] / max(out.stats['ticks'], 1))
   return split
 
