@@ -59,6 +59,7 @@ class Engine:
     self.policy = self._checked_policy(exit)
     self.sampling = self._checked_sampling(sampling)
     self.seed = seed  # made into a key at first use: nothing runs on device before a request
+    self._rng_of_seed = None  # (seed, its key)
     self.eos_id = model.tokenizer.eos_id if eos_id is None else eos_id
     if (not isinstance(self.eos_id, (int, np.integer)) or isinstance(self.eos_id, bool)
         or not -1 <= self.eos_id < cfg.vocab_size):
@@ -88,7 +89,11 @@ class Engine:
 
   @property
   def rng(self):
-    return jax.random.key(self.seed)
+    # Made once per seed value: a key is a small program run on device, a cost at every
+    # insert and generate call otherwise.
+    if self._rng_of_seed is None or self._rng_of_seed[0] != self.seed:
+      self._rng_of_seed = (self.seed, jax.random.key(self.seed))
+    return self._rng_of_seed[1]
 
   @staticmethod
   def _checked_sampling(sampling):
@@ -100,7 +105,9 @@ class Engine:
     """The program for `run` at these argument shapes, compiled on first use. `donate`:
     argument numbers whose buffers the program may reuse (the decode state: updating it in
     place instead of copying the cache at every call)."""
-    spec = lambda x: (tuple(getattr(x, 'shape', ())), str(getattr(x, 'dtype', type(x))))
+    # Dtype objects, not their names: naming every leaf's dtype took a quarter of a generate
+    # call's host time.
+    spec = lambda x: (tuple(getattr(x, 'shape', ())), getattr(x, 'dtype', type(x)))
     key = (name, jax.tree.structure(args), tuple(spec(x) for x in jax.tree.leaves(args)))
     # serve's prefill thread may ask for a program too; a call from the other thread waits
     # here while one compiles.
