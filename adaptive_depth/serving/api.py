@@ -37,8 +37,9 @@ class Engine:
   sampling: Greedy() (default) or Sampling(temperature, top_k, top_p), traced too; seed: the
   base of every request's random key (a request's tokens depend only on its id, the seed
   and the model, not on the slot it gets); an attribute, read at every insert and generate
-  as a traced key, so setting engine.seed compiles nothing. eos_id: the token that ends a request (default:
-  the tokenizer's; -1: none, every request runs to its max_new_tokens). classifier: the
+  as a traced key, so setting engine.seed compiles nothing. eos_id: the token that ends a
+  request (default: the tokenizer's; -1: none, every request runs to its max_new_tokens).
+  classifier: the
   exit classifier's parameters (train/classifier.require_classifier reads the ones
   configs/exit_classifier.py saved), needed by measure 'classifier' and by no other.
   """

@@ -14,8 +14,9 @@ would no longer serve all slots. A single-block model (B = 1) checks after every
 
 A slot that exits emits its token (greedy or sampled from its exit head's logits), writes
 the K/V of the steps it skipped from its frozen state (KV policy 'propagate', as
-adaptive_decode.decode_step does) and starts its request's next token at step 0. A request that reaches EOS or its max_new_tokens is done and
-its slot stops (the host refills it: continuous batching).
+adaptive_decode.decode_step does) and starts its request's next token at step 0. A request
+that reaches EOS or its max_new_tokens is done and its slot stops (the host refills it:
+continuous batching).
 
 The interface has the shape of JetStream's engine API: `prefill` a prompt into a Prefix,
 `insert` a prefix into a slot of the DecodeState, `generate` advances the DecodeState by a
