@@ -150,6 +150,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.serve.slots = 16              # requests decoded at once, each at its own depth
   c.serve.chunk_ticks = 16        # engine ticks per device loop between host refills
   c.serve.cache_len = 0           # positions per slot; 0 = fit the longest request
+  c.serve.prefill_ahead_count = 2  # prompts prefilled beside the ticks, ahead of free slots
   c.serve.finish_slots = 0        # MoR: slots that may finish a token per tick (0 = 1.5 x
                                   # slots / the mean recursions of the training capacities)
 

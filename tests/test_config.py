@@ -123,6 +123,7 @@ BAD_VALUES = [
     ({'benchmark.speculative': '4x2'}, 'config.benchmark.speculative', '1..3'),
     ({'benchmark.measure': 'never'}, 'config.benchmark.measure', 'never'),
     ({'benchmark.repeats': 0}, 'config.benchmark.repeats', '0'),
+    ({'serve.prefill_ahead_count': -1}, 'config.serve.prefill_ahead_count', '-1'),
     ({'generate.max_new_tokens': 0}, 'config.generate.max_new_tokens', '0'),
     ({'generate.top_p': 0.0}, 'config.generate.top_p', '0 < top_p <= 1'),
     ({'generate.temperature': -1.0}, 'config.generate.temperature', '-1'),

@@ -98,7 +98,7 @@ def serve_file(config, workdir: str, prompts_path: str, out_path: str,
         model, prompts, slots=s.slots, max_new_tokens=max_new, exit=policy, kv=g.kv,
         cache_len=s.cache_len or None, chunk_ticks=s.chunk_ticks, sampling=sampling,
         seed=g.seed, classifier=classifier, on_finished=finished,
-        finish_slots=s.finish_slots)
+        finish_slots=s.finish_slots, prefill_ahead_count=s.prefill_ahead_count)
   finally:
     bar.close()
   with open(out_path, 'w', encoding='utf-8') as f:

@@ -288,9 +288,10 @@ def run_engine_benchmark(config, workdir: str, out_path: str,
                                          engine=engine, chunk_ticks=config.serve.chunk_ticks,
                                          **options)
 
-      # Interleaved: as serve runs by default (prompts prefilled ahead on their own thread)
-      # and with prefills only when a slot is free, for the ratio of the two.
-      pairs = [(stream(), stream(prefill_ahead_count=0)) for _ in range(b.repeats)]
+      # Interleaved: as config.serve says (by default prompts prefilled ahead on their own
+      # thread) and with prefills only when a slot is free, for the ratio of the two.
+      pairs = [(stream(prefill_ahead_count=config.serve.prefill_ahead_count),
+                stream(prefill_ahead_count=0)) for _ in range(b.repeats)]
       runs = [default for default, _ in pairs]
       out = runs[-1]
       assert all(r.tokens == out.tokens for pair in pairs for r in pair), (
