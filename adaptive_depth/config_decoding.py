@@ -171,7 +171,7 @@ def serve_problems(s) -> list[str]:
   if s.cache_len < 0:
     p.append(f'config.serve.cache_len={s.cache_len}: must be >= 0 (0 = fit the longest '
              'request)')
-  if s.prefill_ahead_count < 0:
+  if isinstance(s.prefill_ahead_count, bool) or s.prefill_ahead_count < 0:
     p.append(f'config.serve.prefill_ahead_count={s.prefill_ahead_count}: must be >= 0 (0 = '
              'prefill a prompt only when its slot is free)')
   if not 0 <= s.finish_slots <= s.slots:

@@ -124,6 +124,7 @@ BAD_VALUES = [
     ({'benchmark.measure': 'never'}, 'config.benchmark.measure', 'never'),
     ({'benchmark.repeats': 0}, 'config.benchmark.repeats', '0'),
     ({'serve.prefill_ahead_count': -1}, 'config.serve.prefill_ahead_count', '-1'),
+    ({'serve.prefill_ahead_count': True}, 'config.serve.prefill_ahead_count', 'True'),
     ({'generate.max_new_tokens': 0}, 'config.generate.max_new_tokens', '0'),
     ({'generate.top_p': 0.0}, 'config.generate.top_p', '0 < top_p <= 1'),
     ({'generate.temperature': -1.0}, 'config.generate.temperature', '-1'),

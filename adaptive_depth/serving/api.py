@@ -39,9 +39,8 @@ class Engine:
   and the model, not on the slot it gets); an attribute, read at every insert and generate
   as a traced key, so setting engine.seed compiles nothing. eos_id: the token that ends a
   request (default: the tokenizer's; -1: none, every request runs to its max_new_tokens).
-  classifier: the
-  exit classifier's parameters (train/classifier.require_classifier reads the ones
-  configs/exit_classifier.py saved), needed by measure 'classifier' and by no other.
+  classifier: the exit classifier's parameters (train/classifier.require_classifier reads
+  the ones configs/exit_classifier.py saved), needed by measure 'classifier' and by no other.
   """
 
   def __init__(self, model: saved_model.LoadedModel, *, slots: int, cache_len: int,

@@ -303,6 +303,7 @@ def run_engine_benchmark(config, workdir: str, out_path: str,
              engine.compile_seconds - compile_before,
              flops,
              out.stats['slot_utilisation'], static_tokens)
+      rows[-1]['prefill_ahead_count'] = config.serve.prefill_ahead_count
       rows[-1]['seconds_without_prefill_ahead'] = float(
           np.median([without.stats['seconds'] for _, without in pairs]))
       split = rows[-1]['time_split'] = _time_split(model, prompts, max_new, policy, engine,
