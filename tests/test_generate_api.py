@@ -148,6 +148,12 @@ def test_sampling_knobs_out_of_range_are_refused(model, sampling, shown):
     ad.generate(model, TEXTS, max_new_tokens=MAX_NEW, sampling=sampling)
 
 
+@pytest.mark.parametrize('seed', [-1, 1.5, True, 2**63])
+def test_bad_seed_is_refused(model, seed):
+  with pytest.raises(ValueError, match=rf'seed={seed!r}: must be an int in 0\.\.2\*\*63-1'):
+    ad.generate(model, TEXTS, max_new_tokens=MAX_NEW, seed=seed)
+
+
 def test_speculative_takes_any_pair_of_ints(model):
   want = ad.generate(model, TEXTS, max_new_tokens=MAX_NEW, speculative=(2, 3)).tokens
   assert ad.generate(model, TEXTS, max_new_tokens=MAX_NEW, speculative=[2, 3]).tokens == want

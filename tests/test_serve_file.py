@@ -9,6 +9,7 @@ import pytest
 import adaptive_depth as ad
 from adaptive_depth import cli
 from adaptive_depth import exits
+from adaptive_depth.serving import continuous_batching
 from adaptive_depth.serving import requests_file
 from tests import tiny_models
 
@@ -52,6 +53,28 @@ def test_jsonl_requests_come_back_in_order_as_decoded_alone(workdir, tmp_path):
     assert result['tokens'] == alone.tokens[0][:n]
     assert result['exit_depths'] == alone.exit_depths[0][:n]
     assert result['text'] == model.tokenizer.decode(alone.tokens[0][:n])
+
+
+def test_config_serve_and_seed_reach_the_engine(workdir, tmp_path, monkeypatch):
+  """Every config.serve key, and config.generate.seed, is what serve is called with."""
+  called = []
+  real_serve = continuous_batching.serve
+
+  def recording_serve(*args, **kwargs):
+    called.append(kwargs)
+    return real_serve(*args, **kwargs)
+
+  monkeypatch.setattr(continuous_batching, 'serve', recording_serve)
+  (tmp_path / 'in.txt').write_text('To be\nA horse!\nO\n')
+  config = _config(max_new_tokens=3, seed=7)
+  config.serve.update(prefill_ahead_count=1, cache_len=32, finish_slots=1)
+  requests_file.serve_file(config, workdir, str(tmp_path / 'in.txt'),
+                           str(tmp_path / 'out.jsonl'), progress=lambda _: None)
+  [kwargs] = called
+  assert {key: kwargs[key] for key in ('slots', 'chunk_ticks', 'prefill_ahead_count',
+                                       'cache_len', 'finish_slots', 'seed')} == dict(
+      slots=2, chunk_ticks=4, prefill_ahead_count=1, cache_len=32, finish_slots=1, seed=7)
+  assert len((tmp_path / 'out.jsonl').read_text().splitlines()) == 3
 
 
 def test_text_file_has_one_prompt_per_line(tmp_path):

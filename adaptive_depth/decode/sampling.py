@@ -46,6 +46,14 @@ def check_sampling(sampling) -> None:
       raise ValueError(f'Sampling.{name}={value!r}: must be {allowed}')
 
 
+def check_seed(seed, name: str = 'seed') -> None:
+  """Raises ValueError naming the argument unless seed is an int in 0..2**63-1 (a bool or a
+  float would otherwise fail inside jax.random.key, or be taken as 0 or 1)."""
+  if (not isinstance(seed, (int, np.integer)) or isinstance(seed, (bool, np.bool_))
+      or not 0 <= seed < 2**63):
+    raise ValueError(f'{name}={seed!r}: must be an int in 0..2**63-1')
+
+
 def next_token(logits, sampling, rng):
   """logits: [B, V] float32 -> [B] int32."""
   if isinstance(sampling, Greedy):

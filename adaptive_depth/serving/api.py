@@ -58,8 +58,8 @@ class Engine:
     self.classifier = classifier
     self.policy = self._checked_policy(exit)
     self.sampling = self._checked_sampling(sampling)
-    self.seed = seed  # made into a key at first use: nothing runs on device before a request
     self._rng_of_seed = None  # (seed, its key)
+    self.seed = seed  # made into a key at first use: nothing runs on device before a request
     self.eos_id = model.tokenizer.eos_id if eos_id is None else eos_id
     if (not isinstance(self.eos_id, (int, np.integer)) or isinstance(self.eos_id, bool)
         or not -1 <= self.eos_id < cfg.vocab_size):
@@ -86,6 +86,18 @@ class Engine:
     """The decode layout of the model's parameters (made at first use: slicing the blocks
     runs on device, and a request refused up front should run nothing)."""
     return self.model.decode_params
+
+  @property
+  def seed(self) -> int:
+    return self._seed
+
+  @seed.setter
+  def seed(self, seed):  # checked when set, so a bad value is refused before any call
+    try:
+      sampling_lib.check_seed(seed)
+    except ValueError as error:
+      raise cli.UserError(str(error)) from None
+    self._seed = seed
 
   @property
   def rng(self):

@@ -289,9 +289,11 @@ def run_engine_benchmark(config, workdir: str, out_path: str,
                                          **options)
 
       # Interleaved: as config.serve says (by default prompts prefilled ahead on their own
-      # thread) and with prefills only when a slot is free, for the ratio of the two.
-      pairs = [(stream(prefill_ahead_count=config.serve.prefill_ahead_count),
-                stream(prefill_ahead_count=0)) for _ in range(b.repeats)]
+      # thread) and with prefills only when a slot is free, for the ratio of the two (the
+      # same passes when config.serve says 0).
+      ahead = config.serve.prefill_ahead_count
+      pairs = [(run, run if ahead == 0 else stream(prefill_ahead_count=0))
+               for run in (stream(prefill_ahead_count=ahead) for _ in range(b.repeats))]
       runs = [default for default, _ in pairs]
       out = runs[-1]
       assert all(r.tokens == out.tokens for pair in pairs for r in pair), (
@@ -303,7 +305,7 @@ def run_engine_benchmark(config, workdir: str, out_path: str,
              engine.compile_seconds - compile_before,
              flops,
              out.stats['slot_utilisation'], static_tokens)
-      rows[-1]['prefill_ahead_count'] = config.serve.prefill_ahead_count
+      rows[-1]['prefill_ahead_count'] = ahead
       rows[-1]['seconds_without_prefill_ahead'] = float(
           np.median([without.stats['seconds'] for _, without in pairs]))
       split = rows[-1]['time_split'] = _time_split(model, prompts, max_new, policy, engine,
