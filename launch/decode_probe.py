@@ -2,7 +2,8 @@ r"""Decode scaling probe: python launch/decode_probe.py --config=configs/deep_ex
 
 Full-depth decode time per token at each --batches with a short and a long cache
 (--new_tokens after --prompt_len-token prompts), and tokens/s at batch B over batch 1 next
-to a bare chain of the model's matmuls (adaptive_depth/decode/scaling_probe.py), at each
+to two bare chains of matmuls: the MLP's two shapes, and every product of a decode step in
+the model's shapes (adaptive_depth/decode/scaling_probe.py), at each
 step of cache read lengths in --read_chunks (e.g. --read_chunks=64,0 times the default
 against reading the whole cache layer every step). Random parameters: no trained model
 needed.

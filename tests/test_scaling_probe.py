@@ -1,9 +1,11 @@
 """launch/decode_probe.py (decode.scaling_probe): bad settings are refused before anything
-compiles. (Its measurements are figures, quoted from real runs in the README, not tested.)"""
+compiles, and the block chain holds every product of a decode step. (Its measurements are
+figures, quoted from real runs in the README, not tested.)"""
 import pytest
 
 import adaptive_depth as ad
 from adaptive_depth import config_lib
+from adaptive_depth import model as model_lib
 from adaptive_depth.decode import scaling_probe
 
 
@@ -33,3 +35,17 @@ def test_probe_refuses_bad_read_chunks(tmp_path):
   config = ad.load_config('configs/quickstart.py:tiny')
   with pytest.raises(config_lib.ConfigError, match=r'--read_chunks=\[64, 64\]: distinct'):
     scaling_probe.run_probe(config, str(tmp_path / 'p.json'), read_chunks=(64, 64))
+
+
+def test_block_chain_makes_every_product_of_a_decode_step():
+  """The block chain's compiled program multiplies by every weight once per token (XLA's
+  count of a loop body's FLOPs): no product was left out as unused."""
+  cfg = model_lib.ModelConfig.from_config(ad.load_config('configs/quickstart.py:tiny').model)
+  compiled, _ = scaling_probe.block_chain_program(cfg, batch=2, steps=3)
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, list) else cost  # a list in older jax
+  heads, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+  per_layer = (cfg.width * heads + 2 * cfg.width * kv + heads * cfg.width
+               + 3 * cfg.width * cfg.mlp_dim)
+  weights = cfg.num_layers * per_layer + cfg.width * cfg.vocab_size
+  assert 1.0 <= cost['flops'] / (2 * 2 * weights) < 1.1

@@ -4,10 +4,13 @@ Questions about the decode step itself, with nothing adaptive in the way:
   cache cost     at each batch, the time per new token with a short cache (prompt +
                  short_new positions) and a long one (prompt + long_new): reading more
                  cached K/V costs a little; copying the cache per step would cost a lot.
-  batch scaling  tokens/s at batch B over batch 1, next to the same ratio for a bare chain
-                 of the model's matrix products (per layer x @ W_in [D, F] then @ W_out
-                 [F, D], F = mlp_dim, num_layers of them) run the same number of steps in a
+  batch scaling  tokens/s at batch B over batch 1, next to the same ratio for two bare
+                 chains of matrix products run the same number of steps in a
                  lax.fori_loop: what the hardware gives for free at that batch.
+                 'matmul chain': per layer x @ W_in [D, F] then @ W_out [F, D], F = mlp_dim;
+                 'block chain': every product a decode step makes, in the model's shapes
+                 (per layer q, k, v, output, gate, up and down projections; then the
+                 output head), which the decode cannot scale better than.
 
   read steps     the same decode at each step of cache read lengths in read_chunks (a
                  layer is read as far as the step's queries reach, in multiples of that
@@ -76,6 +79,34 @@ def matmul_chain_program(cfg, batch: int, steps: int):
   return jax.jit(run).lower(weights, x).compile(), (weights, x)
 
 
+def block_chain_program(cfg, batch: int, steps: int):
+  """(compiled, args) of `steps` passes of every matrix product of a full-depth decode step
+  (each layer's q, k, v, output, gate, up and down projections, then the output head), in
+  the model's shapes, each weight its own buffer, with nothing else between them."""
+  rng = np.random.default_rng(0)
+  d, f = cfg.width, cfg.mlp_dim
+  heads, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+  shapes = dict(q=(d, heads), k=(d, kv), v=(d, kv), out=(heads, d), gate=(d, f), up=(d, f),
+                down=(f, d))
+  weight = lambda shape: jnp.asarray(rng.normal(0, 0.02, shape), jnp.float32)
+  layers = [{name: weight(shape) for name, shape in shapes.items()}
+            for _ in range(cfg.num_layers)]
+  head = weight((d, cfg.vocab_size))
+
+  def run(layers, head, x):
+    def one_token(_, x):
+      for w in layers:
+        # k and v feed a mean, so that their products stay in the program.
+        kv_mean = jnp.mean(x @ w['k'] + x @ w['v'], axis=-1, keepdims=True)
+        x = x + jnp.tanh(x @ w['q']) @ w['out'] + kv_mean
+        x = x + (jnp.tanh(x @ w['gate']) * (x @ w['up'])) @ w['down']
+      return jnp.tanh(x + jnp.mean(x @ head, axis=-1, keepdims=True))
+    return jax.lax.fori_loop(0, steps, one_token, x)
+
+  x = jnp.ones((batch, d), jnp.float32)
+  return jax.jit(run).lower(layers, head, x).compile(), (layers, head, x)
+
+
 def run_probe(config, out_path: str, *, batches: Sequence[int] = (1, 8),
               new_tokens: Sequence[int] = (32, 256), prompt_len: int = 32, repeats: int = 5,
               read_chunks: Sequence[int] = (kv_cache.READ_CHUNK,),
@@ -116,10 +147,12 @@ def run_probe(config, out_path: str, *, batches: Sequence[int] = (1, 8),
         if n == long:  # the long cache's program has the most read lengths
           compile_seconds[(chunk, batch)] = time.perf_counter() - start
     programs[('chain', batch)] = matmul_chain_program(cfg, batch, short)
+    programs[('block_chain', batch)] = block_chain_program(cfg, batch, short)
   times = {key: np.asarray(t) for key, t in timing.interleaved_seconds(programs, repeats).items()}
   step = lambda chunk, batch, n: ((times[('decode', chunk, batch, n)]
                                    - times[('decode', chunk, batch, 1)]) / (n - 1))
   chain_tps = {b: b * short / times[('chain', b)] for b in batches}  # per round
+  block_chain_tps = {b: b * short / times[('block_chain', b)] for b in batches}
   median = lambda x: float(np.median(x))
   reads = lambda chunk: f'read in steps of {chunk}' if chunk else 'read whole'
   rows = []
@@ -138,7 +171,9 @@ def run_probe(config, out_path: str, *, batches: Sequence[int] = (1, 8),
              'decode_tokens_per_second': median(decode_tps[batch]),
              'matmul_chain_tokens_per_second': median(chain_tps[batch]),
              'decode_batch_ratio': median(decode_tps[batch] / decode_tps[1]),
-             'matmul_chain_batch_ratio': median(chain_tps[batch] / chain_tps[1])}
+             'matmul_chain_batch_ratio': median(chain_tps[batch] / chain_tps[1]),
+             'block_chain_tokens_per_second': median(block_chain_tps[batch]),
+             'block_chain_batch_ratio': median(block_chain_tps[batch] / block_chain_tps[1])}
       if chunk != read_chunks[0]:  # against the first setting, round by round
         row[f'step_over_read_chunk_{read_chunks[0]}'] = {
             n: median(step(chunk, batch, n) / step(read_chunks[0], batch, n))
@@ -148,12 +183,14 @@ def run_probe(config, out_path: str, *, batches: Sequence[int] = (1, 8),
           f'{row[f"decode_ms_per_step_{n}_new"]:.1f} ms/step with {prompt_len + n + 1} cached '
           'positions' for n in (short, long)) + f' ({100 * row["cache_length_cost"]:+.0f}%), '
           f'compiled in {row["compile_seconds_long"]:.1f} s; matmul chain '
-          f'{row["matmul_chain_tokens_per_second"]:.0f} tok/s')
+          f'{row["matmul_chain_tokens_per_second"]:.0f} tok/s, block chain '
+          f'{row["block_chain_tokens_per_second"]:.0f} tok/s')
   for row in rows:
     if row['batch'] != 1:
       progress(f'  batch {row["batch"]} over batch 1, tokens/s, cache {reads(row["read_chunk"])}: '
                f'decode {row["decode_batch_ratio"]:.2f}x, bare matmul chain '
-               f'{row["matmul_chain_batch_ratio"]:.2f}x')
+               f'{row["matmul_chain_batch_ratio"]:.2f}x, block chain '
+               f'{row["block_chain_batch_ratio"]:.2f}x')
   for row in rows:
     if row['read_chunk'] != read_chunks[0]:
       ratios = row[f'step_over_read_chunk_{read_chunks[0]}']
