@@ -62,8 +62,8 @@ def generate_problems(g) -> list[str]:
     p.append(f'config.generate.measure={g.measure!r}; allowed: {", ".join(allowed)}')
   if g.schedule not in exits.SCHEDULES:
     p.append(f'config.generate.schedule={g.schedule!r}; allowed: {", ".join(exits.SCHEDULES)}')
-  if isinstance(g.seed, bool) or g.seed < 0:
-    p.append(f'config.generate.seed={g.seed}: must be an int >= 0')
+  if isinstance(g.seed, bool) or not 0 <= g.seed < 2**63:
+    p.append(f'config.generate.seed={g.seed}: must be an int in 0..2**63-1')
   threshold = g.threshold
   if not (threshold == 'calibrated' or isinstance(threshold, (int, float)) and
           not isinstance(threshold, bool)):
@@ -138,8 +138,8 @@ def benchmark_problems(b, num_layers: int) -> list[str]:
     p.append(f'config.benchmark.measure={b.measure!r}; allowed: softmax_diff, '
              'softmax_diff_approx, max_prob, neg_entropy, saturation, classifier (the exit '
              'classifier trained in the workdir)')
-  if isinstance(b.seed, bool) or b.seed < 0:
-    p.append(f'config.benchmark.seed={b.seed}: must be an int >= 0')
+  if isinstance(b.seed, bool) or not 0 <= b.seed < 2**63:
+    p.append(f'config.benchmark.seed={b.seed}: must be an int in 0..2**63-1')
   for key in ('prompt_len', 'max_new_tokens', 'repeats', 'queue_capacity', 'num_requests'):
     if b[key] < 1:
       p.append(f'config.benchmark.{key}={b[key]}: must be >= 1')
@@ -169,24 +169,15 @@ def parse_range(text: str, key: str) -> tuple[int, int]:
   return values[0], values[1]
 
 
-def serve_problems(s, benchmark) -> list[str]:
-  """config.serve's problems; the engine benchmark serves its stream with
-  config.serve.prefill_ahead_count at each of config.benchmark.slots."""
+def serve_problems(s) -> list[str]:
   p = [f'config.serve.{key}={s[key]}: must be >= 1' for key in ('slots', 'chunk_ticks')
        if s[key] < 1]
   if s.cache_len < 0:
     p.append(f'config.serve.cache_len={s.cache_len}: must be >= 0 (0 = fit the longest '
              'request)')
-  if isinstance(s.prefill_ahead_count, bool) or not 0 <= s.prefill_ahead_count <= s.slots:
-    p.append(f'config.serve.prefill_ahead_count={s.prefill_ahead_count}: allowed 0 (prefill '
-             f'a prompt only when its slot is free) to config.serve.slots={s.slots}')
-  try:
-    fewest = min(parse_list(benchmark.slots, int, 'config.benchmark.slots'))
-  except ValueError:  # an unreadable or empty list: benchmark_problems reports it
-    fewest = None
-  if benchmark.mode == 'engine' and fewest is not None and s.prefill_ahead_count > fewest:
-    p.append(f'config.serve.prefill_ahead_count={s.prefill_ahead_count}: the engine benchmark '
-             f'allows 0 to its fewest slots (config.benchmark.slots={benchmark.slots!r})')
+  if isinstance(s.prefill_ahead_count, bool) or s.prefill_ahead_count < 0:
+    p.append(f'config.serve.prefill_ahead_count={s.prefill_ahead_count}: must be >= 0 (0 = '
+             'prefill a prompt only when its slot is free)')
   if not 0 <= s.finish_slots <= s.slots:
     p.append(f'config.serve.finish_slots={s.finish_slots}: allowed 0 (automatic) to '
              f'config.serve.slots={s.slots}')

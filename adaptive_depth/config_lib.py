@@ -334,7 +334,7 @@ def _value_problems(c) -> list[str]:
   if c.eval.every_steps < 0 or c.eval.num_batches < 0:
     p.append('config.eval.every_steps and config.eval.num_batches must be >= 0 (0 = default)')
   p.extend(config_decoding.generate_problems(c.generate))
-  p.extend(config_decoding.serve_problems(c.serve, c.benchmark))
+  p.extend(config_decoding.serve_problems(c.serve))
   p.extend(config_decoding.calibrate_problems(c.calibrate))
   p.extend(config_decoding.benchmark_problems(c.benchmark, m.num_layers))
   for axis in ('data', 'fsdp', 'tensor'):

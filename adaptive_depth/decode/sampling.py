@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from adaptive_depth import cli
+
 
 @flax.struct.dataclass
 class Greedy:
@@ -51,7 +53,7 @@ def check_seed(seed, name: str = 'seed') -> None:
   float would otherwise fail inside jax.random.key, or be taken as 0 or 1)."""
   if (not isinstance(seed, (int, np.integer)) or isinstance(seed, (bool, np.bool_))
       or not 0 <= seed < 2**63):
-    raise ValueError(f'{name}={seed!r}: must be an int in 0..2**63-1')
+    raise cli.UserError(f'{name}={seed!r}: must be an int in 0..2**63-1')
 
 
 def next_token(logits, sampling, rng):

@@ -8,9 +8,9 @@ Questions about the decode step itself, with nothing adaptive in the way:
                  chains of matrix products run the same number of steps in a
                  lax.fori_loop: what the hardware gives for free at that batch.
                  'matmul chain': per layer x @ W_in [D, F] then @ W_out [F, D], F = mlp_dim;
-                 'block chain': every product a decode step makes, in the model's shapes
-                 (per layer q, k, v, output, gate, up and down projections; then the
-                 output head), which the decode cannot scale better than.
+                 'block chain': every weight product a decode step makes, in the model's
+                 shapes (per layer q, k, v, output, gate, up and down projections; then
+                 the output head; not attention's products with the cache).
 
   read steps     the same decode at each step of cache read lengths in read_chunks (a
                  layer is read as far as the step's queries reach, in multiples of that
