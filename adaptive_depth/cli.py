@@ -21,6 +21,7 @@ from absl import app
 from absl import flags
 from absl import logging
 import ml_collections
+import numpy as np
 
 USAGE_ERROR = 2  # the exit status of a user error (as argparse and POSIX utilities use)
 
@@ -60,6 +61,15 @@ def unknown_key(config: ml_collections.ConfigDict, dotted: str,
               f'{sorted(node.keys())}')
     node = node[part]
   return None
+
+
+def check_seed(seed, name: str = 'seed') -> None:
+  """Raises UserError naming the argument (or config key) unless seed is an int in
+  0..2**63-1 (a bool or a float would otherwise fail inside jax.random.key, or be taken as
+  0 or 1)."""
+  if (not isinstance(seed, (int, np.integer)) or isinstance(seed, (bool, np.bool_))
+      or not 0 <= seed < 2**63):
+    raise UserError(f'{name}={seed!r}: must be an int in 0..2**63-1')
 
 
 def check_output_path(flag: str, path: str) -> None:

@@ -203,7 +203,7 @@ def generate(model, prompts, *args, max_new_tokens: int = 64,
                      'configs/exit_classifier.py trains)')
   sampling = sampling or sampling_lib.Greedy()
   sampling_lib.check_sampling(sampling)
-  sampling_lib.check_seed(seed)
+  cli.check_seed(seed)
   prompt, lengths = decode_lib.pad_prompts(token_lists, pad_id=tokenizer.eos_id)
 
   if speculative is not None and cfg.routing is not None:

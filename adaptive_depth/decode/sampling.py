@@ -11,8 +11,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adaptive_depth import cli
-
 
 @flax.struct.dataclass
 class Greedy:
@@ -46,14 +44,6 @@ def check_sampling(sampling) -> None:
     array = np.asarray(value)
     if not np.issubdtype(array.dtype, np.number) or not np.all(ok(array)):
       raise ValueError(f'Sampling.{name}={value!r}: must be {allowed}')
-
-
-def check_seed(seed, name: str = 'seed') -> None:
-  """Raises ValueError naming the argument unless seed is an int in 0..2**63-1 (a bool or a
-  float would otherwise fail inside jax.random.key, or be taken as 0 or 1)."""
-  if (not isinstance(seed, (int, np.integer)) or isinstance(seed, (bool, np.bool_))
-      or not 0 <= seed < 2**63):
-    raise cli.UserError(f'{name}={seed!r}: must be an int in 0..2**63-1')
 
 
 def next_token(logits, sampling, rng):

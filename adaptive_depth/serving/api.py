@@ -93,10 +93,7 @@ class Engine:
 
   @seed.setter
   def seed(self, seed):  # checked when set, so a bad value is refused before any call
-    try:
-      sampling_lib.check_seed(seed)
-    except ValueError as error:
-      raise cli.UserError(str(error)) from None
+    cli.check_seed(seed)
     self._seed = seed
 
   @property
