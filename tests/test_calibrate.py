@@ -17,8 +17,8 @@ from adaptive_depth.calibrate import calibration_run
 from adaptive_depth.calibrate import ltt
 from adaptive_depth.calibrate import pvalues
 from adaptive_depth.decode import api as decode_api
+from tests import compile_counter
 from tests import tiny_models
-from tests.test_engine import _backend_compiles
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = 'configs/shared_exit.py:tiny'
@@ -167,7 +167,7 @@ def calibrated(tmp_path_factory):
       'calibrate.num_examples': 96, 'calibrate.prompt_len': 8, 'calibrate.new_tokens': 6,
       'calibrate.batch_size': 96})
   lines, compiles_at_line = [], []
-  with _backend_compiles() as compiles:
+  with compile_counter.backend_compiles() as compiles:
     def progress(line):
       lines.append(line)
       compiles_at_line.append(len(compiles))

@@ -5,7 +5,6 @@ two blocks cycled twice with per-step LoRA and exits at depths 2 and 4. Every re
 engine serves through 4 slots must equal the same request decoded alone by ad.generate
 (same exit policy, KV policy 'propagate'), token for token and depth for depth.
 """
-import contextlib
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +18,7 @@ from adaptive_depth import saved_model
 from adaptive_depth.data import tokenizers
 from adaptive_depth.decode import adaptive_decode
 from adaptive_depth.serving import Engine, serve
+from tests import compile_counter
 from tests import tiny_models
 
 pytestmark = pytest.mark.usefixtures('cache_read_in_steps_of_16')  # conftest.py
@@ -87,19 +87,6 @@ def _alone(model, prompt, max_new, policy):
   out = ad.generate(model, [prompt], max_new_tokens=REFERENCE_MAX_NEW, exit=policy,
                     kv='propagate')
   return out.tokens[0][:max_new], out.exit_depths[0][:max_new]
-
-
-@contextlib.contextmanager
-def _backend_compiles():
-  """Counts XLA compilations inside the block: yields a list that grows by one per compile."""
-  events = []
-  listener = lambda name, *_, **__: (
-      events.append(name) if name == '/jax/core/compile/backend_compile_duration' else None)
-  jax.monitoring.register_event_duration_secs_listener(listener)
-  try:
-    yield events
-  finally:
-    jax.monitoring.unregister_event_duration_listener(listener)
 
 
 def test_block_rows_apply_each_rows_own_lora_step():
@@ -214,7 +201,7 @@ def test_one_compile_per_shape_thresholds_and_refills_compile_nothing():
   serve(model, prompts, max_new_tokens=max_new, exit=policy, engine=engine)
   assert engine.compiles == 3  # prefill (one padded length), insert, generate
   other_prompts, other_max_new = _requests(seed=4, count=7)
-  with _backend_compiles() as compiles:
+  with compile_counter.backend_compiles() as compiles:
     for threshold, min_depth in ((0.3, 1), (0.8, 2)):
       swept = policy.replace(threshold=threshold, min_depth=min_depth)
       out = serve(model, other_prompts, max_new_tokens=other_max_new, exit=swept,
@@ -253,7 +240,7 @@ def test_bad_input_is_refused_before_compiling(kwargs, message):
   model = _model(num_blocks=1, schedule='cycle')
   args = dict(prompts=[[1, 2, 3], [4, 5, 6, 7, 8, 9, 10]], max_new_tokens=4)
   args.update(kwargs)
-  with _backend_compiles() as compiles, pytest.raises(ValueError, match=message):
+  with compile_counter.backend_compiles() as compiles, pytest.raises(ValueError, match=message):
     serve(model, args.pop('prompts'), **args)
   assert compiles == []
 
@@ -265,7 +252,7 @@ def test_bad_input_is_refused_before_compiling(kwargs, message):
 ])
 def test_models_the_engine_cannot_run_are_refused(overrides, message):
   model = _model(**overrides)
-  with _backend_compiles() as compiles, pytest.raises(ValueError, match=message):
+  with compile_counter.backend_compiles() as compiles, pytest.raises(ValueError, match=message):
     serve(model, [[1, 2, 3]], max_new_tokens=4)
   assert compiles == []
 

@@ -18,6 +18,7 @@ from adaptive_depth.decode import adaptive_decode
 from adaptive_depth.decode import generation
 from adaptive_depth.decode import sampling as sampling_lib
 from adaptive_depth.train import classifier as classifier_lib
+from tests import compile_counter
 from tests import tiny_models
 
 TEXTS = ['To be', 'KING:\n']
@@ -144,14 +145,17 @@ def test_generate_from_config_validates_the_config_first(model):
     (ad.Sampling(top_k=2.5), r'Sampling\.top_k=2\.5: must be an int >= 0'),
 ])
 def test_sampling_knobs_out_of_range_are_refused(model, sampling, shown):
-  with pytest.raises(ValueError, match=shown):
+  with compile_counter.backend_compiles() as compiles, pytest.raises(ValueError, match=shown):
     ad.generate(model, TEXTS, max_new_tokens=MAX_NEW, sampling=sampling)
+  assert compiles == []
 
 
 @pytest.mark.parametrize('seed', [-1, 1.5, True, 2**63])
-def test_bad_seed_is_refused(model, seed):
-  with pytest.raises(ValueError, match=rf'seed={seed!r}: must be an int in 0\.\.2\*\*63-1'):
+def test_bad_seed_is_refused_before_compiling(model, seed):
+  with compile_counter.backend_compiles() as compiles, pytest.raises(
+      ValueError, match=rf'seed={seed!r}: must be an int in 0\.\.2\*\*63-1'):
     ad.generate(model, TEXTS, max_new_tokens=MAX_NEW, seed=seed)
+  assert compiles == []
 
 
 def test_speculative_takes_any_pair_of_ints(model):

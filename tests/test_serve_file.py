@@ -11,6 +11,7 @@ from adaptive_depth import cli
 from adaptive_depth import exits
 from adaptive_depth.serving import continuous_batching
 from adaptive_depth.serving import requests_file
+from tests import compile_counter
 from tests import tiny_models
 
 CONFIG = 'configs/shared_exit.py:tiny'
@@ -103,9 +104,11 @@ def test_a_request_longer_than_the_cache_is_refused_before_compiling(workdir, tm
   (tmp_path / 'in.txt').write_text('short\n' + 'x' * 40 + '\n')
   config = _config(max_new_tokens=30)
   config.serve.cache_len = 48
-  with pytest.raises(cli.UserError, match=r'prompts\[1\].*cache_len=48'):
+  with compile_counter.backend_compiles() as compiles, pytest.raises(
+      cli.UserError, match=r'prompts\[1\].*cache_len=48'):
     requests_file.serve_file(config, workdir, str(tmp_path / 'in.txt'),
                              str(tmp_path / 'out.jsonl'))
+  assert compiles == []
   assert not (tmp_path / 'out.jsonl').exists()
 
 
