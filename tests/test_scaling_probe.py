@@ -39,9 +39,10 @@ def test_probe_refuses_bad_read_chunks(tmp_path):
 
 def test_block_chain_makes_every_product_of_a_decode_step():
   """The block chain's compiled program multiplies by every weight once per token (XLA's
-  count of a loop body's FLOPs): no product was left out as unused."""
+  FLOP count of one pass, so that the count does not depend on how XLA counts a loop's
+  trips): no product was left out as unused."""
   cfg = model_lib.ModelConfig.from_config(ad.load_config('configs/quickstart.py:tiny').model)
-  compiled, _ = scaling_probe.block_chain_program(cfg, batch=2, steps=3)
+  compiled, _ = scaling_probe.block_chain_program(cfg, batch=2, steps=1)
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost  # a list in older jax
   heads, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
