@@ -44,7 +44,7 @@ def test_pytorch_step_is_the_same_model_loss_and_gradient():
   model = torch_train_reference.build_model(config.model, 16, params)
   theirs = model(torch.tensor(batch[:, :-1]), torch.tensor(batch[:, 1:]))
   theirs.backward()
-  np.testing.assert_allclose(float(theirs), float(ours), rtol=1e-5)
+  np.testing.assert_allclose(theirs.item(), float(ours), rtol=1e-5)
   layer = model.layers[2]
   width = cfg.width
   np.testing.assert_allclose(layer.q.weight.grad.numpy(),
