@@ -34,8 +34,8 @@ def get_config(variant: str = ''):
   config.eval.num_batches = 16
   config.benchmark.mode = 'engine'
   config.benchmark.measure = 'max_prob'
-  # 0.3: the lowest that kept agreement 0.95 on the benchmark stream (README, Depth-wise
-  # batching on a request stream).
+  # 0.3: the lowest tried that kept agreement 0.95 on the benchmark stream (README,
+  # Depth-wise batching on a request stream).
   config.benchmark.thresholds = '0.3,0.4,0.5,0.6,0.7,0.8'
   config.generate.measure = 'max_prob'
   config.generate.threshold = 0.6

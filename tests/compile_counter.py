@@ -6,9 +6,11 @@ import jax
 
 @contextlib.contextmanager
 def backend_compiles():
-  """Yields a list that grows by one entry per program built inside the block: jax records
-  this event around each XLA compilation, persistent-cache hits (the tests' cache,
-  conftest.py) included."""
+  """Yields a list that grows by one entry per call into XLA compilation inside the block
+  (jax records the event around each, a persistent-cache hit of the tests' cache in
+  conftest.py included). A program this process already holds (jax's in-memory caches,
+  ad.generate's own) is not built again and not counted: a test that wants [] to mean
+  "refused before compiling" clears the cache its call would find."""
   events = []
   listener = lambda name, *_, **__: (
       events.append(name) if name == '/jax/core/compile/backend_compile_duration' else None)

@@ -70,8 +70,9 @@ def serve_file(config, workdir: str, prompts_path: str, out_path: str,
   """Serves every request of `prompts_path` with the model in `workdir` through the engine
   (config.serve: slots, chunk_ticks, cache_len, finish_slots, prefill_ahead_count;
   config.generate: exit policy, KV policy, sampling, seed) and writes one JSON object per
-  request to `out_path`, in file order: request, prompt, text, tokens, exit_depths. Bad settings and bad requests are refused
-  before the model loads."""
+  request to `out_path`, in file order: request, prompt, text, tokens, exit_depths. Bad
+  settings and malformed requests are refused before the model loads; a request too long for
+  the cache, once the model is loaded and before anything compiles."""
   config_lib.validate(config)
   g, s = config.generate, config.serve
   if g.speculative:
