@@ -138,6 +138,13 @@ def test_generate_from_config_validates_the_config_first(model):
 # ---------------------------------------------------------------------- argument checks
 
 
+@pytest.fixture
+def no_held_programs(monkeypatch):
+  """ad.generate's program cache empty for the test: a check made after the program is
+  fetched would then compile, which compile_counter sees."""
+  monkeypatch.setattr(decode_api, '_PROGRAMS', {})
+
+
 @pytest.mark.parametrize('sampling,shown', [
     (ad.Sampling(temperature=-0.5), r'Sampling\.temperature=-0\.5: must be >= 0'),
     (ad.Sampling(top_p=0.0), r'Sampling\.top_p=0\.0: must be in \(0, 1\]'),
@@ -145,16 +152,14 @@ def test_generate_from_config_validates_the_config_first(model):
     (ad.Sampling(top_k=-1), r'Sampling\.top_k=-1: must be an int >= 0'),
     (ad.Sampling(top_k=2.5), r'Sampling\.top_k=2\.5: must be an int >= 0'),
 ])
-def test_sampling_knobs_out_of_range_are_refused(model, sampling, shown, monkeypatch):
-  monkeypatch.setattr(decode_api, '_PROGRAMS', {})  # a late check would compile: counted
+def test_sampling_knobs_out_of_range_are_refused(model, sampling, shown, no_held_programs):
   with compile_counter.backend_compiles() as compiles, pytest.raises(ValueError, match=shown):
     ad.generate(model, TEXTS, max_new_tokens=MAX_NEW, sampling=sampling)
   assert compiles == []
 
 
 @pytest.mark.parametrize('seed', [-1, 1.5, True, 2**63])
-def test_bad_seed_is_refused_before_compiling(model, seed, monkeypatch):
-  monkeypatch.setattr(decode_api, '_PROGRAMS', {})  # a late check would compile: counted
+def test_bad_seed_is_refused_before_compiling(model, seed, no_held_programs):
   with compile_counter.backend_compiles() as compiles, pytest.raises(
       ValueError, match=rf'seed={seed!r}: must be an int in 0\.\.2\*\*63-1'):
     ad.generate(model, TEXTS, max_new_tokens=MAX_NEW, seed=seed)
