@@ -322,6 +322,9 @@ def test_sampling_depends_on_the_request_not_on_its_slot():
   five = serve(model, prompts, max_new_tokens=max_new, exit=policy, slots=5, cache_len=32,
                sampling=hot, seed=3, eos_id=-1, chunk_ticks=7)
   engine.seed = 4  # a traced key: the same programs serve another seed
+  with pytest.raises(ad.UserError, match=r'seed=5\.0: must be an int'):
+    engine.seed = 5.0  # refused when set (5.0 == 5 would otherwise reuse seed 5's key)
+  assert engine.seed == 4
   other_seed = serve(model, prompts, max_new_tokens=max_new, exit=policy, engine=engine)
   assert two.tokens == five.tokens and two.exit_depths == five.exit_depths
   assert [len(t) for t in two.tokens] == max_new  # eos_id=-1: every request runs its budget
