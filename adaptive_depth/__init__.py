@@ -4,9 +4,10 @@
     config = ad.load_config('configs/quickstart.py')
     ad.train_and_evaluate(config, '/tmp/quickstart')
 
-Importing the package first sets glibc's malloc to keep freed memory mapped, so XLA's
-per-step temporary buffers stop page-faulting (host_memory.py; ADAPTIVE_DEPTH_HOST_MALLOC=system
-opts out). Import it before running anything on jax for that to take effect.
+Importing the package first sets glibc's malloc to keep freed memory mapped and has jax run
+CPU programs inline, so XLA's per-step temporary buffers stop page-faulting (host_memory.py;
+ADAPTIVE_DEPTH_HOST_MALLOC=system opts out). Import it before running anything on jax for that
+to take effect.
 """
 from adaptive_depth import host_memory
 

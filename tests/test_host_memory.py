@@ -78,3 +78,28 @@ def test_environment_variable_opts_out_or_is_refused(monkeypatch):
   monkeypatch.setenv(host_memory.ENV_VAR, 'sometimes')
   with pytest.raises(ValueError, match="ADAPTIVE_DEPTH_HOST_MALLOC='sometimes'.*keep"):
     host_memory.keep_freed_memory()
+
+
+_DISPATCH = r'''
+import adaptive_depth, jax
+print(jax.config.values['jax_cpu_enable_async_dispatch'], jax.devices()[0].client.platform)
+'''
+
+
+@needs_glibc
+def test_cpu_programs_run_inline_unless_opted_out():
+  """With the malloc settings jax runs CPU programs inline (a call returns after its
+  temporary buffer is freed, host_memory.py says why); ADAPTIVE_DEPTH_HOST_MALLOC=system
+  leaves jax's default, and jax's own variable for the flag keeps the user's choice."""
+  cases = {'keep': ({}, 'False'), 'system': ({host_memory.ENV_VAR: 'system'}, 'True'),
+           'jax variable': ({'JAX_CPU_ENABLE_ASYNC_DISPATCH': '1'}, 'True')}
+  environ = {k: v for k, v in os.environ.items()
+             if k not in (host_memory.ENV_VAR, 'JAX_CPU_ENABLE_ASYNC_DISPATCH')}
+  processes = {name: subprocess.Popen([sys.executable, '-c', _DISPATCH], stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True,
+                                      env=dict(environ, JAX_PLATFORMS='cpu', **extra))
+               for name, (extra, _) in cases.items()}
+  for name, process in processes.items():
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 0, err[-3000:]
+    assert out.split() == [cases[name][1], 'cpu'], (name, out)
