@@ -18,21 +18,23 @@ start threads (torch, a data loader) for the settings to reach XLA's threads. Th
 process keeps its peak heap mapped, fragmentation can hold somewhat more, and threads share
 one arena (more lock contention in host code that mallocs from many threads at once).
 
-It also has jax run CPU programs inline (`jax_cpu_enable_async_dispatch` False) instead of
-dispatching them to run in the background. XLA frees a program's temporary buffer a few
-milliseconds after its outputs are ready; dispatched in the background, the next call could
-allocate its own buffer in that gap, and a second block of the same size then went to fresh
-pages. In a malloc trace of the quickstart's training loop (glibc calls of 100 MB or more),
-that is what the occasional slow steps were: the next step's 0.47 GB buffer allocated 6 ms
-before the last one was freed, the heap grown by 0.47 GB, and the step after grown again; each
-such step took about 1 s instead of 0.29 s (about 120,000 page faults), one or two in most
-60-step runs. Inline, a call returned after its buffer was freed: four 60-step runs had
-no such step. A host that waits for each result anyway (the training loop on CPU, ad.generate) loses
-nothing; an environment variable JAX_CPU_ENABLE_ASYNC_DISPATCH, if set, is left to rule.
+It also has jax run single-device CPU programs inline (`jax_cpu_enable_async_dispatch`
+False) instead of dispatching them to run in the background. XLA frees a program's temporary
+buffer a few milliseconds after its outputs are ready; dispatched in the background, the next
+call could allocate its own buffer in that gap, and a second block of the same size then went
+to fresh pages. In a malloc trace of the quickstart's training loop (glibc calls of 100 MB or
+more), that is what its occasional slow steps were: the next step's 0.47 GB buffer allocated
+6 ms before the last one was freed, the heap grown by 0.47 GB, and the step after grown again;
+each such step took about 1 s instead of 0.29 s (about 120,000 page faults), one or two in
+three of six 60-step runs. Run inline, seven 60-step runs had no such step. The price: the
+step alone ran about 2% slower (README, Scale), and a host that overlapped its own work with
+a running program must now queue that work first (serving/continuous_batching.py does). An
+environment variable JAX_CPU_ENABLE_ASYNC_DISPATCH, if set, is left to rule.
 
 Setting the environment variable ADAPTIVE_DEPTH_HOST_MALLOC=system before the import leaves
-glibc's defaults and jax's dispatch as they are. It does nothing off Linux glibc, and nothing where jax will run on a TPU
-or GPU (a plugin for one is installed, or JAX_PLATFORMS names no cpu).
+glibc's defaults and jax's dispatch as they are. It does nothing off Linux glibc, and
+nothing where jax will run on a TPU or GPU (a plugin for one is installed, or JAX_PLATFORMS
+names no cpu).
 """
 from __future__ import annotations
 
@@ -79,7 +81,8 @@ def _accelerator_expected() -> bool:
 
 def keep_freed_memory() -> bool:
   """Sets glibc's malloc to reuse freed blocks instead of unmapping them (see the module
-  docstring). Returns whether the options were set: False off Linux glibc, where jax will
+  docstring), and with them jax to run CPU programs inline unless JAX_CPU_ENABLE_ASYNC_DISPATCH
+  is set. Returns whether the options were set: False off Linux glibc, where jax will
   run on an accelerator, or when ADAPTIVE_DEPTH_HOST_MALLOC=system. Raises ValueError for
   another value of that variable."""
   global _keeping

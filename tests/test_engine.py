@@ -323,7 +323,7 @@ def test_sampling_depends_on_the_request_not_on_its_slot():
                sampling=hot, seed=3, eos_id=-1, chunk_ticks=7)
   engine.seed = 4  # a traced key: the same programs serve another seed
   with pytest.raises(ad.UserError, match=r'seed=5\.0: must be an int'):
-    engine.seed = 5.0  # refused when set (5.0 == 5 would otherwise reuse seed 5's key)
+    engine.seed = 5.0  # refused when set, not at the next call
   assert engine.seed == 4
   other_seed = serve(model, prompts, max_new_tokens=max_new, exit=policy, engine=engine)
   assert two.tokens == five.tokens and two.exit_depths == five.exit_depths

@@ -81,16 +81,22 @@ def test_environment_variable_opts_out_or_is_refused(monkeypatch):
 
 
 _DISPATCH = r'''
-import adaptive_depth, jax
-print(jax.config.values['jax_cpu_enable_async_dispatch'], jax.devices()[0].client.platform)
+import adaptive_depth, jax, jax.numpy as jnp
+x = jnp.ones((1024, 1024))
+program = jax.jit(lambda x: jax.lax.fori_loop(0, 40, lambda i, y: jnp.tanh(y @ x), x))
+program(x).block_until_ready()
+# Inline, the call returns with its result done; dispatched, it returns while the program
+# (about 0.1 s) still runs.
+print(jax.config.values['jax_cpu_enable_async_dispatch'], program(x).is_ready())
 '''
 
 
 @needs_glibc
 def test_cpu_programs_run_inline_unless_opted_out():
-  """With the malloc settings jax runs CPU programs inline (a call returns after its
-  temporary buffer is freed, host_memory.py says why); ADAPTIVE_DEPTH_HOST_MALLOC=system
-  leaves jax's default, and jax's own variable for the flag keeps the user's choice."""
+  """With the malloc settings jax runs CPU programs inline (host_memory.py says why): a
+  call returns with its result ready. ADAPTIVE_DEPTH_HOST_MALLOC=system leaves jax's
+  default (dispatched: the result is not ready yet), and so does jax's own variable for the
+  flag when the user sets it."""
   cases = {'keep': ({}, 'False'), 'system': ({host_memory.ENV_VAR: 'system'}, 'True'),
            'jax variable': ({'JAX_CPU_ENABLE_ASYNC_DISPATCH': '1'}, 'True')}
   environ = {k: v for k, v in os.environ.items()
@@ -99,7 +105,14 @@ def test_cpu_programs_run_inline_unless_opted_out():
                                       stderr=subprocess.PIPE, text=True,
                                       env=dict(environ, JAX_PLATFORMS='cpu', **extra))
                for name, (extra, _) in cases.items()}
-  for name, process in processes.items():
-    out, err = process.communicate(timeout=300)
-    assert process.returncode == 0, err[-3000:]
-    assert out.split() == [cases[name][1], 'cpu'], (name, out)
+  try:
+    for name, process in processes.items():
+      out, err = process.communicate(timeout=300)
+      assert process.returncode == 0, err[-3000:]
+      flag = cases[name][1]
+      assert out.split() == [flag, 'True' if flag == 'False' else 'False'], (name, out)
+  finally:
+    for process in processes.values():
+      if process.poll() is None:
+        process.kill()
+        process.wait()

@@ -69,7 +69,8 @@ class Engine:
     self.compiles = 0  # programs this engine compiled (tests count them)
     # A collections.Counter to wait for every call and add up its seconds by kind
     # ('prefill', 'insert', 'generate'): the stream benchmark's time split, whose pass makes
-    # no two calls at once. None: calls are dispatched and not waited for.
+    # no two calls at once. None: calls are not waited for here (on CPU they run inline
+    # by default, host_memory.py; elsewhere they are dispatched and return at once).
     self.call_seconds = None
     self._programs = {}
     self._compiling = threading.Lock()

@@ -147,8 +147,8 @@ def serve(model: saved_model.LoadedModel, prompts, *, slots: int = 4,
             state = engine.insert(prefix.result(), state, slot, request=request,
                                   max_new_tokens=max_new[request], exit=policy)
             occupant[slot] = request
-      # Queued before the chunk, so that they run beside it: CPU programs run inline
-      # (host_memory.py), so the chunk's call returns only when its ticks are done.
+      # Queued before the chunk, so that they run beside it: where CPU programs run inline
+      # (host_memory.py), the chunk's call returns only when its ticks are done.
       prefill_ahead(prefill_ahead_count)
       state = engine.generate(state, chunk_ticks, exit=policy)
       collect(state)

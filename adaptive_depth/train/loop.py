@@ -321,8 +321,10 @@ def train_model(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # on. Left to run ahead, the host makes the next batch and dispatches the next step while
   # this one runs; its allocations then fragment the heap around the step's temporary buffer
   # (about 0.5 GB for the quickstart), and steps page-fault through fresh memory again:
-  # launch/train.py ran at 0.82 of the step alone that way. Accelerators keep async
-  # dispatch: their buffers are not host heap, and the host's work overlaps theirs.
+  # launch/train.py ran at 0.82 of the step alone that way. With host_memory's inline CPU
+  # programs the call itself returns done and this wait costs nothing; it still matters
+  # under JAX_CPU_ENABLE_ASYNC_DISPATCH=1 or a backend made before the import. Accelerators
+  # keep async dispatch: their buffers are not host heap, and the host's work overlaps theirs.
   wait_for_each_step = jax.devices()[0].platform == 'cpu' and host_memory.keeping()
   with _Preemption() as preemption:
     while step < num_steps:
