@@ -7,8 +7,7 @@
 Importing the package first sets glibc's malloc to keep freed memory mapped and has jax run
 CPU programs inline, so XLA's per-step temporary buffers stop page-faulting (host_memory.py;
 ADAPTIVE_DEPTH_HOST_MALLOC=system opts out of both, JAX_CPU_ENABLE_ASYNC_DISPATCH set by the
-user is left as it is). Import it before running anything on jax for that
-to take effect.
+user is left as it is). Import it before running anything on jax for that to take effect.
 """
 from adaptive_depth import host_memory
 

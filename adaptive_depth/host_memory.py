@@ -54,7 +54,7 @@ _M_ARENA_MAX = -8
 # mallopt takes an int: the largest trim threshold it can express (2 GiB of free heap top).
 _LARGEST_TRIM_THRESHOLD = 2**31 - 1
 # jax's own variable for its flag: a user who sets it keeps their choice.
-_ASYNC_DISPATCH_ENV = 'JAX_CPU_ENABLE_ASYNC_DISPATCH'
+DISPATCH_ENV_VAR = 'JAX_CPU_ENABLE_ASYNC_DISPATCH'
 
 
 _ACCELERATOR_PLUGINS = ('libtpu', 'jax_cuda12_plugin', 'jax_cuda13_plugin', 'jax_rocm60_plugin',
@@ -99,7 +99,7 @@ def keep_freed_memory() -> bool:
   results = [libc.mallopt(option, value) == 1 for option, value in (
       (_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _LARGEST_TRIM_THRESHOLD))]
   _keeping = all(results)
-  if _keeping and _ASYNC_DISPATCH_ENV not in os.environ:
+  if _keeping and DISPATCH_ENV_VAR not in os.environ:
     import jax  # pylint: disable=g-import-not-at-top  (after mallopt: see the docstring)
     # Read when jax creates its CPU backend: in effect only if that has not happened yet.
     # (A jax without the flag keeps its default.)

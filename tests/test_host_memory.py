@@ -41,24 +41,30 @@ needs_glibc = pytest.mark.skipif(
     reason='the malloc settings are glibc-only (a no-op elsewhere)')
 
 
-def _medians_of_faults_per_call(*settings) -> list:
-  """One process per setting, run side by side (page faults are counted per process)."""
-  processes = [subprocess.Popen([sys.executable, '-c', _PROGRAM], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True,
-                                env=dict(os.environ, ADAPTIVE_DEPTH_HOST_MALLOC=setting))
-               for setting in settings]
-  medians = []
+def _outputs_side_by_side(program: str, environments: list) -> list:
+  """The stdout of `program` run in one fresh process per environment, side by side (the
+  settings must precede jax's CPU backend, and page faults are counted per process)."""
+  processes = [subprocess.Popen([sys.executable, '-c', program], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=env)
+               for env in environments]
+  outputs = []
   try:
     for process in processes:
       out, err = process.communicate(timeout=600)
       assert process.returncode == 0, err[-3000:]
-      medians.append(statistics.median_low(int(n) for n in out.split()))
+      outputs.append(out)
   finally:
     for process in processes:
       if process.poll() is None:
         process.kill()
         process.wait()
-  return medians
+  return outputs
+
+
+def _medians_of_faults_per_call(*settings) -> list:
+  outputs = _outputs_side_by_side(
+      _PROGRAM, [dict(os.environ, ADAPTIVE_DEPTH_HOST_MALLOC=setting) for setting in settings])
+  return [statistics.median_low(int(n) for n in out.split()) for out in outputs]
 
 
 @needs_glibc
@@ -98,21 +104,10 @@ def test_cpu_programs_run_inline_unless_opted_out():
   default (dispatched: the result is not ready yet), and so does jax's own variable for the
   flag when the user sets it."""
   cases = {'keep': ({}, 'False'), 'system': ({host_memory.ENV_VAR: 'system'}, 'True'),
-           'jax variable': ({'JAX_CPU_ENABLE_ASYNC_DISPATCH': '1'}, 'True')}
+           'jax variable': ({host_memory.DISPATCH_ENV_VAR: '1'}, 'True')}
   environ = {k: v for k, v in os.environ.items()
-             if k not in (host_memory.ENV_VAR, 'JAX_CPU_ENABLE_ASYNC_DISPATCH')}
-  processes = {name: subprocess.Popen([sys.executable, '-c', _DISPATCH], stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True,
-                                      env=dict(environ, JAX_PLATFORMS='cpu', **extra))
-               for name, (extra, _) in cases.items()}
-  try:
-    for name, process in processes.items():
-      out, err = process.communicate(timeout=300)
-      assert process.returncode == 0, err[-3000:]
-      flag = cases[name][1]
-      assert out.split() == [flag, 'True' if flag == 'False' else 'False'], (name, out)
-  finally:
-    for process in processes.values():
-      if process.poll() is None:
-        process.kill()
-        process.wait()
+             if k not in (host_memory.ENV_VAR, host_memory.DISPATCH_ENV_VAR)}
+  outputs = _outputs_side_by_side(
+      _DISPATCH, [dict(environ, JAX_PLATFORMS='cpu', **extra) for extra, _ in cases.values()])
+  for (name, (_, flag)), out in zip(cases.items(), outputs):
+    assert out.split() == [flag, 'True' if flag == 'False' else 'False'], (name, out)
