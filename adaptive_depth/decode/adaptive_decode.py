@@ -100,7 +100,8 @@ def prefill(cfg: model_lib.ModelConfig, params, prompt, prompt_lengths, cache_le
 
 
 def exit_check(cfg: model_lib.ModelConfig, params, policy: exits.ExitPolicy, classifier,
-               depth, h, state: ExitState, row_position, may_exit=True) -> ExitState:
+               depth, h, state: ExitState, row_position, may_exit=True,
+               at_last=None) -> ExitState:
   """The confidence check at loop depth `depth` for one token per row: every decode path's
   exit decision (the depth loops with one depth for all rows, the engine with one per row).
 
@@ -109,12 +110,16 @@ def exit_check(cfg: model_lib.ModelConfig, params, policy: exits.ExitPolicy, cla
   depths where nobody may leave (see depth.checks_at: not an exit, the last depth, below
   policy.min_depth, or anywhere under measure 'never' unless policy.exit_at forces the
   exit) pass through unchanged, their h_previous too; if no row may leave, nothing runs.
+  at_last: [B] bool or None, rows at the last depth (the engine's slots finishing a token
+  there): they do not check, but their exit_logits are filled from the same head call as
+  the checking rows' (one [B, D] x [D, V] product a tick instead of two).
   """
   _, exit_number = depth_lib._exit_lookup(cfg)
   depth = jnp.asarray(depth)
   # Only rows still going deeper check (the engine's free and finished slots keep stale
   # depths, which must not open the check).
   checks = depth_lib.checks_at(cfg, policy, depth) & state.active
+  at_last = jnp.zeros_like(checks) if at_last is None else at_last
 
   def check(state):
     number = exit_number[depth]
@@ -124,15 +129,16 @@ def exit_check(cfg: model_lib.ModelConfig, params, policy: exits.ExitPolicy, cla
                                               number, classifier)
     leaving = (state.active & may_exit & checks
                & depth_lib.exit_decision(policy, score[:, 0], depth, row_position))
+    finished = leaving | at_last
     exit_logits = state.exit_logits
     if logits is None:  # a measure that reads no head: pay for it only when a row leaves
       exit_logits = jax.lax.cond(
-          jnp.any(leaving),
-          lambda: jnp.where(leaving[:, None], model_lib.head_logits(
+          jnp.any(finished),
+          lambda: jnp.where(finished[:, None], model_lib.head_logits(
               cfg, params, h[:, 0], exit_number[depth]), exit_logits),
           lambda: exit_logits)
     else:
-      exit_logits = jnp.where(leaving[:, None], logits[:, 0], exit_logits)
+      exit_logits = jnp.where(finished[:, None], logits[:, 0], exit_logits)
     checked = jnp.broadcast_to(checks, leaving.shape)[:, None, None]
     record = {}
     if state.checks is not None:  # the adaptive threshold's record of this check
@@ -149,7 +155,7 @@ def exit_check(cfg: model_lib.ModelConfig, params, policy: exits.ExitPolicy, cla
 
   # Under measure 'never' the check only opens where exit_at forces the exit, so full depth
   # computes no head or confidence (exit_at is traced: the test itself has to stay).
-  return jax.lax.cond(jnp.any(checks), check, lambda state: state, state)
+  return jax.lax.cond(jnp.any(checks | at_last), check, lambda state: state, state)
 
 
 def final_logits(cfg: model_lib.ModelConfig, params, h, exit_depth, exit_logits):

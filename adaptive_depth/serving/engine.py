@@ -222,15 +222,14 @@ def tick(cfg: model_lib.ModelConfig, params, state: DecodeState, policy: exits.E
     policy = policy.replace(max_len=state.max_new.astype(jnp.float32))
   # The t of the decaying threshold: the emitted token's index among new tokens, minus one
   # (as generation.generate_tokens counts it).
+  at_bottom = live & (depth == num_layers)
+  # Slots at the bottom take their logits (the last exit's head) from the check's head call.
   checked = decode_lib.exit_check(
       cfg, params, policy, classifier, depth, h[:, None],
       decode_lib.ExitState.start(cfg, state.h_previous[:, None], live),
-      state.count - 1)
+      state.count - 1, at_last=at_bottom)
   leaving = live & ~checked.active
-  at_bottom = live & (depth == num_layers)
-  # The last exit's head only for slots at the bottom (computed only if there are some).
-  logits = decode_lib.final_logits(cfg, params, h, jnp.where(at_bottom, num_layers, 0),
-                                   checked.exit_logits)
+  logits = checked.exit_logits
   # Under a lax.cond: ticks where no slot leaves skip it, and with it XLA's scatter into
   # the cache (interleaved tick timings at 16 slots: running it unconditionally cost
   # 0.5-0.7 ms a tick, at full depth and at max_prob 0.7 alike).
