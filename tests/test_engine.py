@@ -289,6 +289,26 @@ def test_other_exit_policies_equal_each_request_decoded_alone(one_block, policy)
   decoded = [d for depths in out.exit_depths for d in depths[1:]]
   if policy.measure == 'never':
     assert set(decoded) == {2}
+  else:  # early exits and slots that went all the way (logits from the check's head call)
+    last = model.model_config.num_layers
+    assert min(decoded) < last and last in decoded, sorted(set(decoded))
+
+
+def test_per_exit_heads_equal_each_request_decoded_alone():
+  """Each exit with its own norm and adapter: a slot that stops early takes its exit's head,
+  and a slot at the last depth the last exit's (from the same head call in the tick), as
+  batch-1 decoding does. A wrong exit number for either would change tokens."""
+  model = _model(num_blocks=1, schedule='cycle', exit_norms=True, exit_adapter_rank=2)
+  policy = exits.ExitPolicy(measure='max_prob', threshold=0.5)
+  prompts, _ = _requests(seed=4, count=8)
+  out = serve(model, prompts, max_new_tokens=REFERENCE_MAX_NEW, exit=policy, slots=4,
+              cache_len=32)
+  for i, prompt in enumerate(prompts):
+    tokens, depths = _alone(model, prompt, REFERENCE_MAX_NEW, policy)
+    assert out.tokens[i] == tokens and out.exit_depths[i] == depths, i
+  decoded = {d for depths in out.exit_depths for d in depths[1:]}
+  last = model.model_config.num_layers
+  assert min(decoded) < last and last in decoded, sorted(decoded)
 
 
 def test_classifier_exits_equal_each_request_decoded_alone(one_block, classifier):

@@ -109,10 +109,12 @@ def exit_check(cfg: model_lib.ModelConfig, params, policy: exits.ExitPolicy, cla
   threshold); may_exit: [B] bool or True (a row whose exit is refused keeps going). Rows at
   depths where nobody may leave (see depth.checks_at: not an exit, the last depth, below
   policy.min_depth, or anywhere under measure 'never' unless policy.exit_at forces the
-  exit) pass through unchanged, their h_previous too; if no row may leave, nothing runs.
+  exit) pass through unchanged, their h_previous too; if no row may leave and no row is
+  at_last, nothing runs.
   at_last: [B] bool or None, rows at the last depth (the engine's slots finishing a token
   there): they do not check, but their exit_logits are filled from the same head call as
-  the checking rows' (one [B, D] x [D, V] product a tick instead of two).
+  the checking rows' (one [B, D] x [D, V] product a tick instead of two; a tick whose only
+  such rows are at the last depth also computes their confidence, which it discards).
   """
   _, exit_number = depth_lib._exit_lookup(cfg)
   depth = jnp.asarray(depth)
@@ -153,8 +155,10 @@ def exit_check(cfg: model_lib.ModelConfig, params, policy: exits.ExitPolicy, cla
                          exit_logits=exit_logits,
                          h_previous=jnp.where(checked, h, state.h_previous), **record)
 
-  # Under measure 'never' the check only opens where exit_at forces the exit, so full depth
-  # computes no head or confidence (exit_at is traced: the test itself has to stay).
+  # Under measure 'never' the check only opens where exit_at forces the exit or a row is
+  # at_last (the engine at full depth: the head call then gives those rows their logits).
+  # The depth loops pass no at_last, so at full depth they compute no head or confidence
+  # here (exit_at is traced: the test itself has to stay).
   return jax.lax.cond(jnp.any(checks | at_last), check, lambda state: state, state)
 
 
