@@ -220,10 +220,10 @@ def tick(cfg: model_lib.ModelConfig, params, state: DecodeState, policy: exits.E
   depth = state.step + cfg.num_blocks  # [S], a loop boundary for every slot
   if policy.schedule == 'decaying':  # its N: each request's own max_new
     policy = policy.replace(max_len=state.max_new.astype(jnp.float32))
-  # The t of the decaying threshold: the emitted token's index among new tokens, minus one
-  # (as generation.generate_tokens counts it).
   at_bottom = live & (depth == num_layers)
   # Slots at the bottom take their logits (the last exit's head) from the check's head call.
+  # The t of the decaying threshold: the emitted token's index among new tokens, minus one
+  # (as generation.generate_tokens counts it).
   checked = decode_lib.exit_check(
       cfg, params, policy, classifier, depth, h[:, None],
       decode_lib.ExitState.start(cfg, state.h_previous[:, None], live),
