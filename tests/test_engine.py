@@ -270,6 +270,24 @@ def test_engine_insert_refuses_requests_that_do_not_fit(one_block):
     engine.insert(prefix, state, 4, request=0, max_new_tokens=3)
 
 
+def _eight_requests_decoded_as_alone(model, policy, seed, **serve_options) -> list[int]:
+  """Serves 8 requests of REFERENCE_MAX_NEW tokens, checks each against the request decoded
+  alone (tokens and depths); returns the decode steps' depths."""
+  prompts, _ = _requests(seed=seed, count=8)
+  out = serve(model, prompts, max_new_tokens=REFERENCE_MAX_NEW, exit=policy, **serve_options)
+  for i, prompt in enumerate(prompts):
+    tokens, depths = _alone(model, prompt, REFERENCE_MAX_NEW, policy)
+    assert out.tokens[i] == tokens and out.exit_depths[i] == depths, i
+  return [d for depths in out.exit_depths for d in depths[1:]]
+
+
+def _assert_early_and_last(model, decoded):
+  """Some tokens left early and some went all the way (their logits from the check's head
+  call at the last depth)."""
+  last = model.model_config.num_layers
+  assert min(decoded) < last and last in decoded, sorted(set(decoded))
+
+
 @pytest.mark.parametrize('policy', [
     exits.ExitPolicy(measure='saturation', threshold=0.9, min_depth=2),
     exits.ExitPolicy(measure='softmax_diff', schedule='decaying', threshold=0.3, tau=2.0),
@@ -280,18 +298,11 @@ def test_other_exit_policies_equal_each_request_decoded_alone(one_block, policy)
   depth, CALM's decaying threshold (its N is each request's max_new_tokens, equal here to
   the reference's), and a forced exit."""
   model, _, engine = one_block  # 8 requests through its 4 slots
-  prompts, _ = _requests(seed=1, count=8)
-  max_new = [REFERENCE_MAX_NEW] * len(prompts)
-  out = serve(model, prompts, max_new_tokens=max_new, exit=policy, engine=engine)
-  for i, prompt in enumerate(prompts):
-    tokens, depths = _alone(model, prompt, REFERENCE_MAX_NEW, policy)
-    assert out.tokens[i] == tokens and out.exit_depths[i] == depths, i
-  decoded = [d for depths in out.exit_depths for d in depths[1:]]
+  decoded = _eight_requests_decoded_as_alone(model, policy, seed=1, engine=engine)
   if policy.measure == 'never':
     assert set(decoded) == {2}
-  else:  # early exits and slots that went all the way (logits from the check's head call)
-    last = model.model_config.num_layers
-    assert min(decoded) < last and last in decoded, sorted(set(decoded))
+  else:
+    _assert_early_and_last(model, decoded)
 
 
 def test_per_exit_heads_equal_each_request_decoded_alone():
@@ -300,15 +311,8 @@ def test_per_exit_heads_equal_each_request_decoded_alone():
   batch-1 decoding does. A wrong exit number for either would change tokens."""
   model = _model(num_blocks=1, schedule='cycle', exit_norms=True, exit_adapter_rank=2)
   policy = exits.ExitPolicy(measure='max_prob', threshold=0.5)
-  prompts, _ = _requests(seed=4, count=8)
-  out = serve(model, prompts, max_new_tokens=REFERENCE_MAX_NEW, exit=policy, slots=4,
-              cache_len=32)
-  for i, prompt in enumerate(prompts):
-    tokens, depths = _alone(model, prompt, REFERENCE_MAX_NEW, policy)
-    assert out.tokens[i] == tokens and out.exit_depths[i] == depths, i
-  decoded = {d for depths in out.exit_depths for d in depths[1:]}
-  last = model.model_config.num_layers
-  assert min(decoded) < last and last in decoded, sorted(decoded)
+  decoded = _eight_requests_decoded_as_alone(model, policy, seed=4, slots=4, cache_len=32)
+  _assert_early_and_last(model, decoded)
 
 
 def test_classifier_exits_equal_each_request_decoded_alone(one_block, classifier):
