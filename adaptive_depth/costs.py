@@ -104,6 +104,14 @@ def full_depth_flops(cfg: model_lib.ModelConfig, context: float) -> float:
   return cfg.num_layers * block_flops(cfg, context) + head_flops(cfg)
 
 
+def prefill_flops(cfg: model_lib.ModelConfig, padded_lengths) -> float:
+  """Prompts run at full depth, each padded to its length in `padded_lengths` (what the
+  prefill computes: pad positions too, and every query against the whole padded prompt, as
+  the dense scores product does), plus one head call each for the first new token."""
+  return float(sum(n * cfg.num_layers * block_flops(cfg, n) + head_flops(cfg)
+                   for n in np.asarray(padded_lengths).tolist()))
+
+
 def relative_flops(cfg: model_lib.ModelConfig, exit_depth, measure: str, context: float,
                    min_depth: int = 1, kv: str = 'none') -> float:
   """Mean FLOPs spent over full-depth FLOPs (1.0 = no saving; can exceed 1)."""

@@ -230,6 +230,7 @@ BAD_INPUTS = [
     (dict(chunk_ticks=0), 'chunk_ticks=0'),
     (dict(prefill_ahead_count=-1), 'prefill_ahead_count=-1'),
     (dict(prefill_ahead_count=True), 'prefill_ahead_count=True'),
+    (dict(slots=2, prefill_ahead_count=3), r'prefill_ahead_count=3: allowed 0 to slots=2'),
     (dict(seed=-1), r'seed=-1: must be an int'),
     (dict(seed=0.5), r'seed=0\.5: must be an int'),
 ]

@@ -69,7 +69,8 @@ def serve(model: saved_model.LoadedModel, prompts, *, slots: int = 4,
   the number of finished requests whenever some finish (a progress bar's hook).
   finish_slots: Mixture-of-Recursions models, slots that may finish a token per tick (as
   Engine takes it; 0 = automatic). prefill_ahead_count: waiting prompts prefilled while a
-  chunk runs, ready for the slots it frees (0: prefill only when a slot is free).
+  chunk runs, ready for the slots it frees (0: prefill only when a slot is free; at most
+  the engine's slots).
   """
   cfg, tokenizer = model.model_config, model.tokenizer
   token_lists = decode_api._prompt_ids(prompts, tokenizer, cfg.vocab_size)
@@ -91,6 +92,9 @@ def serve(model: saved_model.LoadedModel, prompts, *, slots: int = 4,
     if sampling is not None or eos_id is not None or classifier is not None:
       raise cli.UserError('sampling=, eos_id= and classifier= belong to the engine when '
                           'engine= is given: pass them to Engine(...)')
+  if prefill_ahead_count > engine.slots:  # each prefix ahead holds a cache row of its own
+    raise cli.UserError(f'prefill_ahead_count={prefill_ahead_count}: allowed 0 to '
+                        f'slots={engine.slots} (a chunk of ticks frees at most every slot)')
   for i, (ids, m) in enumerate(zip(token_lists, max_new)):
     engine.check_request(len(ids), m, name=f'prompts[{i}]')
   policy = engine.policy if exit is None else engine._checked_policy(exit)

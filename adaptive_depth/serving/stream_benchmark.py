@@ -28,7 +28,14 @@ same prefix, from one teacher-forced full-depth pass); sequence_agreement (posit
 live token: for (a)/(b) row-positions before each row's own end, for the engine slot-ticks);
 theoretical_speedup = decode FLOPs (a) spends / decode FLOPs of the row (for the engine:
 its tokens' own FLOPs at their depths, what a perfectly packed table would spend; for (b):
-every row of a batch at the deepest row's depth); realized_speedup = tokens/s over (a)'s.
+every row of a batch at the deepest row's depth); realized_speedup = tokens/s over (a)'s;
+realized_over_theoretical = their ratio. The wall time pays for the prompts, which those
+FLOPs leave out, so rows also carry prefill_flops (costs.prefill_flops: (a) prefills each
+prompt padded to the longest of the stream, the engine to a multiple of PROMPT_MULTIPLE),
+theoretical_speedup_with_prefill (prompts and decode) and realized_over_theoretical_with_prefill.
+For decode alone, (a) carries prefill_seconds (a pass of its prefills alone) and engine rows
+realized_decode_speedup: (a)'s seconds less its prefills over the engine's seconds less its
+prefill calls (time_split), and realized_decode_over_theoretical (over theoretical_speedup).
 Engine rows also carry seconds_without_prefill_ahead (the median of timed passes with
 prompts prefilled only when a slot is free, interleaved with the timed passes) and
 time_split: one more pass of the stream with every engine call waited for and timed
@@ -39,7 +46,7 @@ from __future__ import annotations
 import collections
 import json
 import time
-from typing import Callable
+from typing import Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -74,13 +81,25 @@ def request_stream(tokenizer, count: int, prompt_lens: tuple, output_lens: tuple
           [int(n) for n in outputs])
 
 
+class StaticRun(NamedTuple):
+  """static_batches' result: compile seconds; median stream seconds over the repeats; tokens
+  and depths per request; per batch the deepest exit depth of each decode step [steps - 1]
+  (what every row of that batch computes); the padded prompt length of every row prefilled
+  (the last batch's dummies included); and, when asked for, the median seconds of the
+  prefills alone (the same batches' prompts, in a pass of their own after the timed ones)."""
+  compile_seconds: float
+  seconds: float
+  tokens: list
+  depths: list
+  deepest: list
+  prefill_lengths: list
+  prefill_seconds: Optional[float]
+
+
 def static_batches(cfg, params, prompts, max_new, slots: int, policy, classifier=None,
-                   repeats: int = 1):
+                   repeats: int = 1, time_prefill: bool = False) -> StaticRun:
   """Decodes the stream in arrival-order batches of `slots` (the last one filled with
-  one-token dummies) with generation.generate_tokens. Returns (compile seconds, median
-  stream seconds over `repeats` runs, tokens per request, depths per request, per batch the
-  deepest exit depth of each decode step [steps - 1]: what every row of that batch
-  computes)."""
+  one-token dummies) with generation.generate_tokens."""
   prompt, lengths = decode_lib.pad_prompts(prompts, pad_id=0)
   longest = max(max_new)
   count = len(prompts)
@@ -102,12 +121,24 @@ def static_batches(cfg, params, prompts, max_new, slots: int, policy, classifier
   compiled = jax.jit(run).lower(*batch(0)).compile()
   compile_seconds = time.perf_counter() - start
   jax.block_until_ready(compiled(*batch(0)))  # warm-up
-  runs = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    outs = [jax.block_until_ready(compiled(*batch(i))) for i in range(0, padded, slots)]
-    runs.append(time.perf_counter() - start)
-  seconds = float(np.median(runs))
+
+  def timed(program, inputs):  # median seconds of `repeats` passes over the batches
+    runs = []
+    for _ in range(repeats):
+      start = time.perf_counter()
+      outs = [jax.block_until_ready(program(*inputs(i))) for i in range(0, padded, slots)]
+      runs.append(time.perf_counter() - start)
+    return float(np.median(runs)), outs
+
+  seconds, outs = timed(compiled, batch)
+  prefill_seconds = None
+  if time_prefill:  # the prefill generate_tokens starts with, at its cache length
+    cache_len = prompt.shape[1] + longest + 1
+    prefill = jax.jit(lambda params, prompt, lengths: decode_lib.prefill(
+        cfg, params, prompt, lengths, cache_len))
+    prefill_inputs = lambda i: batch(i)[:3]
+    jax.block_until_ready(prefill(*prefill_inputs(0)))  # compile and warm up
+    prefill_seconds, _ = timed(prefill, prefill_inputs)
   tokens, depths, deepest = [], [], []
   for out, i in zip(outs, range(0, padded, slots)):
     rows = min(slots, count - i)
@@ -117,7 +148,8 @@ def static_batches(cfg, params, prompts, max_new, slots: int, policy, classifier
       depths.append(d[r, :max_new[i + r]].tolist())
     steps = max(max_new[i:i + rows])
     deepest.append(d[:, 1:steps].max(0))  # the batch computes every row to this depth
-  return compile_seconds, seconds, tokens, depths, deepest
+  return StaticRun(compile_seconds, seconds, tokens, depths, deepest,
+                   [prompt.shape[1]] * padded, prefill_seconds)
 
 
 def _time_split(model, prompts, max_new, policy, engine, chunk_ticks, tokens) -> dict:
@@ -214,7 +246,7 @@ def run_engine_benchmark(config, workdir: str, out_path: str,
   rows, static_choices = [], {}
 
   def record(mode, slots, threshold, tokens, depths, seconds, compile_s, flops, utilisation,
-             reference):
+             reference, prefill_lengths):
     decoded = np.concatenate([np.asarray(d[1:], int) for d in depths])
     if tokens == reference and slots in static_choices:  # full depth: (a)'s tokens again
       mine = static_choices[slots]
@@ -240,12 +272,23 @@ def run_engine_benchmark(config, workdir: str, out_path: str,
            'theoretical_speedup': static_row['flops'] / flops if static_row else 1.0,
            'realized_speedup': tps / static_row['tokens_per_second'] if static_row else 1.0,
            'requests': b.num_requests, 'tokens': generated}
+    row['realized_over_theoretical'] = row['realized_speedup'] / row['theoretical_speedup']
+    # The prompts' FLOPs too, which the stream's wall time (prefill included) pays for; not
+    # for Mixture-of-Recursions models, whose prefill routes the prompt.
+    row['prefill_flops'] = (None if cfg.routing is not None
+                            else costs.prefill_flops(cfg, prefill_lengths))
+    if row['prefill_flops'] is not None and static_row:
+      row['theoretical_speedup_with_prefill'] = (
+          (static_row['flops'] + static_row['prefill_flops']) / (flops + row['prefill_flops']))
+      row['realized_over_theoretical_with_prefill'] = (
+          row['realized_speedup'] / row['theoretical_speedup_with_prefill'])
+    elif row['prefill_flops'] is not None:
+      row['theoretical_speedup_with_prefill'] = row['realized_over_theoretical_with_prefill'] = 1.0
     if cfg.routing is not None:
       # Per token: every recursion's decode FLOPs over those this row's tokens spent (no
       # static-batching padding counted), and the realized speedup over it.
       per_token = full / float(costs.mor_decode_flops(cfg, decoded, context).mean())
       row.update(mean_recursions=float(recursions.mean()),
-                 realized_over_theoretical=row['realized_speedup'] / row['theoretical_speedup'],
                  per_token_theoretical_speedup=per_token,
                  realized_over_per_token_theoretical=row['realized_speedup'] / per_token)
     rows.append(row)
@@ -259,19 +302,21 @@ def run_engine_benchmark(config, workdir: str, out_path: str,
   for slots in slot_counts:
     static_tokens = None
     for threshold, policy in policies:
-      compile_s, seconds, tokens, depths, deepest = static_batches(
-          cfg, model.decode_params, prompts, max_new, slots, policy, classifier, b.repeats)
+      static = static_batches(cfg, model.decode_params, prompts, max_new, slots, policy,
+                              classifier, b.repeats, time_prefill=threshold is None)
+      compile_s, seconds, tokens, depths, deepest = static[:5]
       positions = sum(slots * (len(d) + 1) for d in deepest)
       utilisation = generated / positions
       if threshold is None:
         static_tokens = tokens
         flops = sum(slots * len(d) for d in deepest) * full
         record('static', slots, None, tokens, depths, seconds, compile_s, flops, utilisation,
-               tokens)
+               tokens, static.prefill_lengths)
+        rows[-1]['prefill_seconds'] = static.prefill_seconds
       else:
         flops = sum(slots * token_flops(d, policy, 'propagate').sum() for d in deepest)
         record('per_row_exit', slots, threshold, tokens, depths, seconds, compile_s, flops,
-               utilisation, static_tokens)
+               utilisation, static_tokens, static.prefill_lengths)
     engine = serving_api.Engine(model, slots=slots, cache_len=cache_len, eos_id=NO_EOS,
                                 finish_slots=min(config.serve.finish_slots, slots),
                                 classifier=classifier)
@@ -304,18 +349,30 @@ def run_engine_benchmark(config, workdir: str, out_path: str,
              out.exit_depths, float(np.median([r.stats['seconds'] for r in runs])),
              engine.compile_seconds - compile_before,
              flops,
-             out.stats['slot_utilisation'], static_tokens)
+             out.stats['slot_utilisation'], static_tokens,
+             [serving_api.padded_length(len(p)) for p in prompts])
       rows[-1]['prefill_ahead_count'] = ahead
       rows[-1]['seconds_without_prefill_ahead'] = float(
           np.median([without.stats['seconds'] for _, without in pairs]))
       split = rows[-1]['time_split'] = _time_split(model, prompts, max_new, policy, engine,
                                                    config.serve.chunk_ticks, out.tokens)
+      # Decode alone: each method's seconds without its prefills (for (a) its prefill pass
+      # apart, for the engine the waited pass less its prefill calls), against the decode
+      # FLOPs' theoretical speedup.
+      static_row = next(r for r in rows if r['slots'] == slots and r['mode'] == 'static')
+      decode_seconds = split['seconds'] - split['prefill_seconds']
+      rows[-1]['realized_decode_speedup'] = (
+          (static_row['seconds'] - static_row['prefill_seconds']) / decode_seconds)
+      rows[-1]['realized_decode_over_theoretical'] = (
+          rows[-1]['realized_decode_speedup'] / rows[-1]['theoretical_speedup'])
       progress(f'      {rows[-1]["seconds"]:.2f} s, without prefills ahead '
                f'{rows[-1]["seconds_without_prefill_ahead"]:.2f} s; each call waited for: '
                f'{split["seconds"]:.2f} s = prefill '
                f'{split["prefill_seconds"]:.2f} + insert {split["insert_seconds"]:.2f} + '
                f'generate {split["generate_seconds"]:.2f} ({split["ms_per_tick"]:.3f} ms a '
-               f'tick) + host {split["host_seconds"]:.2f}')
+               f'tick) + host {split["host_seconds"]:.2f}; decode alone '
+               f'{rows[-1]["realized_decode_speedup"]:.2f}x over static batching\'s (theory '
+               f'{rows[-1]["theoretical_speedup"]:.2f}x)')
   with open(out_path, 'w') as f:
     json.dump(rows, f, indent=1)
   plot_path = out_path.rsplit('.', 1)[0] + '.png'
