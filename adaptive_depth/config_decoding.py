@@ -181,10 +181,9 @@ def serve_problems(s) -> list[str]:
   if s.cache_len < 0:
     p.append(f'config.serve.cache_len={s.cache_len}: must be >= 0 (0 = fit the longest '
              'request)')
-  if (isinstance(s.prefill_ahead_count, bool)
-      or not 0 <= s.prefill_ahead_count <= max(s.slots, 0)):
-    p.append(f'config.serve.prefill_ahead_count={s.prefill_ahead_count}: allowed 0 (prefill a '
-             f'prompt only when its slot is free) to config.serve.slots={s.slots}')
+  if isinstance(s.prefill_ahead_count, bool) or s.prefill_ahead_count < 0:
+    p.append(f'config.serve.prefill_ahead_count={s.prefill_ahead_count}: must be >= 0 (0 = '
+             'prefill a prompt only when its slot is free)')
   if not 0 <= s.finish_slots <= s.slots:
     p.append(f'config.serve.finish_slots={s.finish_slots}: allowed 0 (automatic) to '
              f'config.serve.slots={s.slots}')

@@ -125,8 +125,6 @@ BAD_VALUES = [
     ({'benchmark.repeats': 0}, 'config.benchmark.repeats', '0'),
     ({'serve.prefill_ahead_count': -1}, 'config.serve.prefill_ahead_count', '-1'),
     ({'serve.prefill_ahead_count': True}, 'config.serve.prefill_ahead_count', 'True'),
-    ({'serve.prefill_ahead_count': 17}, 'config.serve.prefill_ahead_count',
-     'config.serve.slots=16'),
     ({'generate.seed': 2**63}, 'config.generate.seed', '0..2**63-1'),
     ({'generate.seed': -1}, 'config.generate.seed', '-1'),
     ({'benchmark.seed': -3}, 'config.benchmark.seed', '-3'),

@@ -168,4 +168,8 @@ def test_engine_benchmark_runs_a_mor_model(tmp_path):
   assert routed['theoretical_speedup'] > full['theoretical_speedup']
   assert 0 < routed['realized_over_theoretical'] and 0 < routed['realized_speedup']
   assert routed['per_token_theoretical_speedup'] > 1
+  # Routed prefills are not counted in FLOPs nor timed apart.
+  assert all(r['prefill_flops'] is None and 'theoretical_speedup_with_prefill' not in r
+             and 'realized_decode_speedup' not in r for r in rows)
+  assert by_mode['static']['prefill_seconds'] is None
   assert json.loads(open(out).read()) == rows

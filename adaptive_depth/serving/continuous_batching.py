@@ -69,8 +69,8 @@ def serve(model: saved_model.LoadedModel, prompts, *, slots: int = 4,
   the number of finished requests whenever some finish (a progress bar's hook).
   finish_slots: Mixture-of-Recursions models, slots that may finish a token per tick (as
   Engine takes it; 0 = automatic). prefill_ahead_count: waiting prompts prefilled while a
-  chunk runs, ready for the slots it frees (0: prefill only when a slot is free; at most
-  the engine's slots).
+  chunk runs, ready for the slots it frees (0: prefill only when a slot is free; more than
+  the engine's slots counts as its slots).
   """
   cfg, tokenizer = model.model_config, model.tokenizer
   token_lists = decode_api._prompt_ids(prompts, tokenizer, cfg.vocab_size)
@@ -92,9 +92,9 @@ def serve(model: saved_model.LoadedModel, prompts, *, slots: int = 4,
     if sampling is not None or eos_id is not None or classifier is not None:
       raise cli.UserError('sampling=, eos_id= and classifier= belong to the engine when '
                           'engine= is given: pass them to Engine(...)')
-  if prefill_ahead_count > engine.slots:  # each prefix ahead holds a cache row of its own
-    raise cli.UserError(f'prefill_ahead_count={prefill_ahead_count}: allowed 0 to '
-                        f'slots={engine.slots} (a chunk of ticks frees at most every slot)')
+  # A chunk of ticks frees at most every slot, and each prefix ahead holds a cache row of its
+  # own: more than `slots` ahead would only hold memory.
+  prefill_ahead_count = min(prefill_ahead_count, engine.slots)
   for i, (ids, m) in enumerate(zip(token_lists, max_new)):
     engine.check_request(len(ids), m, name=f'prompts[{i}]')
   policy = engine.policy if exit is None else engine._checked_policy(exit)
@@ -133,7 +133,7 @@ def serve(model: saved_model.LoadedModel, prompts, *, slots: int = 4,
   # Prefills run on a thread of their own, up to prefill_ahead_count of them ahead of the
   # slots that free up: programs called from one thread run one after another on the CPU,
   # from two threads side by side, so the next prompts' prefills use the cores a chunk of
-  # ticks leaves idle (README: Depth-wise batching on a request stream).
+  # ticks leaves idle (docs/engine_benchmark_history.md, Prefills beside the ticks).
   prefiller = concurrent.futures.ThreadPoolExecutor(max_workers=1)
   try:
 

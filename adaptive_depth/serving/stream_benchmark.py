@@ -30,12 +30,16 @@ theoretical_speedup = decode FLOPs (a) spends / decode FLOPs of the row (for the
 its tokens' own FLOPs at their depths, what a perfectly packed table would spend; for (b):
 every row of a batch at the deepest row's depth); realized_speedup = tokens/s over (a)'s;
 realized_over_theoretical = their ratio. The wall time pays for the prompts, which those
-FLOPs leave out, so rows also carry prefill_flops (costs.prefill_flops: (a) prefills each
-prompt padded to the longest of the stream, the engine to a multiple of PROMPT_MULTIPLE),
-theoretical_speedup_with_prefill (prompts and decode) and realized_over_theoretical_with_prefill.
-For decode alone, (a) carries prefill_seconds (a pass of its prefills alone) and engine rows
-realized_decode_speedup: (a)'s seconds less its prefills over the engine's seconds less its
-prefill calls (time_split), and realized_decode_over_theoretical (over theoretical_speedup).
+FLOPs leave out, so rows also carry prefill_flops (costs.prefill_flops: (a) prefills every
+row padded to the stream's longest prompt rounded up to a multiple of 16, the engine each
+prompt to a multiple of PROMPT_MULTIPLE), theoretical_speedup_with_prefill (prompts and
+decode FLOPs; a FLOP count, not a time prediction: prefill runs at far more FLOP/s than
+decode) and realized_over_theoretical_with_prefill. For decode alone, (a) carries
+prefill_seconds (the median of passes of its prefills alone) and engine rows
+realized_decode_speedup: (a)'s median seconds less that, over the seconds of the engine's one
+time_split pass less its prefill calls; and realized_decode_over_theoretical (over
+theoretical_speedup). Mixture-of-Recursions models, whose prefill routes the prompt, get
+prefill_flops and prefill_seconds None and no *_with_prefill or decode-alone keys.
 Engine rows also carry seconds_without_prefill_ahead (the median of timed passes with
 prompts prefilled only when a slot is free, interleaved with the timed passes) and
 time_split: one more pass of the stream with every engine call waited for and timed
@@ -302,9 +306,13 @@ def run_engine_benchmark(config, workdir: str, out_path: str,
   for slots in slot_counts:
     static_tokens = None
     for threshold, policy in policies:
+      # (a)'s prefills timed apart, for decode alone (not for Mixture-of-Recursions models,
+      # whose static batches prefill with routing: prefill_flops is None for them too).
       static = static_batches(cfg, model.decode_params, prompts, max_new, slots, policy,
-                              classifier, b.repeats, time_prefill=threshold is None)
-      compile_s, seconds, tokens, depths, deepest = static[:5]
+                              classifier, b.repeats,
+                              time_prefill=threshold is None and cfg.routing is None)
+      compile_s, seconds = static.compile_seconds, static.seconds
+      tokens, depths, deepest = static.tokens, static.depths, static.deepest
       positions = sum(slots * (len(d) + 1) for d in deepest)
       utilisation = generated / positions
       if threshold is None:
@@ -360,19 +368,21 @@ def run_engine_benchmark(config, workdir: str, out_path: str,
       # apart, for the engine the waited pass less its prefill calls), against the decode
       # FLOPs' theoretical speedup.
       static_row = next(r for r in rows if r['slots'] == slots and r['mode'] == 'static')
-      decode_seconds = split['seconds'] - split['prefill_seconds']
-      rows[-1]['realized_decode_speedup'] = (
-          (static_row['seconds'] - static_row['prefill_seconds']) / decode_seconds)
-      rows[-1]['realized_decode_over_theoretical'] = (
-          rows[-1]['realized_decode_speedup'] / rows[-1]['theoretical_speedup'])
+      if static_row['prefill_seconds'] is not None:
+        decode_seconds = split['seconds'] - split['prefill_seconds']
+        rows[-1]['realized_decode_speedup'] = (
+            (static_row['seconds'] - static_row['prefill_seconds']) / decode_seconds)
+        rows[-1]['realized_decode_over_theoretical'] = (
+            rows[-1]['realized_decode_speedup'] / rows[-1]['theoretical_speedup'])
       progress(f'      {rows[-1]["seconds"]:.2f} s, without prefills ahead '
                f'{rows[-1]["seconds_without_prefill_ahead"]:.2f} s; each call waited for: '
                f'{split["seconds"]:.2f} s = prefill '
                f'{split["prefill_seconds"]:.2f} + insert {split["insert_seconds"]:.2f} + '
                f'generate {split["generate_seconds"]:.2f} ({split["ms_per_tick"]:.3f} ms a '
-               f'tick) + host {split["host_seconds"]:.2f}; decode alone '
-               f'{rows[-1]["realized_decode_speedup"]:.2f}x over static batching\'s (theory '
-               f'{rows[-1]["theoretical_speedup"]:.2f}x)')
+               f'tick) + host {split["host_seconds"]:.2f}')
+      if 'realized_decode_speedup' in rows[-1]:
+        progress(f'      decode alone {rows[-1]["realized_decode_speedup"]:.2f}x over static '
+                 f'batching\'s (theory {rows[-1]["theoretical_speedup"]:.2f}x)')
   with open(out_path, 'w') as f:
     json.dump(rows, f, indent=1)
   plot_path = out_path.rsplit('.', 1)[0] + '.png'

@@ -87,7 +87,8 @@ def multi_exit_loss(logits, targets, weights, kind: str = 'lm'):
   exit's cross entropy, plus for each exit after the first its KL(p_previous || p_exit) with
   the previous exit's distribution held fixed: it penalises changes from the previous exit
   that the corpus does not pay for (aimed at looped blocks, whose deep steps otherwise keep
-  moving the prediction; the README, Depth-wise batching, has what it did).
+  moving the prediction; docs/engine_benchmark_history.md, What holds the exits back, has
+  what it did).
   logits: [E, B, T, V]; targets: [B, T]; weights: [E].
   Returns (scalar loss, per-exit mean cross entropy [E] and accuracy [E]; both reported
   whatever the kind).
