@@ -249,6 +249,9 @@ def run_engine_benchmark(config, workdir: str, out_path: str,
            f'{cfg.num_blocks} block(s), measure {b.measure}, on {jax.devices()[0].platform}')
   rows, static_choices = [], {}
 
+  def static_row_of(slots):  # (a)'s row at this slot count, once recorded
+    return next((r for r in rows if r['slots'] == slots and r['mode'] == 'static'), None)
+
   def record(mode, slots, threshold, tokens, depths, seconds, compile_s, flops, utilisation,
              reference, prefill_lengths):
     decoded = np.concatenate([np.asarray(d[1:], int) for d in depths])
@@ -263,7 +266,7 @@ def run_engine_benchmark(config, workdir: str, out_path: str,
     same = np.concatenate([np.asarray(t) == np.asarray(r)
                            for t, r in zip(tokens, reference or tokens)]).mean()
     tps = generated / seconds
-    static_row = next((r for r in rows if r['slots'] == slots and r['mode'] == 'static'), None)
+    static_row = static_row_of(slots)
     if cfg.routing is not None:  # recursions run per decode step
       recursions = (decoded - 2) / (cfg.num_blocks - 2)
     row = {'mode': mode, 'policy': mode, 'slots': slots, 'batch': slots,
@@ -281,13 +284,12 @@ def run_engine_benchmark(config, workdir: str, out_path: str,
     # for Mixture-of-Recursions models, whose prefill routes the prompt.
     row['prefill_flops'] = (None if cfg.routing is not None
                             else costs.prefill_flops(cfg, prefill_lengths))
-    if row['prefill_flops'] is not None and static_row:
+    if row['prefill_flops'] is not None:
+      base = static_row or row  # (a) itself: a ratio of 1
       row['theoretical_speedup_with_prefill'] = (
-          (static_row['flops'] + static_row['prefill_flops']) / (flops + row['prefill_flops']))
+          (base['flops'] + base['prefill_flops']) / (flops + row['prefill_flops']))
       row['realized_over_theoretical_with_prefill'] = (
           row['realized_speedup'] / row['theoretical_speedup_with_prefill'])
-    elif row['prefill_flops'] is not None:
-      row['theoretical_speedup_with_prefill'] = row['realized_over_theoretical_with_prefill'] = 1.0
     if cfg.routing is not None:
       # Per token: every recursion's decode FLOPs over those this row's tokens spent (no
       # static-batching padding counted), and the realized speedup over it.
@@ -367,7 +369,7 @@ def run_engine_benchmark(config, workdir: str, out_path: str,
       # Decode alone: each method's seconds without its prefills (for (a) its prefill pass
       # apart, for the engine the waited pass less its prefill calls), against the decode
       # FLOPs' theoretical speedup.
-      static_row = next(r for r in rows if r['slots'] == slots and r['mode'] == 'static')
+      static_row = static_row_of(slots)
       if static_row['prefill_seconds'] is not None:
         decode_seconds = split['seconds'] - split['prefill_seconds']
         rows[-1]['realized_decode_speedup'] = (
