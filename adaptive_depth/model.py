@@ -265,8 +265,20 @@ def forward_exit_states(cfg: ModelConfig, params, tokens, constrain=lambda x: x)
                      'adaptive_depth.forward_outputs (or forward_train)')
   positions = default_positions(tokens)
   h = constrain(embed(cfg, params, tokens))
-  hiddens = run_all_steps(cfg, params, h, positions, constrain)
-  return hiddens[np.asarray(cfg.exit_depths) - 1]
+  return at_exit_depths(cfg, run_all_steps(cfg, params, h, positions, constrain))
+
+
+def at_exit_depths(cfg: ModelConfig, hiddens):
+  """The states after each exit's step. hiddens: [num_layers, ...] -> [num_exits, ...].
+
+  Static slices, not an index array: XLA turns the latter into a gather in the forward
+  and a scatter-add in the backward of every train step, and with an exit after every
+  step it is the whole stack anyway.
+  """
+  steps = [depth - 1 for depth in cfg.exit_depths]
+  if steps == list(range(hiddens.shape[0])):
+    return hiddens
+  return jnp.stack([hiddens[step] for step in steps])
 
 
 def forward_train(cfg: ModelConfig, params, tokens, constrain=lambda x: x):

@@ -161,6 +161,18 @@ def test_untied_head_and_exit_subset():
     np.testing.assert_allclose(np.asarray(logits[e, 0]), w, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize('exit_layers', ['all', '2,3', 'every:2', 'last'])
+def test_exit_states_by_static_slices_equal_an_index_array(exit_layers):
+  """at_exit_depths against numpy-style indexing: the same states and the same gradient."""
+  cfg = small_config(exit_layers=exit_layers)
+  hiddens = _random_normal((cfg.num_layers, 2, 3, cfg.width), 0)
+  cotangent = _random_normal((len(cfg.exit_depths), 2, 3, cfg.width), 1)
+  want, want_vjp = jax.vjp(lambda h: h[np.asarray(cfg.exit_depths) - 1], hiddens)
+  got, got_vjp = jax.vjp(lambda h: model_lib.at_exit_depths(cfg, h), hiddens)
+  np.testing.assert_array_equal(got, want)
+  np.testing.assert_array_equal(got_vjp(cotangent)[0], want_vjp(cotangent)[0])
+
+
 def test_block_sharing_shares_gradients():
   """With a cycle schedule both uses of a block contribute to its one gradient."""
   cfg = small_config(schedule='cycle', num_blocks=2, num_layers=4)

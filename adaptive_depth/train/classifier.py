@@ -19,7 +19,6 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
@@ -42,7 +41,7 @@ def exit_features(cfg: model_lib.ModelConfig, params, tokens):
   positions = model_lib.default_positions(tokens)
   hiddens = model_lib.run_all_steps(cfg, params, model_lib.embed(cfg, params, tokens),
                                     positions)
-  exit_hidden = hiddens[np.asarray(cfg.exit_depths) - 1]
+  exit_hidden = model_lib.at_exit_depths(cfg, hiddens)
   logits = model_lib.head_logits(cfg, params, exit_hidden, exit_heads.ALL_EXITS)
   normed = exit_heads.exit_normed(cfg, params, exit_hidden, exit_heads.ALL_EXITS)
   num_exits = len(cfg.exit_depths)
