@@ -1,13 +1,16 @@
 """Timing compiled programs side by side (the decode probe, the train step benchmark).
 
 This shared machine's speed drifts by tens of percent between minutes, so programs whose
-times are compared run in rounds, each round running every one of them once in turn.
+times are compared run in rounds, each round running every one of them once in turn; a
+comparison is then the median of the rounds' ratios, with a bootstrap interval that says how
+far the spread between rounds leaves it uncertain.
 """
 from __future__ import annotations
 
 import time
 
 import jax
+import numpy as np
 
 
 def interleaved_seconds(programs: dict, repeats: int) -> dict:
@@ -24,3 +27,32 @@ def interleaved_seconds(programs: dict, repeats: int) -> dict:
       jax.block_until_ready(compiled(*args))
       times[key].append(time.perf_counter() - start)
   return times
+
+
+def median_with_interval(per_round, level: float = 0.95, resamples: int = 2000,
+                         seed: int = 0) -> dict:
+  """The median of per-round values (e.g. each round's ratio of two programs' times, both
+  measured side by side) with a bootstrap percentile interval for it: the rounds resampled
+  with replacement `resamples` times (numpy default_rng(seed)), the median of each
+  resample, and the central `level` of those medians.
+
+  per_round: [R] values. Returns {'median', 'low', 'high', 'level', 'rounds'}. With few
+  rounds the interval is coarse (it can only fall on values the rounds took), but it says
+  whether a bound such as "at least 1.0x" holds beyond the run-to-run spread.
+  """
+  values = np.asarray(per_round, dtype=np.float64).reshape(-1)
+  if not values.size:
+    raise ValueError('median_with_interval needs at least one round')
+  if not 0.0 < level < 1.0:
+    raise ValueError(f'level={level}: must be in (0, 1)')
+  picks = np.random.default_rng(seed).integers(0, values.size, (resamples, values.size))
+  medians = np.median(values[picks], axis=1)
+  low, high = np.quantile(medians, [(1.0 - level) / 2.0, (1.0 + level) / 2.0])
+  return {'median': float(np.median(values)), 'low': float(low), 'high': float(high),
+          'level': level, 'rounds': int(values.size)}
+
+
+def interval_text(stats: dict, fmt: str = '{:.2f}') -> str:
+  """'1.02 (95% interval 0.99 to 1.05, 12 rounds)' from median_with_interval's dict."""
+  return (f'{fmt.format(stats["median"])} ({100 * stats["level"]:.0f}% interval '
+          f'{fmt.format(stats["low"])} to {fmt.format(stats["high"])}, {stats["rounds"]} rounds)')

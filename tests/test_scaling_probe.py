@@ -50,3 +50,18 @@ def test_block_chain_makes_every_product_of_a_decode_step():
                + 3 * cfg.width * cfg.mlp_dim)
   weights = cfg.num_layers * per_layer + cfg.width * cfg.vocab_size
   assert 1.0 <= cost['flops'] / (2 * 2 * weights) < 1.1
+
+
+def test_probe_reports_intervals_around_its_medians(tmp_path):
+  """A tiny run: each row's intervals hold the median the row reports, from the same
+  rounds; the figures themselves are not checked (timing)."""
+  config = ad.load_config('configs/quickstart.py:tiny')
+  report = scaling_probe.run_probe(config, str(tmp_path / 'p.json'), batches=(1, 2),
+                                   new_tokens=(2, 4), prompt_len=4, repeats=3,
+                                   progress=lambda _: None)
+  for row in report['rows']:
+    intervals = row['intervals']
+    assert intervals['cache_length_cost']['median'] == row['cache_length_cost']
+    assert intervals['decode_batch_ratio']['median'] == row['decode_batch_ratio']
+    for stats in intervals.values():
+      assert stats['low'] <= stats['median'] <= stats['high'] and stats['rounds'] == 3

@@ -90,9 +90,13 @@ def test_train_benchmark_times_pytorch_and_the_whole_loop_beside_the_step(tmp_pa
   assert len(xla['page_faults_per_timed_call']) == 2
   assert xla['page_faults_per_step'] == np.median(xla['page_faults_per_timed_call'])
   assert xla['speed_vs_pytorch'] == pytest.approx(pytorch['step_ms'] / xla['step_ms'])
+  # Round by round: the median of the two rounds' ratios, inside its interval.
+  per_round = xla['speed_vs_pytorch_per_round']
+  assert per_round['rounds'] == 2
+  assert per_round['low'] <= per_round['median'] <= per_round['high']
   assert whole['fraction_of_step_alone'] == pytest.approx(
       whole['tokens_per_second'] / xla['tokens_per_second'])
-  assert any("pytorch's speed" in line for line in lines)
+  assert any("pytorch's speed; per round:" in line for line in lines)
   # XLA's memory analysis beside the bytes of every exit's logits (exits x B x T x V x 4).
   assert xla['all_exit_logits_bytes'] == 4 * batch_size * seq_len * 258 * 4
   assert xla['temp_bytes'] > 0

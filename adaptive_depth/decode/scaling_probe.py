@@ -22,7 +22,9 @@ The parameters are random (timing does not depend on their values): no workdir n
 Every program is compiled and run once, then timed in `repeats` rounds, each round running
 every program once in turn; each figure is the median over rounds, and each ratio the
 median of the rounds' ratios (both sides of a ratio ran side by side: this machine's speed
-drifts by tens of percent between minutes). A decode step's time excludes the prefill:
+drifts by tens of percent between minutes). Each row's 'intervals' give the cache cost, the
+batch ratio and the batch ratio over each chain's (round by round) with a bootstrap interval
+of their median (timing.median_with_interval). A decode step's time excludes the prefill:
 each setting is also timed with one new token (the prefill's) and that time is subtracted.
 """
 from __future__ import annotations
@@ -174,6 +176,16 @@ def run_probe(config, out_path: str, *, batches: Sequence[int] = (1, 8),
              'matmul_chain_batch_ratio': median(chain_tps[batch] / chain_tps[1]),
              'block_chain_tokens_per_second': median(block_chain_tps[batch]),
              'block_chain_batch_ratio': median(block_chain_tps[batch] / block_chain_tps[1])}
+      # The same comparisons with their intervals over the rounds (timing.median_with_
+      # interval), and the batch ratio against each chain's round by round.
+      decode_ratio = decode_tps[batch] / decode_tps[1]
+      row['intervals'] = {name: timing.median_with_interval(per_round) for name, per_round in (
+          ('cache_length_cost', step(chunk, batch, long) / step(chunk, batch, short) - 1.0),
+          ('decode_batch_ratio', decode_ratio),
+          ('decode_over_matmul_chain_batch_ratio', decode_ratio / (chain_tps[batch] /
+                                                                   chain_tps[1])),
+          ('decode_over_block_chain_batch_ratio', decode_ratio / (block_chain_tps[batch] /
+                                                                  block_chain_tps[1])))}
       if chunk != read_chunks[0]:  # against the first setting, round by round
         row[f'step_over_read_chunk_{read_chunks[0]}'] = {
             n: median(step(chunk, batch, n) / step(read_chunks[0], batch, n))
@@ -191,6 +203,12 @@ def run_probe(config, out_path: str, *, batches: Sequence[int] = (1, 8),
                f'decode {row["decode_batch_ratio"]:.2f}x, bare matmul chain '
                f'{row["matmul_chain_batch_ratio"]:.2f}x, block chain '
                f'{row["block_chain_batch_ratio"]:.2f}x')
+      intervals = row['intervals']
+      progress(f'    per round: cache-length cost '
+               f'{timing.interval_text(intervals["cache_length_cost"], "{:+.1%}")}')
+      for chain in ('matmul_chain', 'block_chain'):
+        progress(f'    per round: decode batch ratio over the {chain.replace("_", " ")}\'s '
+                 f'{timing.interval_text(intervals[f"decode_over_{chain}_batch_ratio"])}')
   for row in rows:
     if row['read_chunk'] != read_chunks[0]:
       ratios = row[f'step_over_read_chunk_{read_chunks[0]}']
