@@ -4,9 +4,11 @@
                            tensor. The reference the others are tested against; the only
                            one for attention against the decode cache.
   'heads_major'            the same function with 4-D products batched over (batch, KV
-                           head), K and V moved head-major first. On the 2-core CPU the
-                           quickstart train step ran up to 1.07x faster than with 'xla'
-                           (launch/train_benchmark.py; README, Scale).
+                           head), K and V moved head-major first, and a gradient of its own
+                           whose products all run in XLA's CPU dot library. On the 2-core
+                           CPU the quickstart train step ran up to 1.07x faster than with
+                           'xla', and the gradient 1.04x more (launch/train_benchmark.py;
+                           README, Scale).
   'dot_product_attention'  jax.nn.dot_product_attention. On GPU in bfloat16 or float16 it
                            asks for cuDNN's fused causal attention (implementation='cudnn'),
                            falling back to jax's XLA version where cuDNN refuses the call;
@@ -70,14 +72,57 @@ def heads_major(q, k, v, mask):
   rows = q.reshape(batch, q_len, num_kv, group, head_dim).transpose(0, 2, 3, 1, 4).reshape(
       batch, num_kv, group * q_len, head_dim)
   k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, KV, S, Dh]
-  scores = jnp.einsum('bkrd,bksd->bkrs', rows, k, preferred_element_type=jnp.float32)
-  scores = scores / jnp.sqrt(jnp.float32(head_dim))
   row_mask = jnp.tile(mask, (1, group, 1))[:, None]  # row g * T + t: query position t
-  scores = jnp.where(row_mask, scores, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  out = jnp.einsum('bkrs,bksd->bkrd', probs, v)  # [B, KV, G * T, Dh]
+  out = _rows_attention(rows, k, v, row_mask)  # [B, KV, G * T, Dh]
   return out.reshape(batch, num_kv, group, q_len, head_dim).transpose(0, 3, 1, 2, 4).reshape(
       batch, q_len, num_heads, head_dim)
+
+
+def _rows_forward(rows, k, v, row_mask):
+  """rows: [B, KV, R, Dh]; k, v: [B, KV, S, Dh]; row_mask: [B, 1, R, S] -> (out [B, KV, R,
+  Dh], probabilities [B, KV, R, S] float32)."""
+  scores = jnp.einsum('bkrd,bksd->bkrs', rows, k, preferred_element_type=jnp.float32)
+  scores = scores / jnp.sqrt(jnp.float32(rows.shape[-1]))
+  scores = jnp.where(row_mask, scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1)
+  return jnp.einsum('bkrs,bksd->bkrd', probs.astype(v.dtype), v), probs
+
+
+@jax.custom_vjp
+def _rows_attention(rows, k, v, row_mask):
+  return _rows_forward(rows, k, v, row_mask)[0]
+
+
+def _rows_attention_forward(rows, k, v, row_mask):
+  out, probs = _rows_forward(rows, k, v, row_mask)
+  return out, (rows, k, v, probs, row_mask)
+
+
+def _transposed(x):
+  """x with its last two axes swapped, as an array of its own: the barrier keeps XLA from
+  folding the transpose back into the product that reads it."""
+  return jax.lax.optimization_barrier(jnp.swapaxes(x, -1, -2))
+
+
+def _rows_attention_backward(residuals, d_out):
+  """The gradient autodiff gives, with the two products that contract over the query rows
+  (those giving d_k and d_v) computed transposed, from transposed copies of rows and d_out
+  ([B, KV, Dh, R]: small next to the [R, S] probabilities). Contracting the rows' axis of
+  the probabilities or scores directly is a product XLA's CPU dot library does not take;
+  its fallback ran them at about a third of the library's rate (README, Scale)."""
+  rows, k, v, probs, row_mask = residuals
+  d_probs = jnp.einsum('bkrd,bksd->bkrs', d_out, v, preferred_element_type=jnp.float32)
+  d_scores = probs * (d_probs - jnp.sum(d_probs * probs, axis=-1, keepdims=True))
+  # Masked scores were replaced by a constant: no gradient reaches them (as through where).
+  d_scores = jnp.where(row_mask, d_scores, 0.0) / jnp.sqrt(jnp.float32(rows.shape[-1]))
+  d_rows = jnp.einsum('bkrs,bksd->bkrd', d_scores.astype(k.dtype), k)
+  d_k = jnp.einsum('bkdr,bkrs->bkds', _transposed(rows), d_scores.astype(rows.dtype))
+  d_v = jnp.einsum('bkdr,bkrs->bkds', _transposed(d_out), probs.astype(d_out.dtype))
+  return (d_rows.astype(rows.dtype), jnp.swapaxes(d_k, -1, -2).astype(k.dtype),
+          jnp.swapaxes(d_v, -1, -2).astype(v.dtype), None)
+
+
+_rows_attention.defvjp(_rows_attention_forward, _rows_attention_backward)
 
 
 def dot_product_attention(q, k, v, mask):

@@ -60,16 +60,33 @@ def _check_against_xla(run, q, k, v, mask):
 
 
 @pytest.mark.parametrize('implementation', ['heads_major', 'dot_product_attention'])
-@pytest.mark.parametrize('shape', ['ragged_prompts', 'decode'])
+@pytest.mark.parametrize('shape', ['ragged_prompts', 'decode', 'a_row_sees_nothing'])
 def test_implementation_equals_xla(implementation, shape):
   if shape == 'ragged_prompts':
     q, k, v = _inputs(3, 12, 12)
     mask = _ragged_causal_mask([12, 7, 3], 12)
+  elif shape == 'a_row_sees_nothing':  # its queries average every value, with no gradient
+    q, k, v = _inputs(2, 6, 6)        # reaching its scores (they were replaced by a constant)
+    mask = _causal_mask(2, 6) & np.asarray([True, False])[:, None, None]
   else:  # one new token per row against a cache with its own filled length per row
     q, k, v = _inputs(3, 1, 20)
     mask = (np.arange(20)[None, :] < np.asarray([20, 9, 1])[:, None])[:, None, :]
   _check_against_xla(lambda q, k, v, mask: layers.attend(
       q, k, v, mask, implementation=implementation), q, k, v, mask)
+
+
+def test_heads_major_in_bfloat16_keeps_each_gradient_in_its_input_dtype():
+  """Its own backward casts every gradient to its input's dtype (a custom VJP that did
+  not would fail here), and stays near the 'xla' gradient at bfloat16 precision."""
+  q, k, v = (x.astype(jnp.bfloat16) for x in _inputs(2, 8, 8))
+  mask = _causal_mask(2, 8)
+  loss = lambda fn: lambda q, k, v: jnp.sum(fn(q, k, v, mask).astype(jnp.float32) ** 2)
+  got = jax.jit(jax.grad(loss(attention.heads_major), argnums=(0, 1, 2)))(q, k, v)
+  want = jax.jit(jax.grad(loss(layers.attend), argnums=(0, 1, 2)))(q, k, v)
+  for g, w in zip(got, want):
+    assert g.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32),
+                               atol=0.1, rtol=0.05)
 
 
 @pytest.mark.parametrize('length', [128, 384])
