@@ -4,11 +4,13 @@
                            tensor. The reference the others are tested against; the only
                            one for attention against the decode cache.
   'heads_major'            the same function with 4-D products batched over (batch, KV
-                           head), K and V moved head-major first, and a gradient of its own
-                           whose products all run in XLA's CPU dot library. On the 2-core
-                           CPU the quickstart train step ran up to 1.07x faster than with
-                           'xla', and the gradient 1.04x more (launch/train_benchmark.py;
-                           README, Scale).
+                           head), K and V moved head-major first; on CPU with a gradient of
+                           its own whose products all run in XLA's CPU dot library (a
+                           custom VJP: reverse-mode only there, so jax.jvp, jacfwd and
+                           hessian need 'xla'). On the 2-core CPU the quickstart train step
+                           ran up to 1.07x faster than with 'xla' (launch/train_benchmark.py),
+                           and the whole step a further 1.03-1.04x with the gradient (A/B
+                           measurements; README, Scale).
   'dot_product_attention'  jax.nn.dot_product_attention. On GPU in bfloat16 or float16 it
                            asks for cuDNN's fused causal attention (implementation='cudnn'),
                            falling back to jax's XLA version where cuDNN refuses the call;
@@ -73,7 +75,10 @@ def heads_major(q, k, v, mask):
       batch, num_kv, group * q_len, head_dim)
   k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, KV, S, Dh]
   row_mask = jnp.tile(mask, (1, group, 1))[:, None]  # row g * T + t: query position t
-  out = _rows_attention(rows, k, v, row_mask)  # [B, KV, G * T, Dh]
+  if jax.default_backend() == 'cpu':  # its gradient is shaped for the CPU's dot library
+    out = _rows_attention(rows, k, v, row_mask)  # [B, KV, G * T, Dh]
+  else:
+    out = _rows_forward(rows, k, v, row_mask)[0]
   return out.reshape(batch, num_kv, group, q_len, head_dim).transpose(0, 3, 1, 2, 4).reshape(
       batch, q_len, num_heads, head_dim)
 
@@ -90,6 +95,8 @@ def _rows_forward(rows, k, v, row_mask):
 
 @jax.custom_vjp
 def _rows_attention(rows, k, v, row_mask):
+  """_rows_forward's output ([B, KV, R, Dh]) with the gradient of
+  _rows_attention_backward."""
   return _rows_forward(rows, k, v, row_mask)[0]
 
 

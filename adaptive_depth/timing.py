@@ -42,9 +42,13 @@ def median_with_interval(per_round, level: float = 0.95, resamples: int = 2000,
   """
   values = np.asarray(per_round, dtype=np.float64).reshape(-1)
   if not values.size:
-    raise ValueError('median_with_interval needs at least one round')
+    raise ValueError('per_round is empty: median_with_interval needs at least one round')
+  if not np.isfinite(values).all():
+    raise ValueError(f'per_round={values.tolist()}: every value must be finite')
   if not 0.0 < level < 1.0:
     raise ValueError(f'level={level}: must be in (0, 1)')
+  if resamples < 1:
+    raise ValueError(f'resamples={resamples}: must be >= 1')
   picks = np.random.default_rng(seed).integers(0, values.size, (resamples, values.size))
   medians = np.median(values[picks], axis=1)
   low, high = np.quantile(medians, [(1.0 - level) / 2.0, (1.0 + level) / 2.0])

@@ -1,6 +1,7 @@
 """launch/decode_probe.py (decode.scaling_probe): bad settings are refused before anything
 compiles, and the block chain holds every product of a decode step. (Its measurements are
 figures, quoted from real runs in the README, not tested.)"""
+import numpy as np
 import pytest
 
 import adaptive_depth as ad
@@ -52,16 +53,47 @@ def test_block_chain_makes_every_product_of_a_decode_step():
   assert 1.0 <= cost['flops'] / (2 * 2 * weights) < 1.1
 
 
-def test_probe_reports_intervals_around_its_medians(tmp_path):
-  """A tiny run: each row's intervals hold the median the row reports, from the same
-  rounds; the figures themselves are not checked (timing)."""
+def test_probe_reports_each_comparison_with_its_interval(tmp_path, monkeypatch):
+  """The report's arithmetic on given round times (no program is run): each comparison is
+  the median of the rounds' ratios, recomputed here with numpy, inside its interval; the
+  batch ratios only above batch 1."""
+  rng = np.random.default_rng(0)
+  rounds = 7
+  def fake_times(programs, repeats):
+    assert repeats == rounds
+    drift = 1.0 + 0.1 * rng.random(repeats)  # the machine's speed, shared within a round
+    def cost(key):  # seconds: decode grows with its tokens, and less than linearly with batch
+      if key[0] == 'decode':
+        return 1e-3 * key[3] * (1 + key[3] / 100) * key[2] ** 0.5
+      return (2e-4 if key[0] == 'chain' else 5e-4) * key[1] ** 0.4
+    return {key: list(cost(key) * drift * (1 + 0.02 * rng.random(repeats)))
+            for key in programs}
+  dummy = lambda *args, **kwargs: (None, ())
+  for builder in ('decode_program', 'matmul_chain_program', 'block_chain_program'):
+    monkeypatch.setattr(scaling_probe, builder, dummy)
+  recorded = {}
+  monkeypatch.setattr(scaling_probe.timing, 'interleaved_seconds',
+                      lambda programs, repeats: recorded.update(fake_times(programs, repeats))
+                      or dict(recorded))
+  lines = []
   config = ad.load_config('configs/quickstart.py:tiny')
-  report = scaling_probe.run_probe(config, str(tmp_path / 'p.json'), batches=(1, 2),
-                                   new_tokens=(2, 4), prompt_len=4, repeats=3,
-                                   progress=lambda _: None)
-  for row in report['rows']:
-    intervals = row['intervals']
-    assert intervals['cache_length_cost']['median'] == row['cache_length_cost']
-    assert intervals['decode_batch_ratio']['median'] == row['decode_batch_ratio']
-    for stats in intervals.values():
-      assert stats['low'] <= stats['median'] <= stats['high'] and stats['rounds'] == 3
+  report = scaling_probe.run_probe(config, str(tmp_path / 'p.json'), batches=(1, 4),
+                                   new_tokens=(8, 32), repeats=rounds, progress=lines.append)
+  t = {key: np.asarray(v) for key, v in recorded.items()}
+  step = lambda batch, n: (t[('decode', 64, batch, n)] - t[('decode', 64, batch, 1)]) / (n - 1)
+  tps = lambda batch: batch / step(batch, 8)
+  one, four = report['rows']
+  assert set(one['intervals']) == {'cache_length_cost'}
+  want = {'cache_length_cost': step(4, 32) / step(4, 8) - 1,
+          'decode_batch_ratio': tps(4) / tps(1),
+          'decode_over_matmul_chain_batch_ratio': tps(4) / tps(1) / (
+              (4 / t[('chain', 4)]) / (1 / t[('chain', 1)])),
+          'decode_over_block_chain_batch_ratio': tps(4) / tps(1) / (
+              (4 / t[('block_chain', 4)]) / (1 / t[('block_chain', 1)]))}
+  assert set(four['intervals']) == set(want)
+  for name, per_round in want.items():
+    stats = four['intervals'][name]
+    assert stats['median'] == pytest.approx(np.median(per_round), rel=1e-12)
+    assert stats['low'] <= stats['median'] <= stats['high'] and stats['rounds'] == rounds
+  assert four['cache_length_cost'] == four['intervals']['cache_length_cost']['median']
+  assert any('per round: cache-length cost' in line for line in lines)

@@ -29,10 +29,14 @@ def test_interval_of_identical_rounds_is_a_point_and_narrows_with_more_rounds():
 def test_interval_is_reproducible_and_refuses_bad_input():
   values = np.random.default_rng(2).standard_normal(15)
   assert timing.median_with_interval(values) == timing.median_with_interval(values)
-  with pytest.raises(ValueError, match='at least one round'):
+  with pytest.raises(ValueError, match='per_round is empty'):
     timing.median_with_interval([])
+  with pytest.raises(ValueError, match='must be finite'):
+    timing.median_with_interval([1.0, np.nan])
   with pytest.raises(ValueError, match=r'level=1\.5'):
     timing.median_with_interval([1.0], level=1.5)
+  with pytest.raises(ValueError, match='resamples=0'):
+    timing.median_with_interval([1.0], resamples=0)
 
 
 def test_interval_text():

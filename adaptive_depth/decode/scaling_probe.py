@@ -161,31 +161,35 @@ def run_probe(config, out_path: str, *, batches: Sequence[int] = (1, 8),
   for chunk in read_chunks:
     decode_tps = {b: b / step(chunk, b, short) for b in batches}  # per round
     for batch in batches:
+      # Each comparison round by round (both sides of a round ran side by side): its
+      # median, with a bootstrap interval (timing.median_with_interval); the batch ratios
+      # only above batch 1, where they are not 1 by definition.
+      decode_ratio = decode_tps[batch] / decode_tps[1]
+      per_round = {'cache_length_cost': step(chunk, batch, long) / step(chunk, batch, short)
+                                        - 1.0}
+      if batch != 1:
+        per_round.update(
+            decode_batch_ratio=decode_ratio,
+            decode_over_matmul_chain_batch_ratio=decode_ratio / (chain_tps[batch] /
+                                                                 chain_tps[1]),
+            decode_over_block_chain_batch_ratio=decode_ratio / (block_chain_tps[batch] /
+                                                                block_chain_tps[1]))
+      intervals = {name: timing.median_with_interval(values)
+                   for name, values in per_round.items()}
       row = {'batch': batch, 'read_chunk': chunk,
              **{f'decode_ms_per_step_{n}_new': 1e3 * median(step(chunk, batch, n))
                 for n in (short, long)},
              'cache_positions': {n: prompt_len + n + 1 for n in (short, long)},
              # Tracing and compiling the long cache's program.
              'compile_seconds_long': compile_seconds[(chunk, batch)],
-             # The median of each round's ratio: both steps of a round ran side by side.
-             'cache_length_cost': median(step(chunk, batch, long) / step(chunk, batch, short)
-                                         - 1.0),
+             'cache_length_cost': intervals['cache_length_cost']['median'],
              'decode_tokens_per_second': median(decode_tps[batch]),
              'matmul_chain_tokens_per_second': median(chain_tps[batch]),
-             'decode_batch_ratio': median(decode_tps[batch] / decode_tps[1]),
+             'decode_batch_ratio': median(decode_ratio),
              'matmul_chain_batch_ratio': median(chain_tps[batch] / chain_tps[1]),
              'block_chain_tokens_per_second': median(block_chain_tps[batch]),
-             'block_chain_batch_ratio': median(block_chain_tps[batch] / block_chain_tps[1])}
-      # The same comparisons with their intervals over the rounds (timing.median_with_
-      # interval), and the batch ratio against each chain's round by round.
-      decode_ratio = decode_tps[batch] / decode_tps[1]
-      row['intervals'] = {name: timing.median_with_interval(per_round) for name, per_round in (
-          ('cache_length_cost', step(chunk, batch, long) / step(chunk, batch, short) - 1.0),
-          ('decode_batch_ratio', decode_ratio),
-          ('decode_over_matmul_chain_batch_ratio', decode_ratio / (chain_tps[batch] /
-                                                                   chain_tps[1])),
-          ('decode_over_block_chain_batch_ratio', decode_ratio / (block_chain_tps[batch] /
-                                                                  block_chain_tps[1])))}
+             'block_chain_batch_ratio': median(block_chain_tps[batch] / block_chain_tps[1]),
+             'intervals': intervals}
       if chunk != read_chunks[0]:  # against the first setting, round by round
         row[f'step_over_read_chunk_{read_chunks[0]}'] = {
             n: median(step(chunk, batch, n) / step(read_chunks[0], batch, n))

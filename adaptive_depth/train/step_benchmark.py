@@ -227,10 +227,11 @@ def run_step_benchmark(config, out_path: str, *, implementations: Sequence[str],
     for reference in reference_steps or {}:
       row[f'speed_vs_{reference}'] = (float(np.median(times[reference])) * 1e3 /
                                       row['step_ms'])
-      # Round by round (both steps of a round ran side by side), with the interval that
-      # says whether "at least as fast" holds beyond the spread between rounds.
-      row[f'speed_vs_{reference}_per_round'] = timing.median_with_interval(
-          np.asarray(times[reference]) / np.asarray(times[name]))
+      if reference != name:
+        # Round by round (both steps of a round ran side by side), with the interval that
+        # says whether "at least as fast" holds beyond the spread between rounds.
+        row[f'speed_vs_{reference}_per_round'] = timing.median_with_interval(
+            np.asarray(times[reference]) / np.asarray(times[name]))
     faulted = (f'  {row["page_faults_per_step"]:,.0f} page faults/step (median)'
                if 'page_faults_per_step' in row else '')
     progress(f'  {name:<22} {row["step_ms"]:7.1f} ms/step  '
