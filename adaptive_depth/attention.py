@@ -5,12 +5,15 @@
                            one for attention against the decode cache.
   'heads_major'            the same function with 4-D products batched over (batch, KV
                            head), K and V moved head-major first; on CPU with a gradient of
-                           its own whose products all run in XLA's CPU dot library (a
-                           custom VJP: reverse-mode only there, so jax.jvp, jacfwd and
-                           hessian need 'xla'). On the 2-core CPU the quickstart train step
-                           ran up to 1.07x faster than with 'xla' (launch/train_benchmark.py),
-                           and the whole step a further 1.03-1.04x with the gradient (A/B
-                           measurements; README, Scale).
+                           its own whose products all run in XLA's CPU dot library. That is
+                           a custom VJP: on CPU, forward mode (jax.jvp, jacfwd) through it
+                           is refused (jax.hessian, reverse over reverse, works); pick any
+                           other implementation for it ('auto' is heads_major on CPU). On
+                           the 2-core CPU the quickstart train step ran up to 1.07x faster
+                           than with 'xla' (launch/train_benchmark.py), and the whole step a
+                           further 1.03-1.04x with the gradient (in-process A/B
+                           measurements whose scripts are not part of the package; README,
+                           Scale).
   'dot_product_attention'  jax.nn.dot_product_attention. On GPU in bfloat16 or float16 it
                            asks for cuDNN's fused causal attention (implementation='cudnn'),
                            falling back to jax's XLA version where cuDNN refuses the call;

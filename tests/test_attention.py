@@ -89,15 +89,31 @@ def test_heads_major_in_bfloat16_keeps_each_gradient_in_its_input_dtype():
                                atol=0.01 * float(jnp.max(jnp.abs(w))), rtol=0.02)
 
 
+@pytest.mark.skipif(jax.default_backend() != 'cpu', reason='the custom VJP is used on CPU only')
 def test_heads_major_differentiates_in_reverse_mode_only_on_cpu():
   """Its gradient is a custom VJP (on CPU): forward-mode differentiation is refused there
-  with jax's own error, and 'xla' (the reference) takes it."""
+  with jax's own error, and 'xla' (the reference) takes it; reverse over reverse works."""
   q, k, v = _inputs(1, 4, 4)
   mask = _causal_mask(1, 4)
   tangents = (jnp.ones_like(q), jnp.ones_like(k), jnp.ones_like(v))
   jax.jvp(lambda q, k, v: layers.attend(q, k, v, mask), (q, k, v), tangents)
   with pytest.raises(TypeError, match='custom_vjp'):
     jax.jvp(lambda q, k, v: attention.heads_major(q, k, v, mask), (q, k, v), tangents)
+  hessian = lambda fn: jax.hessian(lambda q: jnp.sum(fn(q, k, v, mask) ** 2))(q)
+  np.testing.assert_allclose(hessian(attention.heads_major), hessian(layers.attend),
+                             atol=1e-4, rtol=1e-4)
+
+
+def test_heads_major_off_cpu_keeps_autodiffs_gradient(monkeypatch):
+  """Where jax's backend is not the CPU, heads_major is differentiated by autodiff (the
+  custom VJP is for the CPU's dot library): forward mode works and the gradient is the
+  'xla' one. (Checked here by making the backend report 'gpu' while tracing.)"""
+  q, k, v = _inputs(2, 6, 6)
+  mask = _ragged_causal_mask([6, 4], 6)
+  monkeypatch.setattr(attention.jax, 'default_backend', lambda: 'gpu')
+  tangents = (jnp.ones_like(q), jnp.ones_like(k), jnp.ones_like(v))
+  jax.jvp(lambda q, k, v: attention.heads_major(q, k, v, mask), (q, k, v), tangents)
+  _check_against_xla(attention.heads_major, q, k, v, mask)
 
 
 @pytest.mark.parametrize('length', [128, 384])

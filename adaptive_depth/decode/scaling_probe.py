@@ -22,9 +22,9 @@ The parameters are random (timing does not depend on their values): no workdir n
 Every program is compiled and run once, then timed in `repeats` rounds, each round running
 every program once in turn; each figure is the median over rounds, and each ratio the
 median of the rounds' ratios (both sides of a ratio ran side by side: this machine's speed
-drifts by tens of percent between minutes). Each row's 'intervals' give the cache cost, the
-batch ratio and the batch ratio over each chain's (round by round) with a bootstrap interval
-of their median (timing.median_with_interval). A decode step's time excludes the prefill:
+drifts by tens of percent between minutes). Each row's 'intervals' give the cache cost, and
+above batch 1 the batch ratio and the batch ratio over each chain's (round by round), with a
+bootstrap interval of their median (timing.median_with_interval). A decode step's time excludes the prefill:
 each setting is also timed with one new token (the prefill's) and that time is subtracted.
 """
 from __future__ import annotations
@@ -201,18 +201,17 @@ def run_probe(config, out_path: str, *, batches: Sequence[int] = (1, 8),
           f'compiled in {row["compile_seconds_long"]:.1f} s; matmul chain '
           f'{row["matmul_chain_tokens_per_second"]:.0f} tok/s, block chain '
           f'{row["block_chain_tokens_per_second"]:.0f} tok/s')
+      progress(f'    per round: cache-length cost '
+               f'{timing.interval_text(intervals["cache_length_cost"], "{:+.1%}")}')
   for row in rows:
     if row['batch'] != 1:
       progress(f'  batch {row["batch"]} over batch 1, tokens/s, cache {reads(row["read_chunk"])}: '
                f'decode {row["decode_batch_ratio"]:.2f}x, bare matmul chain '
                f'{row["matmul_chain_batch_ratio"]:.2f}x, block chain '
                f'{row["block_chain_batch_ratio"]:.2f}x')
-      intervals = row['intervals']
-      progress(f'    per round: cache-length cost '
-               f'{timing.interval_text(intervals["cache_length_cost"], "{:+.1%}")}')
       for chain in ('matmul_chain', 'block_chain'):
         progress(f'    per round: decode batch ratio over the {chain.replace("_", " ")}\'s '
-                 f'{timing.interval_text(intervals[f"decode_over_{chain}_batch_ratio"])}')
+                 f'{timing.interval_text(row["intervals"][f"decode_over_{chain}_batch_ratio"])}')
   for row in rows:
     if row['read_chunk'] != read_chunks[0]:
       ratios = row[f'step_over_read_chunk_{read_chunks[0]}']
