@@ -22,10 +22,11 @@ The parameters are random (timing does not depend on their values): no workdir n
 Every program is compiled and run once, then timed in `repeats` rounds, each round running
 every program once in turn; each figure is the median over rounds, and each ratio the
 median of the rounds' ratios (both sides of a ratio ran side by side: this machine's speed
-drifts by tens of percent between minutes). Each row's 'intervals' give the cache cost, and
-above batch 1 the batch ratio and the batch ratio over each chain's (round by round), with a
-bootstrap interval of their median (timing.median_with_interval). A decode step's time excludes the prefill:
-each setting is also timed with one new token (the prefill's) and that time is subtracted.
+drifts by tens of percent between minutes). Each row's 'intervals' give the cache cost,
+and above batch 1 the batch ratio and the batch ratio over each chain's (round by round),
+with a bootstrap interval of their median (timing.median_with_interval). A decode step's
+time excludes the prefill: each setting is also timed with one new token (the prefill's)
+and that time is subtracted.
 """
 from __future__ import annotations
 
@@ -165,15 +166,14 @@ def run_probe(config, out_path: str, *, batches: Sequence[int] = (1, 8),
       # median, with a bootstrap interval (timing.median_with_interval); the batch ratios
       # only above batch 1, where they are not 1 by definition.
       decode_ratio = decode_tps[batch] / decode_tps[1]
+      chain_ratio = {'matmul_chain': chain_tps[batch] / chain_tps[1],
+                     'block_chain': block_chain_tps[batch] / block_chain_tps[1]}
       per_round = {'cache_length_cost': step(chunk, batch, long) / step(chunk, batch, short)
                                         - 1.0}
       if batch != 1:
-        per_round.update(
-            decode_batch_ratio=decode_ratio,
-            decode_over_matmul_chain_batch_ratio=decode_ratio / (chain_tps[batch] /
-                                                                 chain_tps[1]),
-            decode_over_block_chain_batch_ratio=decode_ratio / (block_chain_tps[batch] /
-                                                                block_chain_tps[1]))
+        per_round['decode_batch_ratio'] = decode_ratio
+        for chain, ratio in chain_ratio.items():
+          per_round[f'decode_over_{chain}_batch_ratio'] = decode_ratio / ratio
       intervals = {name: timing.median_with_interval(values)
                    for name, values in per_round.items()}
       row = {'batch': batch, 'read_chunk': chunk,
@@ -186,9 +186,9 @@ def run_probe(config, out_path: str, *, batches: Sequence[int] = (1, 8),
              'decode_tokens_per_second': median(decode_tps[batch]),
              'matmul_chain_tokens_per_second': median(chain_tps[batch]),
              'decode_batch_ratio': median(decode_ratio),
-             'matmul_chain_batch_ratio': median(chain_tps[batch] / chain_tps[1]),
+             'matmul_chain_batch_ratio': median(chain_ratio['matmul_chain']),
              'block_chain_tokens_per_second': median(block_chain_tps[batch]),
-             'block_chain_batch_ratio': median(block_chain_tps[batch] / block_chain_tps[1]),
+             'block_chain_batch_ratio': median(chain_ratio['block_chain']),
              'intervals': intervals}
       if chunk != read_chunks[0]:  # against the first setting, round by round
         row[f'step_over_read_chunk_{read_chunks[0]}'] = {

@@ -224,23 +224,24 @@ def run_step_benchmark(config, out_path: str, *, implementations: Sequence[str],
                  **memory.get(name, {})})
   for row in rows:
     name = row['implementation']
+    compared = []
     for reference in reference_steps or {}:
       row[f'speed_vs_{reference}'] = (float(np.median(times[reference])) * 1e3 /
                                       row['step_ms'])
       if reference != name:
         # Round by round (both steps of a round ran side by side), with the interval that
         # says whether "at least as fast" holds beyond the spread between rounds.
-        row[f'speed_vs_{reference}_per_round'] = timing.median_with_interval(
+        per_round = row[f'speed_vs_{reference}_per_round'] = timing.median_with_interval(
             np.asarray(times[reference]) / np.asarray(times[name]))
+        compared.append(f'    {row[f"speed_vs_{reference}"]:.2f}x {reference}\'s speed; '
+                        f'per round: {timing.interval_text(per_round)}')
     faulted = (f'  {row["page_faults_per_step"]:,.0f} page faults/step (median)'
                if 'page_faults_per_step' in row else '')
     progress(f'  {name:<22} {row["step_ms"]:7.1f} ms/step  '
              f'{row["tokens_per_second"]:7.0f} tokens/s  '
              f'{row["flops_per_second"] / 1e9:6.1f} GFLOP/s (XLA count){faulted}')
-    for r in reference_steps or {}:
-      if r != name:
-        progress(f'    {row[f"speed_vs_{r}"]:.2f}x {r}\'s speed; per round: '
-                 f'{timing.interval_text(row[f"speed_vs_{r}_per_round"])}')
+    for line in compared:
+      progress(line)
   if whole_run_steps:
     # The row of the step launch/train.py runs: the config's attention and batch split.
     chosen = (attention_lib.resolve(config.model.attention), loop.batch_splits(config, cfg))
