@@ -11,6 +11,7 @@ rules in the config can map them onto a device mesh; `model.param_logical_axes` 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable, Optional
 
 import flax.linen as nn
@@ -77,9 +78,50 @@ def row_lora_delta(x, factors, in_dims: int, out_shape):
 def rms_norm(x, scale, eps: float, dtype):
   """x / rms(x) * scale over the last axis, in float32. x: [..., D]; scale: broadcastable to
   x (e.g. [D], or [..., D] with one scale per exit) -> [..., D] in `dtype`."""
-  x32 = x.astype(jnp.float32)
-  normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
-  return (normed * scale).astype(dtype)
+  return _scaled_rms(x.astype(jnp.float32), scale, eps).astype(dtype)
+
+
+def _inverse_rms(x32, eps: float):
+  return jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _scaled_rms(x32, scale, eps: float):
+  """x32 * inverse rms * scale, with the gradient of _scaled_rms_backward."""
+  return x32 * _inverse_rms(x32, eps) * scale
+
+
+def _scaled_rms_forward(x32, scale, eps: float):
+  inverse = _inverse_rms(x32, eps)
+  return x32 * inverse * scale, (x32, inverse, scale)
+
+
+def _scaled_rms_backward(eps: float, saved, grad):
+  """Autodiff's gradient in one pass for x, and for a [D] scale its sum over the tokens as a
+  product with a row of ones: XLA's CPU backend runs that column sum as a reduction at a
+  fraction of its dot library's rate (the quickstart train step 1.02x; README, Scale)."""
+  del eps
+  x32, inverse, scale = saved
+  normed = x32 * inverse
+  d_normed = grad * scale
+  d_x = inverse * (d_normed - normed * jnp.mean(d_normed * normed, axis=-1, keepdims=True))
+  if jnp.ndim(scale) == 1:
+    per_token = (grad * normed).reshape(-1, x32.shape[-1])
+    d_scale = (jnp.ones((1, per_token.shape[0]), per_token.dtype) @ per_token)[0]
+  else:  # one scale per exit or per token: summed over the axes it was broadcast along
+    d_scale = _sum_to_shape(grad * normed, jnp.shape(scale))
+  return d_x, d_scale.astype(scale.dtype)
+
+
+def _sum_to_shape(x, shape):
+  """x summed over the axes that broadcasting an array of `shape` to x.shape added or
+  stretched -> `shape`."""
+  lead = x.ndim - len(shape)
+  stretched = tuple(lead + i for i, n in enumerate(shape) if n == 1 and x.shape[lead + i] != 1)
+  return jnp.sum(x, axis=tuple(range(lead)) + stretched, keepdims=True).reshape(shape)
+
+
+_scaled_rms.defvjp(_scaled_rms_forward, _scaled_rms_backward)
 
 
 class RMSNorm(nn.Module):
@@ -133,7 +175,8 @@ def apply_rope(x, positions, base: float):
   return rotated.astype(x.dtype)
 
 
-def attend(q, k, v, mask, cache_layout: bool = False, implementation: str = 'xla'):
+def attend(q, k, v, mask, cache_layout: bool = False, implementation: str = 'xla',
+           causal: bool = False):
   """Grouped-query attention on already-projected, already-rotated heads.
 
   q: [B, T, H, Dh]; k, v: [B, S, KV, Dh], or with cache_layout the KV cache's layout
@@ -141,7 +184,8 @@ def attend(q, k, v, mask, cache_layout: bool = False, implementation: str = 'xla
   bool, True where query t may attend key s. Returns [B, T, H, Dh]. Query head h reads KV
   head h // (H / KV). implementation: one of attention.IMPLEMENTATIONS but 'auto', for
   attention without the cache ('splash' applies the index-causal mask, which is what `mask`
-  is there; see attention.py).
+  is there; see attention.py). causal: no query attends a later key (mask[:, t, s] False for
+  s > t), which heads_major uses to skip work (attention.heads_major).
   """
   if implementation == 'dot_product_attention' and not cache_layout:
     return attention_lib.dot_product_attention(q, k, v, mask)
@@ -150,7 +194,7 @@ def attend(q, k, v, mask, cache_layout: bool = False, implementation: str = 'xla
       return attention_lib.splash(q, k, v)
     implementation = 'heads_major'  # e.g. a prefill padded to 16 tokens
   if implementation == 'heads_major' and not cache_layout:
-    return attention_lib.heads_major(q, k, v, mask)
+    return attention_lib.heads_major(q, k, v, mask, causal)
   batch, q_len, num_heads, head_dim = q.shape
   num_kv = k.shape[1 if cache_layout else 2]
   group = num_heads // num_kv
@@ -241,10 +285,11 @@ class Attention(nn.Module):
   def _cast(self, w):
     return jnp.asarray(w, self.config.dtype)
 
-  def _project(self, x, name, row_lora=None):
+  def _project(self, x, name, row_lora=None, product=None):
     """x: [B, T, D] -> [B, T, N, Dh] through projection `name` (q, k or v), plus its bias
-    (and the per-row LoRA delta, when row_lora holds factors; see row_lora_delta)."""
-    out = dense(x, self._cast(getattr(self, name)))
+    (and the per-row LoRA delta, when row_lora holds factors; see row_lora_delta).
+    product: x times the kernel, when already computed."""
+    out = dense(x, self._cast(getattr(self, name))) if product is None else product
     if row_lora is not None:
       out = out + row_lora_delta(x, row_lora[name], 1, out.shape[2:])
     if self.config.qkv_bias:
@@ -257,6 +302,27 @@ class Attention(nn.Module):
     v = self._project(x, 'v', row_lora)
     return apply_rope(k, positions, self.config.rope_base), v
 
+  def _project_qkv(self, x, positions, row_lora=None):
+    """x: [B, T, D] (normed) -> rotated q [B, T, H, Dh] and project_kv's rotated k, v.
+
+    Over several tokens, one product against the three kernels side by side: x is read
+    once, and the gradient for x is one product where three were summed (the quickstart
+    train step 1.03x on the 2-core CPU; README, Scale). For one token (a decode step) the
+    products stay apart: there copying the kernels side by side would cost more than the
+    products, which then read little more than the kernels.
+    """
+    if x.shape[1] == 1:
+      q = self._project(x, 'q', row_lora)
+      return apply_rope(q, positions, self.config.rope_base), self.project_kv(x, positions,
+                                                                              row_lora)
+    kernels = [self._cast(getattr(self, name)) for name in ('q', 'k', 'v')]
+    products = jnp.split(dense(x, jnp.concatenate(kernels, axis=1)),
+                         np.cumsum([w.shape[1] for w in kernels[:2]]), axis=2)
+    q, k, v = (self._project(x, name, row_lora, product)
+               for name, product in zip(('q', 'k', 'v'), products))
+    rope = lambda t: apply_rope(t, positions, self.config.rope_base)
+    return rope(q), (rope(k), v)
+
   def __call__(self, x, positions, mask, attend_to: Optional[Callable] = None, row_lora=None):
     """x: [B, T, D] normed input; positions: [B, T]; mask: [B, T, S].
 
@@ -267,10 +333,9 @@ class Attention(nn.Module):
     row_lora: optional per-row LoRA factors {q, k, v, o} (see row_lora_delta). Returns
     (out [B, T, D], (k, v) [B, T, KV, Dh] of this call).
     """
-    q = apply_rope(self._project(x, 'q', row_lora), positions, self.config.rope_base)
-    own_kv = self.project_kv(x, positions, row_lora)
-    if attend_to is None:
-      out = attend(q, *own_kv, mask, implementation=self.config.attention)
+    q, own_kv = self._project_qkv(x, positions, row_lora)
+    if attend_to is None:  # its own tokens: no query attends a later one
+      out = attend(q, *own_kv, mask, implementation=self.config.attention, causal=True)
     else:
       out = attend_to(q, *own_kv, mask)
     projected = dense(out, self._cast(self.o), in_dims=2)

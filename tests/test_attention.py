@@ -143,7 +143,9 @@ def test_the_config_key_reaches_the_blocks(monkeypatch):
   'xla' on a tiny GQA model (outputs and gradients are compared above, per call)."""
   config = ad.load_config('configs/quickstart.py:tiny')
   config.model.num_kv_heads, config.model.num_layers = 2, 2
-  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 10)))
+  # long enough for heads_major's causal split (test_causal_split_is_the_same_function)
+  length = attention.CAUSAL_SPLIT_MIN_LEN
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, length)))
   names = ('xla', 'heads_major')  # the reference and the CPU default
   cfgs = []
   for name in names:
@@ -153,11 +155,43 @@ def test_the_config_key_reaches_the_blocks(monkeypatch):
   params = tiny_models.init_params(cfgs[0], jax.random.key(0))
   calls = []
   real = attention.heads_major
-  monkeypatch.setattr(attention, 'heads_major', lambda *a: calls.append(1) or real(*a))
+  monkeypatch.setattr(attention, 'heads_major', lambda *a: calls.append(a[4:]) or real(*a))
   logits = jax.jit(lambda p: [model_lib.forward_train(cfg, p, tokens) for cfg in cfgs])(params)
-  assert calls  # the scanned block traces once: heads_major was called by the model
+  # the scanned block traces once: heads_major was called by the model, told that its own
+  # tokens' mask is causal
+  assert calls and all(args == (True,) for args in calls)
   for got in logits[1:]:
     np.testing.assert_allclose(got, logits[0], atol=1e-5)
+
+
+@pytest.mark.parametrize('mask_kind', ['ragged_prompts', 'rows_see_nothing'])
+def test_causal_split_is_the_same_function(monkeypatch, mask_kind):
+  """heads_major(causal=True) runs a long enough sequence as two halves of its queries, the
+  first against the first half of the keys, and equals 'xla' forward and gradient: on ragged
+  prompts, and with rows that see no key (keys masked as a Mixture-of-Recursions gather
+  masks its invalid slots), in the first half and in the second."""
+  length = attention.CAUSAL_SPLIT_MIN_LEN
+  q, k, v = _inputs(3, length, length, seed=4)
+  mask = _ragged_causal_mask([length, length - 50, 9], length)
+  if mask_kind == 'rows_see_nothing':
+    valid = np.ones((3, length), bool)
+    valid[1, :length // 2 + 10] = False  # row 1's first 74 queries see no key
+    valid[2, ::3] = False                # row 2's query 0 sees no key
+    mask = mask & valid[:, None, :]
+    assert not mask[1, length // 2 + 5].any() and not mask[1, 3].any()
+  calls = []
+  real = attention._heads_major
+  monkeypatch.setattr(attention, '_heads_major',
+                      lambda q, k, *a: calls.append((q.shape[1], k.shape[1])) or real(q, k, *a))
+  _check_against_xla(lambda q, k, v, mask: attention.heads_major(q, k, v, mask, causal=True),
+                     q, k, v, mask)
+  half = length // 2
+  assert set(calls) == {(half, half), (half, length)}  # the split, not the whole function
+  calls.clear()
+  odd = lambda x: x[:, :-1]  # an odd length is not split
+  jax.jit(lambda q, k, v: attention.heads_major(q, k, v, mask[:, :-1, :-1], causal=True))(
+      *map(odd, (q, k, v)))
+  assert calls == [(length - 1, length - 1)]
 
 
 def test_auto_picks_the_platforms_best_and_bad_values_are_named():
