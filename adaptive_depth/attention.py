@@ -4,11 +4,14 @@
                            tensor. The reference the others are tested against; the only
                            one for attention against the decode cache.
   'heads_major'            the same function with 4-D products batched over (batch, KV
-                           head), K and V moved head-major first; on CPU with a gradient of
+                           head), K and V moved head-major first (and told the mask is
+                           causal, a long sequence as two halves of its queries: see
+                           heads_major); on CPU with a gradient of
                            its own whose products all run in XLA's CPU dot library. That is
                            a custom VJP: on CPU, forward mode (jax.jvp, jacfwd) through it
-                           is refused (jax.hessian, reverse over reverse, works); pick any
-                           other implementation for it ('auto' is heads_major on CPU). On
+                           is refused (jax.hessian, reverse over reverse, works); any
+                           other implementation takes it (a whole model refuses it anyway:
+                           layers.gated_silu and layers.rms_norm have custom VJPs). On
                            the 2-core CPU the quickstart train step ran up to 1.07x faster
                            than with 'xla' (launch/train_benchmark.py), and the whole step a
                            further 1.03-1.04x with the gradient (in-process A/B
