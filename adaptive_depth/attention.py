@@ -9,7 +9,7 @@
                            heads_major); on CPU with a gradient of
                            its own whose products all run in XLA's CPU dot library. That is
                            a custom VJP: on CPU, forward mode (jax.jvp, jacfwd) through it
-                           is refused (jax.hessian, reverse over reverse, works); any
+                           is refused (jax.hessian, forward over reverse, works); any
                            other implementation takes it (a whole model refuses it anyway:
                            layers.gated_silu and layers.rms_norm have custom VJPs). On
                            the 2-core CPU the quickstart train step ran up to 1.07x faster
@@ -101,7 +101,8 @@ def heads_major(q, k, v, mask, causal: bool = False):
 
 
 def _heads_major(q, k, v, mask):
-  """heads_major over every key."""
+  """heads_major over every key: q [B, T, H, Dh]; k, v [B, S, KV, Dh]; mask [B, T, S] ->
+  [B, T, H, Dh]."""
   batch, q_len, num_heads, head_dim = q.shape
   num_kv = k.shape[2]
   group = num_heads // num_kv

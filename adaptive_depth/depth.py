@@ -130,7 +130,8 @@ def forward_adaptive(cfg: model_lib.ModelConfig, params, tokens, policy: exits.E
                      positions=None, row_positions=None) -> AdaptiveOutput:
   """Scores `tokens` [B, T] with per-token early exit.
 
-  positions: [B, T] RoPE positions (default 0..T-1). row_positions: [B, T] the t of the
+  positions: [B, T] RoPE positions (default 0..T-1); attention is causal in token order
+  either way. row_positions: [B, T] the t of the
   decaying threshold (default: positions). oracle_tokens: [B, T] the full model's argmax,
   for policy.measure == 'oracle'. classifier: exit classifier parameters.
   """
@@ -139,9 +140,12 @@ def forward_adaptive(cfg: model_lib.ModelConfig, params, tokens, policy: exits.E
                      f'model (routing {cfg.routing.routing!r}): its causal forward is '
                      'adaptive_depth.mor.forward_masked, its decoding ad.generate')
   policy = policy.validated(cfg.exit_depths)
-  positions = model_lib.default_positions(tokens) if positions is None else positions
+  index = model_lib.default_positions(tokens)
+  positions = index if positions is None else positions
   row_positions = positions if row_positions is None else row_positions
-  mask = layers.causal_mask(positions, positions)
+  # Causal in token order whatever the RoPE positions: a block attending to its own tokens
+  # relies on no query seeing a later token (attention.py).
+  mask = layers.causal_mask(index, index)
   _, exit_number = _exit_lookup(cfg)
   num_layers = cfg.num_layers
   h0 = model_lib.embed(cfg, params, tokens)

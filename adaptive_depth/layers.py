@@ -82,33 +82,37 @@ def rms_norm(x, scale, eps: float, dtype):
 
 
 def _inverse_rms(x32, eps: float):
+  """x32: [..., D] -> 1 / rms over the last axis, [..., 1]."""
   return jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _scaled_rms(x32, scale, eps: float):
-  """x32 * inverse rms * scale, with the gradient of _scaled_rms_backward."""
+  """x32 [..., D] * its inverse rms * scale (broadcastable to x32), with the gradient of
+  _scaled_rms_backward."""
   return x32 * _inverse_rms(x32, eps) * scale
 
 
 def _scaled_rms_forward(x32, scale, eps: float):
+  """_scaled_rms's output, and what the backward reads: x32, 1 / rms [..., 1], scale."""
   inverse = _inverse_rms(x32, eps)
   return x32 * inverse * scale, (x32, inverse, scale)
 
 
 def _scaled_rms_backward(eps: float, saved, grad):
-  """Autodiff's gradient in one pass for x, and for a [D] scale its sum over the tokens as a
-  product with a row of ones: XLA's CPU backend runs that column sum as a reduction at a
-  fraction of its dot library's rate (the quickstart train step 1.02x; README, Scale)."""
+  """Autodiff's gradient, in one pass for x; on CPU a [D] scale's gradient (a sum over the
+  tokens) as a product with a row of ones, which XLA's CPU dot library runs faster than its
+  column reduction (the quickstart train step 1.02x with the one pass; README, Scale).
+  saved: _scaled_rms_forward's; grad: [..., D] -> (d x32 [..., D], d scale, scale's shape)."""
   del eps
   x32, inverse, scale = saved
   normed = x32 * inverse
   d_normed = grad * scale
   d_x = inverse * (d_normed - normed * jnp.mean(d_normed * normed, axis=-1, keepdims=True))
-  if jnp.ndim(scale) == 1:
+  if jnp.ndim(scale) == 1 and jax.default_backend() == 'cpu':
     per_token = (grad * normed).reshape(-1, x32.shape[-1])
     d_scale = (jnp.ones((1, per_token.shape[0]), per_token.dtype) @ per_token)[0]
-  else:  # one scale per exit or per token: summed over the axes it was broadcast along
+  else:  # summed over the axes the scale was broadcast along
     d_scale = _sum_to_shape(grad * normed, jnp.shape(scale))
   return d_x, d_scale.astype(scale.dtype)
 
@@ -305,13 +309,14 @@ class Attention(nn.Module):
   def _project_qkv(self, x, positions, row_lora=None):
     """x: [B, T, D] (normed) -> rotated q [B, T, H, Dh] and project_kv's rotated k, v.
 
-    Over several tokens, one product against the three kernels side by side: x is read
-    once, and the gradient for x is one product where three were summed (the quickstart
+    On CPU over several tokens, one product against the three kernels side by side: x is
+    read once, and the gradient for x is one product where three were summed (the quickstart
     train step 1.03x on the 2-core CPU; README, Scale). For one token (a decode step) the
     products stay apart: there copying the kernels side by side would cost more than the
-    products, which then read little more than the kernels.
+    products, which then read little more than the kernels. Elsewhere they stay apart too:
+    unmeasured there, and kernels sharded over their heads would have to be regathered.
     """
-    if x.shape[1] == 1:
+    if x.shape[1] == 1 or jax.default_backend() != 'cpu':
       q = self._project(x, 'q', row_lora)
       return apply_rope(q, positions, self.config.rope_base), self.project_kv(x, positions,
                                                                               row_lora)
@@ -329,7 +334,9 @@ class Attention(nn.Module):
     attend_to: optional function (q [B, T, H, Dh], k, v [B, T, KV, Dh], mask) ->
     [B, T, H, Dh], the attention of this call's queries to other keys than their own
     tokens' (k, v are this call's own): the decode cache (kv_cache.cached_call) or given
-    K/V (attend_to_kv). Without it the call attends to its own tokens (S = T).
+    K/V (attend_to_kv). Without it the call attends to its own tokens (S = T), and `mask`
+    must let no query see a later token (False for s > t; every caller's mask is causal in
+    token order), which heads_major's causal split relies on.
     row_lora: optional per-row LoRA factors {q, k, v, o} (see row_lora_delta). Returns
     (out [B, T, D], (k, v) [B, T, KV, Dh] of this call).
     """

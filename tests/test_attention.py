@@ -92,7 +92,7 @@ def test_heads_major_in_bfloat16_keeps_each_gradient_in_its_input_dtype():
 @pytest.mark.skipif(jax.default_backend() != 'cpu', reason='the custom VJP is used on CPU only')
 def test_heads_major_differentiates_in_reverse_mode_only_on_cpu():
   """Its gradient is a custom VJP (on CPU): forward-mode differentiation is refused there
-  with jax's own error, and 'xla' (the reference) takes it; reverse over reverse works."""
+  with jax's own error, and 'xla' (the reference) takes it; forward over reverse works."""
   q, k, v = _inputs(1, 4, 4)
   mask = _causal_mask(1, 4)
   tangents = (jnp.ones_like(q), jnp.ones_like(k), jnp.ones_like(v))

@@ -257,3 +257,22 @@ def test_balanced_bce_weighs_classes_equally():
   want = 0.5 * bce(2.0, 1) + 0.5 * bce(-1.0, 0)
   assert float(jax.jit(classifier_lib.balanced_bce)(logit, label)) == pytest.approx(want,
                                                                                    rel=1e-5)
+
+
+def test_given_positions_keep_attention_causal_in_token_order():
+  """forward_adaptive with RoPE positions that restart halfway (two segments numbered
+  0..63): attention stays causal in token order, so 'heads_major' (which skips the keys a
+  causal mask hides, from attention.CAUSAL_SPLIT_MIN_LEN tokens) equals the 'xla' einsum."""
+  from adaptive_depth import attention
+  length = attention.CAUSAL_SPLIT_MIN_LEN
+  cfgs = [small_config(num_layers=2, attention=name) for name in ('xla', 'heads_major')]
+  params = tiny_models.random_params(cfgs[0], scale=0.2)
+  tokens = random_tokens((2, length), cfgs[0].vocab_size, seed=3)
+  positions = jnp.asarray(np.tile(np.arange(length // 2), 2)[None].repeat(2, 0))
+  never = exits.ExitPolicy(measure='never')
+  run = jax.jit(lambda p, t, pos: [depth.forward_adaptive(c, p, t, never, positions=pos).logits
+                                   for c in cfgs])
+  want, got = run(params, tokens, positions)
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+  # the positions matter: the same tokens at 0..T-1 give other logits
+  assert np.abs(np.asarray(run(params, tokens, None)[0]) - np.asarray(want)).max() > 1e-3

@@ -1,5 +1,6 @@
 """Gradients the library writes by hand equal autodiff's through the plain formula (RMSNorm,
 the cross entropy), and the attention's fused q/k/v product equals the three products."""
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -72,10 +73,10 @@ def test_cross_entropy_equals_log_softmax_in_every_mode():
 
 
 @pytest.mark.parametrize('length', [1, 6])
-def test_fused_qkv_product_equals_the_three_products(length):
-  """Attention's q/k/v projections over several tokens are one product against the kernels
-  side by side (one token keeps them apart): equal to the three products, with biases and
-  per-row LoRA deltas."""
+def test_q_k_v_projections_equal_numpy(length):
+  """Attention's q/k/v projections against numpy: x @ W + b + (x @ a) @ b per row, then
+  the rotary embedding on q and k. Over several tokens on CPU they are one product against
+  the kernels side by side; one token (a decode step) keeps three products."""
   cfg = layers.BlockConfig(width=16, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=32,
                            qkv_bias=True)
   module = layers.Attention(cfg)
@@ -84,16 +85,23 @@ def test_fused_qkv_product_equals_the_three_products(length):
   positions = jnp.broadcast_to(jnp.arange(length) + 3, (batch, length))
   params = module.init(jax.random.key(0), x, positions, layers.causal_mask(positions,
                                                                            positions))
-  params = jax.tree.map(lambda p: p + 0.1 * _draw(p.shape, 5), params)  # biases not zero
-  sizes = {'q': 4 * 8, 'k': 2 * 8, 'v': 2 * 8}
-  row_lora = {name: {'a': 0.1 * _draw((batch, 16, 3), i), 'b': 0.1 * _draw((batch, 3, n), i + 9)}
-              for i, (name, n) in enumerate(sizes.items())}
+  params = jax.tree.map(lambda p: p + 0.1 * _draw(p.shape, 5), nn.meta.unbox(params))
+  heads = {'q': 4, 'k': 2, 'v': 2}
+  row_lora = {name: {'a': 0.1 * _draw((batch, 16, 3), i), 'b': 0.1 * _draw((batch, 3, n * 8),
+                                                                              i + 9)}
+              for i, (name, n) in enumerate(heads.items())}
+  q, (k, v) = module.apply(params, x, positions,
+                           method=lambda m, x, p: m._project_qkv(x, p, row_lora))
 
-  def apart(m, x, positions):
-    q = layers.apply_rope(m._project(x, 'q', row_lora), positions, cfg.rope_base)
-    return q, m.project_kv(x, positions, row_lora)
-
-  fused = lambda m, x, positions: m._project_qkv(x, positions, row_lora)
-  got, want = (module.apply(params, x, positions, method=fn) for fn in (fused, apart))
-  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+  p, xn = params['params'], np.asarray(x, np.float64)
+  def projected(name):
+    kernel = np.asarray(p[name], np.float64).reshape(16, -1)
+    lora = row_lora[name]
+    low = np.einsum('btd,bdr->btr', xn, np.asarray(lora['a'], np.float64))
+    out = (xn @ kernel + np.einsum('btr,bro->bto', low, np.asarray(lora['b'], np.float64))
+           + np.asarray(p[f'{name}_bias'], np.float64).reshape(-1))
+    return out.reshape(batch, length, heads[name], 8)
+  rope = lambda t: layers.apply_rope(jnp.asarray(t, jnp.float32), positions, cfg.rope_base)
+  for got, want in ((q, rope(projected('q'))), (k, rope(projected('k'))),
+                    (v, projected('v'))):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

@@ -46,14 +46,17 @@ def _log_probs_nll_correct(logits, targets):
 
 
 def _target_logit(logits, targets):
+  """logits: [..., V]; targets: [...] int -> each target's logit [...]."""
   return jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
 
 
 def _cross_entropy_and_probs(logits, targets):
-  top = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
-  exps = jnp.exp(logits - top)
-  sums = jnp.sum(exps, axis=-1, keepdims=True)
-  return (top + jnp.log(sums))[..., 0] - _target_logit(logits, targets), exps / sums
+  """logits: [..., V]; targets: [...] int -> (cross entropy [...], softmax [..., V])."""
+  with jax.named_scope('cross_entropy'):  # the train profile's parts find the loss by it
+    top = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+    exps = jnp.exp(logits - top)
+    sums = jnp.sum(exps, axis=-1, keepdims=True)
+    return (top + jnp.log(sums))[..., 0] - _target_logit(logits, targets), exps / sums
 
 
 @jax.custom_jvp

@@ -31,7 +31,8 @@ _RUNTIME_EVENTS = ('$', 'ThunkExecutor', 'Thunk', 'end: ', 'PjitFunction', 'Comm
                    'Handle ', 'SlinkyThreadPool', 'ThreadpoolListener', 'PythonRefManager')
 # Parts of the model by op_name, first match wins.
 _PARTS = (('attention', r'/attn[/.]'), ('mlp', r'/mlp/'), ('norms', r'[Nn]orm'),
-          ('exit heads and loss', r'd,vd->|d,dv->|log_softmax|take_along_axis|/reduce$'),
+          ('exit heads and loss',
+           r'd,vd->|d,dv->|log_softmax|cross_entropy|take_along_axis|/reduce$'),
           ('embedding', r'embed|_take'))
 
 
