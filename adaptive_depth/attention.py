@@ -32,8 +32,10 @@
 Every implementation computes the same function. Only the self-attention of a block over its
 own tokens (training, prefill, scoring) goes through them; decode steps against the KV
 cache keep 'xla', whose products run straight on the cache layout. Where a block attends
-to its own tokens, the mask is causal_mask(positions, positions) with positions strictly
-increasing along each row, which is exactly the index-causal mask splash applies.
+to its own tokens, the mask is causal in token order (causal_mask of the indices 0..T-1),
+in a Mixture-of-Recursions gather with some keys masked as well (that path takes
+heads_major, not splash). So no query sees a later token, which heads_major's causal split
+relies on; without the extra keys masked it is exactly the index-causal mask splash applies.
 """
 from __future__ import annotations
 

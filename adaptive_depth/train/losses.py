@@ -76,7 +76,8 @@ def _cross_entropy_jvp(primals, tangents):
   logits, targets = primals
   nll, probs = _cross_entropy_and_probs(logits, targets)
   d_logits = tangents[0]
-  return nll, jnp.sum(probs * d_logits, axis=-1) - _target_logit(d_logits, targets)
+  with jax.named_scope('cross_entropy'):  # its transpose is the loss's backward pass
+    return nll, jnp.sum(probs * d_logits, axis=-1) - _target_logit(d_logits, targets)
 
 
 def per_exit_token_losses(logits, targets):
