@@ -11,7 +11,7 @@
                            a custom VJP: on CPU, forward mode (jax.jvp, jacfwd) through it
                            is refused (jax.hessian, forward over reverse, works); any
                            other implementation takes it (a whole model refuses it anyway:
-                           layers.gated_silu and layers.rms_norm have custom VJPs). On
+                           layers.gated_silu and norms.rms_norm have custom VJPs). On
                            the 2-core CPU the quickstart train step ran up to 1.07x faster
                            than with 'xla' (launch/train_benchmark.py), and the whole step a
                            further 1.03-1.04x with the gradient (in-process A/B

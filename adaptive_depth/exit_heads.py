@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adaptive_depth import layers
+from adaptive_depth import norms
 
 
 def init_boxed(cfg, rng, final_norm_scale=None) -> dict:
@@ -78,7 +78,7 @@ def exit_normed(cfg, params, h, exit_number=None):
   scale = params['final_norm']['scale']
   if cfg.exit_norms:  # the last exit's row is final_norm's own scale
     scale = jnp.concatenate([heads['norm'], scale[None]])[number]
-  return layers.rms_norm(h, scale, cfg.norm_eps, cfg.compute_dtype)
+  return norms.rms_norm(h, scale, cfg.norm_eps, cfg.compute_dtype)
 
 
 def _adapter_delta(cfg, adapter, h, number, stacked: bool):

@@ -15,6 +15,7 @@ import numpy as np
 from adaptive_depth import attention as attention_lib
 from adaptive_depth import layers
 from adaptive_depth import mor_config
+from adaptive_depth import norms
 
 SCHEDULES = ('unshared', 'cycle', 'sequence', 'middle_cycle', 'middle_sequence')
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
@@ -86,8 +87,8 @@ class ModelConfig:
     return layers.Block(self.block_config)
 
   @property
-  def final_norm(self) -> layers.RMSNorm:
-    return layers.RMSNorm(eps=self.norm_eps, dtype=self.compute_dtype)
+  def final_norm(self) -> norms.RMSNorm:
+    return norms.RMSNorm(eps=self.norm_eps, dtype=self.compute_dtype)
 
   @property
   def has_exit_heads(self) -> bool:

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from adaptive_depth import layers
+from adaptive_depth import norms
 from adaptive_depth.train import losses
 from tests import numpy_reference
 
@@ -40,7 +41,7 @@ def test_rms_norm_gradient_equals_autodiffs(scale_shape):
   def grads(x, scale):
     loss = lambda fn: lambda x, s: jnp.sum(fn(x, s, EPS, dtype).astype(jnp.float32) * weights)
     return [jax.value_and_grad(loss(fn), argnums=(0, 1))(x, scale)
-            for fn in (layers.rms_norm, _plain_rms_norm)]
+            for fn in (norms.rms_norm, _plain_rms_norm)]
 
   (value, got), (want_value, want) = grads(x, scale)
   tolerance = 2e-2 if dtype == jnp.bfloat16 else 1e-5
