@@ -252,15 +252,14 @@ class Attention(nn.Module):
     products, which then read little more than the kernels. Elsewhere they stay apart too:
     unmeasured there, and kernels sharded over their heads would have to be regathered.
     """
-    if x.shape[1] == 1 or jax.default_backend() != 'cpu':
-      q = self._project(x, 'q', row_lora)
-      return apply_rope(q, positions, self.config.rope_base), self.project_kv(x, positions,
-                                                                              row_lora)
-    kernels = [self._cast(getattr(self, name)) for name in ('q', 'k', 'v')]
-    products = jnp.split(dense(x, jnp.concatenate(kernels, axis=1)),
-                         np.cumsum([w.shape[1] for w in kernels[:2]]), axis=2)
+    names = ('q', 'k', 'v')
+    products = (None,) * 3  # each _project makes its own
+    if x.shape[1] > 1 and jax.default_backend() == 'cpu':
+      kernels = [self._cast(getattr(self, name)) for name in names]
+      products = jnp.split(dense(x, jnp.concatenate(kernels, axis=1)),
+                           np.cumsum([w.shape[1] for w in kernels[:2]]), axis=2)
     q, k, v = (self._project(x, name, row_lora, product)
-               for name, product in zip(('q', 'k', 'v'), products))
+               for name, product in zip(names, products))
     rope = lambda t: apply_rope(t, positions, self.config.rope_base)
     return rope(q), (rope(k), v)
 
