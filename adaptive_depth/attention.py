@@ -70,6 +70,13 @@ def platform_error(name: str, platform: str | None = None) -> str | None:
   return None
 
 
+def tuned_for_cpu() -> bool:
+  """Whether the paths measured and shaped for XLA's CPU dot library apply (heads_major's
+  gradient, the fused q/k/v product, RMSNorm's scale gradient as a product): jax's default
+  backend is the CPU. Elsewhere those places keep autodiff's or the plain form."""
+  return jax.default_backend() == 'cpu'
+
+
 # The shortest sequence heads_major(causal=True) splits in two (the length measured).
 CAUSAL_SPLIT_MIN_LEN = 128
 
@@ -112,7 +119,7 @@ def _heads_major(q, k, v, mask):
       batch, num_kv, group * q_len, head_dim)
   k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, KV, S, Dh]
   row_mask = jnp.tile(mask, (1, group, 1))[:, None]  # row g * T + t: query position t
-  if jax.default_backend() == 'cpu':  # its gradient is shaped for the CPU's dot library
+  if tuned_for_cpu():  # its gradient is shaped for the CPU's dot library
     out = _rows_attention(rows, k, v, row_mask)  # [B, KV, G * T, Dh]
   else:
     out = _rows_forward(rows, k, v, row_mask)[0]

@@ -236,10 +236,11 @@ class Attention(nn.Module):
       out = out + self._cast(getattr(self, f'{name}_bias'))
     return out
 
-  def project_kv(self, x, positions, row_lora=None):
-    """x: [B, T, D] (normed) -> rotated k, v: [B, T, KV, Dh]."""
-    k = self._project(x, 'k', row_lora)
-    v = self._project(x, 'v', row_lora)
+  def project_kv(self, x, positions, row_lora=None, products=(None, None)):
+    """x: [B, T, D] (normed) -> rotated k, v: [B, T, KV, Dh]. products: x times the k and v
+    kernels, when already computed (_project_qkv)."""
+    k = self._project(x, 'k', row_lora, products[0])
+    v = self._project(x, 'v', row_lora, products[1])
     return apply_rope(k, positions, self.config.rope_base), v
 
   def _project_qkv(self, x, positions, row_lora=None):
@@ -252,16 +253,14 @@ class Attention(nn.Module):
     products, which then read little more than the kernels. Elsewhere they stay apart too:
     unmeasured there, and kernels sharded over their heads would have to be regathered.
     """
-    names = ('q', 'k', 'v')
     products = (None,) * 3  # each _project makes its own
-    if x.shape[1] > 1 and jax.default_backend() == 'cpu':
-      kernels = [self._cast(getattr(self, name)) for name in names]
+    if x.shape[1] > 1 and attention_lib.tuned_for_cpu():
+      kernels = [self._cast(getattr(self, name)) for name in ('q', 'k', 'v')]
       products = jnp.split(dense(x, jnp.concatenate(kernels, axis=1)),
                            np.cumsum([w.shape[1] for w in kernels[:2]]), axis=2)
-    q, k, v = (self._project(x, name, row_lora, product)
-               for name, product in zip(names, products))
-    rope = lambda t: apply_rope(t, positions, self.config.rope_base)
-    return rope(q), (rope(k), v)
+    q = apply_rope(self._project(x, 'q', row_lora, products[0]), positions,
+                   self.config.rope_base)
+    return q, self.project_kv(x, positions, row_lora, products[1:])
 
   def __call__(self, x, positions, mask, attend_to: Optional[Callable] = None, row_lora=None):
     """x: [B, T, D] normed input; positions: [B, T]; mask: [B, T, S].

@@ -8,6 +8,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from adaptive_depth import attention as attention_lib
+
 
 def rms_norm(x, scale, eps: float, dtype):
   """x / rms(x) * scale over the last axis, in float32. x: [..., D]; scale: broadcastable to
@@ -24,7 +26,7 @@ def _inverse_rms(x32, eps: float):
 def _scaled_rms(x32, scale, eps: float):
   """x32 [..., D] * its inverse rms * scale (broadcastable to x32), with the gradient of
   _scaled_rms_backward."""
-  return x32 * _inverse_rms(x32, eps) * scale
+  return _scaled_rms_forward(x32, scale, eps)[0]
 
 
 def _scaled_rms_forward(x32, scale, eps: float):
@@ -37,13 +39,14 @@ def _scaled_rms_backward(eps: float, saved, grad):
   """Autodiff's gradient, in one pass for x; on CPU a [D] scale's gradient (a sum over the
   tokens) as a product with a row of ones, which XLA's CPU dot library runs faster than its
   column reduction (the quickstart train step 1.02x with the one pass; README, Scale).
-  saved: _scaled_rms_forward's; grad: [..., D] -> (d x32 [..., D], d scale, scale's shape)."""
+  saved: _scaled_rms_forward's; grad: [..., D] -> (d x32 [..., D], d scale in scale's
+  shape)."""
   del eps
   x32, inverse, scale = saved
   normed = x32 * inverse
   d_normed = grad * scale
   d_x = inverse * (d_normed - normed * jnp.mean(d_normed * normed, axis=-1, keepdims=True))
-  if jnp.ndim(scale) == 1 and jax.default_backend() == 'cpu':
+  if jnp.ndim(scale) == 1 and attention_lib.tuned_for_cpu():
     per_token = (grad * normed).reshape(-1, x32.shape[-1])
     d_scale = (jnp.ones((1, per_token.shape[0]), per_token.dtype) @ per_token)[0]
   else:  # summed over the axes the scale was broadcast along

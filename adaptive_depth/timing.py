@@ -43,8 +43,10 @@ def median_with_interval(per_round, level: float = 0.95, resamples: int = 2000,
   values = np.asarray(per_round, dtype=np.float64).reshape(-1)
   if not values.size:
     raise ValueError('per_round is empty: median_with_interval needs at least one round')
-  if not np.isfinite(values).all():
-    raise ValueError(f'per_round={values.tolist()}: every value must be finite')
+  bad = np.flatnonzero(~np.isfinite(values))
+  if bad.size:
+    raise ValueError(f'per_round has {bad.size} non-finite value(s) (first at index '
+                     f'{bad[0]}: {values[bad[0]]}): every value must be finite')
   if not 0.0 < level < 1.0:
     raise ValueError(f'level={level}: must be in (0, 1)')
   if resamples < 1:

@@ -107,10 +107,10 @@ def test_heads_major_differentiates_in_reverse_mode_only_on_cpu():
 def test_heads_major_off_cpu_keeps_autodiffs_gradient(monkeypatch):
   """Where jax's backend is not the CPU, heads_major is differentiated by autodiff (the
   custom VJP is for the CPU's dot library): forward mode works and the gradient is the
-  'xla' one. (Checked here by making the backend report 'gpu' while tracing.)"""
+  'xla' one. (Checked here by making attention.tuned_for_cpu report False while tracing.)"""
   q, k, v = _inputs(2, 6, 6)
   mask = _ragged_causal_mask([6, 4], 6)
-  monkeypatch.setattr(attention.jax, 'default_backend', lambda: 'gpu')
+  monkeypatch.setattr(attention, 'tuned_for_cpu', lambda: False)
   tangents = (jnp.ones_like(q), jnp.ones_like(k), jnp.ones_like(v))
   jax.jvp(lambda q, k, v: attention.heads_major(q, k, v, mask), (q, k, v), tangents)
   _check_against_xla(attention.heads_major, q, k, v, mask)

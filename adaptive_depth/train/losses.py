@@ -37,7 +37,7 @@ def _log_probs_nll_correct(logits, targets):
   A token counts as correct when its target's logit is the row's maximum: argmax == target
   except where the maximum is tied (then any tied target counts). jnp.argmax is a
   (value, index) reduction that XLA's CPU backend does not vectorise (about 2% of the
-  quickstart step); the maximum is one the cross entropy computes anyway.
+  quickstart step); a plain row maximum is vectorised.
   """
   targets = jnp.broadcast_to(targets[None], logits.shape[:-1])
   target_logit = _target_logit(logits, targets)
